@@ -1,0 +1,1 @@
+"""The ``mlxeff`` command line (installed as ``mlxeff.cli``)."""
