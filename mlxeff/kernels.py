@@ -1,0 +1,157 @@
+"""Custom kernels: one body, two backends, one reference.
+
+Each kernel body lives in ``metal/`` as ``NAME.inc`` and is written once against a few macros that
+this module defines per backend (thread and group indices, barriers, shared memory, SIMD sums).
+``build(spec)`` compiles it lazily with ``mx.fast.metal_kernel`` on Apple GPUs or
+``mx.fast.cuda_kernel`` on NVIDIA GPUs; on the CPU there is no kernel and callers use their
+reference implementation in plain MLX ops (which is also the test oracle).
+
+Macros available to a body (both backends):
+
+- ``KIDX_X/Y/Z``  thread position in the grid; ``TIDX_X/Y/Z`` position in the threadgroup;
+  ``GIDX_X/Y/Z``   threadgroup position; ``TGSIZE_X`` threads per threadgroup along x;
+- ``LANE``, ``WARP``  lane within the 32-wide SIMD group / warp, and that group's index;
+- ``SIMD_SUM(x)``  sum over the 32 lanes (Metal ``simd_sum``; CUDA ``__shfl_xor_sync`` tree);
+- ``SIMD_MAX(x)``  likewise for the maximum;
+- ``BARRIER()``   threadgroup barrier;
+- ``SHARED``      threadgroup/shared storage qualifier for arrays declared in the body;
+- ``uint32`` / ``int32`` / ``half_t`` types.
+
+Metal bodies are also executed on the CPU in the tests through ``shared/tools/metal-check``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from typing import Optional, Sequence, Tuple
+
+import mlx.core as mx
+
+METAL_PRELUDE = """
+#define KIDX_X thread_position_in_grid.x
+#define KIDX_Y thread_position_in_grid.y
+#define KIDX_Z thread_position_in_grid.z
+#define TIDX_X thread_position_in_threadgroup.x
+#define TIDX_Y thread_position_in_threadgroup.y
+#define TIDX_Z thread_position_in_threadgroup.z
+#define GIDX_X threadgroup_position_in_grid.x
+#define GIDX_Y threadgroup_position_in_grid.y
+#define GIDX_Z threadgroup_position_in_grid.z
+#define TGSIZE_X threads_per_threadgroup.x
+#define LANE thread_index_in_simdgroup
+#define WARP simdgroup_index_in_threadgroup
+#define SIMD_SUM(x) simd_sum(x)
+#define SIMD_MAX(x) simd_max(x)
+#define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define SHARED threadgroup
+typedef uint uint32;
+typedef int int32;
+typedef half half_t;
+"""
+
+CUDA_HEADER = """
+__device__ __forceinline__ float mlxeff_warp_sum(float x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+__device__ __forceinline__ float mlxeff_warp_max(float x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+typedef unsigned int uint32;
+typedef int int32;
+typedef __half half_t;
+"""
+
+CUDA_PRELUDE = """
+#define KIDX_X (blockIdx.x * blockDim.x + threadIdx.x)
+#define KIDX_Y (blockIdx.y * blockDim.y + threadIdx.y)
+#define KIDX_Z (blockIdx.z * blockDim.z + threadIdx.z)
+#define TIDX_X threadIdx.x
+#define TIDX_Y threadIdx.y
+#define TIDX_Z threadIdx.z
+#define GIDX_X blockIdx.x
+#define GIDX_Y blockIdx.y
+#define GIDX_Z blockIdx.z
+#define TGSIZE_X blockDim.x
+#define LANE (threadIdx.x & 31u)
+#define WARP (threadIdx.x >> 5)
+#define SIMD_SUM(x) mlxeff_warp_sum(x)
+#define SIMD_MAX(x) mlxeff_warp_max(x)
+#define BARRIER() __syncthreads()
+#define SHARED __shared__
+"""
+
+
+class KernelUnavailable(RuntimeError):
+    """Raised when a kernel is requested on a backend that has none (use the reference)."""
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    name: str
+    source_file: str  # a file in metal/, e.g. "seedlm_matvec.inc"
+    input_names: Tuple[str, ...]
+    output_names: Tuple[str, ...]
+    header_file: Optional[str] = None
+    atomic_outputs: bool = False
+    defines: Tuple[Tuple[str, str], ...] = field(default_factory=tuple)
+
+
+def gpu_backend() -> Optional[str]:
+    """``"metal"``, ``"cuda"`` or None (CPU default device, or no GPU backend)."""
+    if mx.default_device() != mx.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return "cuda"
+    return None
+
+
+def read_source(filename: str) -> str:
+    return resources.files("mlxeff.metal").joinpath(filename).read_text()
+
+
+def kernel_sources(spec: KernelSpec, backend: str) -> Tuple[str, str]:
+    """The (header, body) that ``build`` passes to MLX for ``backend``."""
+    defines = "".join(f"#define {k} {v}\n" for k, v in spec.defines)
+    header = read_source(spec.header_file) if spec.header_file else ""
+    body = read_source(spec.source_file)
+    if backend == "metal":
+        return header, METAL_PRELUDE + defines + body
+    if backend == "cuda":
+        return CUDA_HEADER + header, CUDA_PRELUDE + defines + body
+    raise KernelUnavailable(f"no kernel backend {backend!r}")
+
+
+@lru_cache(maxsize=None)
+def build(spec: KernelSpec, backend: Optional[str] = None):
+    """Compile ``spec`` for the current GPU backend (cached). Raises ``KernelUnavailable`` on CPU."""
+    backend = backend or gpu_backend()
+    if backend is None:
+        raise KernelUnavailable(f"{spec.name}: no GPU backend on this device (use the reference)")
+    header, body = kernel_sources(spec, backend)
+    if backend == "metal":
+        return mx.fast.metal_kernel(
+            name=spec.name, input_names=list(spec.input_names), output_names=list(spec.output_names),
+            source=body, header=header, atomic_outputs=spec.atomic_outputs,
+        )
+    return mx.fast.cuda_kernel(
+        name=spec.name, input_names=list(spec.input_names), output_names=list(spec.output_names),
+        source=body, header=header,
+    )
+
+
+def metal_check_run(spec: KernelSpec, inputs: Sequence, **kwargs):
+    """Run the Metal body of ``spec`` on the CPU with shared/tools/metal-check (tests only)."""
+    import metal_check as mc  # the tests put shared/tools/metal-check on sys.path
+
+    header, body = kernel_sources(spec, "metal")
+    return mc.run(
+        spec.name, list(spec.input_names), list(spec.output_names), body, header, list(inputs),
+        atomic_outputs=spec.atomic_outputs, **kwargs,
+    )
