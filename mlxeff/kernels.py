@@ -13,6 +13,7 @@ Macros available to a body (both backends):
 - ``LANE``, ``WARP``  lane within the 32-wide SIMD group / warp, and that group's index;
 - ``SIMD_SUM(x)``  sum over the 32 lanes (Metal ``simd_sum``; CUDA ``__shfl_xor_sync`` tree);
 - ``SIMD_MAX(x)``  likewise for the maximum;
+- ``EXP(x)``      fast float exponential (Metal ``fast::exp``; CUDA ``__expf``);
 - ``BARRIER()``   threadgroup barrier;
 - ``SHARED``      threadgroup/shared storage qualifier for arrays declared in the body;
 - ``uint32`` / ``int32`` / ``half_t`` types.
@@ -44,6 +45,7 @@ METAL_PRELUDE = """
 #define WARP simdgroup_index_in_threadgroup
 #define SIMD_SUM(x) simd_sum(x)
 #define SIMD_MAX(x) simd_max(x)
+#define EXP(x) fast::exp(x)
 #define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define SHARED threadgroup
 typedef uint uint32;
@@ -80,6 +82,7 @@ CUDA_PRELUDE = """
 #define WARP (threadIdx.x >> 5)
 #define SIMD_SUM(x) mlxeff_warp_sum(x)
 #define SIMD_MAX(x) mlxeff_warp_max(x)
+#define EXP(x) __expf(x)
 #define BARRIER() __syncthreads()
 #define SHARED __shared__
 """

@@ -1,0 +1,259 @@
+"""Pruned attention: attention of a few queries over a listed subset of cache slots.
+
+The operation at the heart of LazyLLM (arXiv 2407.14057), Recycled Attention and superposition
+prompting: queries ``q`` attend over the key/value cache slots named in ``index`` only, without
+materialising a gathered copy of the selected rows. It serves a decode step (one query per
+sequence) and short prefill chunks (a few queries), with optional causal masking *by position*:
+a key is visible to a query when ``k_positions[slot] <= q_positions[query]``, which is what a cache
+holding tokens out of order (LazyLLM's revived tokens) needs.
+
+Three implementations of one algorithm (DESIGN.md, "Kernels"):
+
+- ``pruned_attention_reference``: plain MLX ops (gather, scores in float32, softmax, weighted sum).
+  Used on the CPU and as the oracle in the tests.
+- ``metal/pruned_attention.inc``: one kernel body compiled for Metal (``mx.fast.metal_kernel``) and
+  CUDA (``mx.fast.cuda_kernel``) through the macros of ``mlxeff.kernels``. Flash-decoding style:
+  the index list is cut into ``n_splits`` parts; a threadgroup per (part, block of query rows,
+  batch x KV head) walks its part with one SIMD group per key (lanes split the head dimension) and
+  an online softmax, and a second small kernel merges the parts. With one part a single kernel
+  writes the output directly.
+
+GQA: query head ``h`` uses KV head ``h // (H // KVH)`` (MLX's convention); one threadgroup serves
+all query heads of a KV head, so a gathered row is read once for the group.
+
+Choices and limits: ``index`` entries must be distinct slots in ``[0, S)`` (a repeated slot counts
+twice; out-of-range slots are not checked on the GPU); a query row that sees no key returns zeros
+(the reference agrees); the kernel needs ``head_dim`` a multiple of 32 (at most 256) and falls back
+to the reference otherwise; accumulation is in float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import mlx.core as mx
+
+from ..kernels import KernelSpec, build, gpu_backend
+
+WARPS = 4  # SIMD groups per threadgroup of the walk
+UNROLL = 4  # keys in flight per SIMD group (PA_UNROLL in the body)
+MAX_ROWS = 8  # query rows (GQA heads x queries) per threadgroup
+TARGET_GROUPS = 256  # enough threadgroups to cover a large GPU about twice
+
+_INPUTS = ("q", "k", "v", "index", "qpos", "kpos", "scale")
+
+PARTIAL_SPEC = KernelSpec(
+    name="pruned_attention_partial",
+    source_file="pruned_attention.inc",
+    input_names=_INPUTS,
+    output_names=("part_acc", "part_ml"),
+    defines=(("PA_KERNEL", "1"), ("PA_UNROLL", str(UNROLL))),
+)
+SINGLE_SPEC = KernelSpec(
+    name="pruned_attention_single",
+    source_file="pruned_attention.inc",
+    input_names=_INPUTS,
+    output_names=("out",),
+    defines=(("PA_KERNEL", "2"), ("PA_UNROLL", str(UNROLL))),
+)
+COMBINE_SPEC = KernelSpec(
+    name="pruned_attention_combine",
+    source_file="pruned_attention.inc",
+    input_names=("part_acc", "part_ml"),
+    output_names=("out",),
+    defines=(("PA_KERNEL", "3"), ("PA_UNROLL", str(UNROLL))),
+)
+
+
+def _as_batched(x: Optional[mx.array], batch: int, name: str) -> Optional[mx.array]:
+    if x is None:
+        return None
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2 or x.shape[0] not in (1, batch):
+        raise ValueError(f"{name} must have shape (n,) or ({batch}, n), got {tuple(x.shape)}")
+    return mx.broadcast_to(x, (batch, x.shape[1])).astype(mx.int32)
+
+
+def _check(q, k, v, index, q_positions, k_positions):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError("q, k and v must have shape (B, heads, length, head_dim)")
+    B, H, Lq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if H % k.shape[1]:
+        raise ValueError(f"{H} query heads do not split into groups of {k.shape[1]} KV heads")
+    if (q_positions is None) != (k_positions is None):
+        raise ValueError("give both q_positions and k_positions (causal by position) or neither")
+    idx = _as_batched(index, B, "index")
+    qpos = _as_batched(q_positions, B, "q_positions")
+    kpos = _as_batched(k_positions, B, "k_positions")
+    if qpos is not None and qpos.shape[1] != Lq:
+        raise ValueError(f"q_positions has {qpos.shape[1]} entries for {Lq} queries")
+    if kpos is not None and kpos.shape[1] != k.shape[2]:
+        raise ValueError(f"k_positions has {kpos.shape[1]} entries for {k.shape[2]} cache slots")
+    return idx, qpos, kpos
+
+
+def pruned_attention_reference(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    index: mx.array,
+    *,
+    scale: float,
+    q_positions: Optional[mx.array] = None,
+    k_positions: Optional[mx.array] = None,
+) -> mx.array:
+    """Attention of ``q`` (B, H, Lq, D) over the slots ``index`` ((n,) or (B, n)) of ``k``/``v``
+    (B, KVH, S, D), in plain MLX ops; causal by position when positions are given."""
+    idx, qpos, kpos = _check(q, k, v, index, q_positions, k_positions)
+    B, H, Lq, D = q.shape
+    KVH = k.shape[1]
+    G = H // KVH
+    n = idx.shape[1]
+    gather = mx.broadcast_to(idx[:, None, :, None], (B, KVH, n, D))
+    kg = mx.take_along_axis(k, gather, axis=2).astype(mx.float32)
+    vg = mx.take_along_axis(v, gather, axis=2).astype(mx.float32)
+    # Rows (g, i) of one KV head: query head kvh * G + g, query i.
+    qr = q.astype(mx.float32).reshape(B, KVH, G * Lq, D)
+    scores = (qr * scale) @ kg.swapaxes(-1, -2)  # (B, KVH, G*Lq, n)
+    if qpos is not None:
+        kp = mx.take_along_axis(kpos, idx, axis=1)  # (B, n)
+        qp = mx.tile(qpos, (1, G))  # (B, G*Lq), row g*Lq + i -> qpos[i]
+        visible = kp[:, None, None, :] <= qp[:, None, :, None]
+        scores = mx.where(visible, scores, -mx.inf)
+        any_visible = mx.any(visible, axis=-1, keepdims=True)
+        probs = mx.where(any_visible, mx.softmax(scores, axis=-1), 0.0)
+    else:
+        probs = mx.softmax(scores, axis=-1)
+    out = probs @ vg
+    return out.reshape(B, H, Lq, D).astype(q.dtype)
+
+
+def kernel_supported(head_dim: int) -> bool:
+    return head_dim % 32 == 0 and head_dim <= 256
+
+
+def default_splits(n: int, groups: int) -> int:
+    """Split the index list until about ``TARGET_GROUPS`` threadgroups run, but never below one
+    unrolled round of keys per SIMD group: a decode step is latency-bound, not compute-bound."""
+    most = max(1, math.ceil(n / (WARPS * UNROLL)))
+    return max(1, min(most, math.ceil(TARGET_GROUPS / max(groups, 1)), 128))
+
+
+def launch_config(q_shape, k_shape, n: int, n_splits: Optional[int] = None) -> dict:
+    """Grid, threadgroup and template ints of the walk (shared by the GPU call and metal-check)."""
+    B, H, Lq, D = q_shape
+    KVH = k_shape[1]
+    rows = (H // KVH) * Lq
+    rows_per_group = min(MAX_ROWS, rows)
+    row_blocks = math.ceil(rows / rows_per_group)
+    splits = default_splits(n, B * KVH * row_blocks) if n_splits is None else int(n_splits)
+    if splits < 1:
+        raise ValueError(f"n_splits must be >= 1, got {n_splits}")
+    return dict(
+        grid=(32 * WARPS * splits, row_blocks, B * KVH),
+        threadgroup=(32 * WARPS, 1, 1),
+        ints=dict(D=D, ROWS=rows_per_group, WARPS=WARPS, NSPLIT=splits),
+    )
+
+
+def kernel_inputs(q, k, v, index, scale, q_positions=None, k_positions=None):
+    """The seven kernel inputs (contiguous; dummy positions when not causal) and ``causal``."""
+    idx, qpos, kpos = _check(q, k, v, index, q_positions, k_positions)
+    causal = qpos is not None
+    dummy = mx.zeros((1,), mx.int32)
+    ins = [q, k, v, idx, qpos if causal else dummy, kpos if causal else dummy,
+           mx.array([scale], mx.float32)]
+    return ins, causal
+
+
+def _launch(ins, causal: bool, q_shape, dtype, n_splits, call):
+    """The kernel sequence for one call; ``call(spec, **launch)`` runs one kernel and returns its
+    outputs (MLX on a GPU, or metal-check on the CPU in the tests)."""
+    B, H, Lq, D = q_shape
+    if not kernel_supported(D):
+        raise ValueError(f"the pruned-attention kernel needs head_dim % 32 == 0 and <= 256, got {D}")
+    n = ins[3].shape[1]
+    cfg = launch_config(q_shape, ins[1].shape, n, n_splits)
+    ints = cfg["ints"]
+    template = [("T", dtype), *ints.items(), ("CAUSAL", causal)]
+    walk = dict(template=template, grid=cfg["grid"], threadgroup=cfg["threadgroup"])
+    if ints["NSPLIT"] == 1:
+        return call(SINGLE_SPEC, inputs=ins, output_shapes=[tuple(q_shape)], output_dtypes=[dtype],
+                    **walk)[0]
+    rows = B * H * Lq
+    part_acc, part_ml = call(
+        PARTIAL_SPEC, inputs=ins, output_shapes=[(rows, ints["NSPLIT"], D), (rows, ints["NSPLIT"], 2)],
+        output_dtypes=[mx.float32, mx.float32], **walk,
+    )
+    return call(
+        COMBINE_SPEC, inputs=[part_acc, part_ml],
+        template=[("T", dtype), ("D", D), ("NSPLIT", ints["NSPLIT"])],
+        grid=(D, rows, 1), threadgroup=(D, 1, 1), output_shapes=[tuple(q_shape)], output_dtypes=[dtype],
+    )[0]
+
+
+def pruned_attention_kernel(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    index: mx.array,
+    *,
+    scale: float,
+    q_positions: Optional[mx.array] = None,
+    k_positions: Optional[mx.array] = None,
+    n_splits: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> mx.array:
+    """The custom kernel (Metal or CUDA); raises ``KernelUnavailable`` without a GPU backend."""
+    ins, causal = kernel_inputs(q, k, v, index, scale, q_positions, k_positions)
+    return _launch(ins, causal, q.shape, q.dtype, n_splits,
+                   lambda spec, **kw: build(spec, backend)(**kw))
+
+
+def pruned_attention_metal_check(q, k, v, index, *, scale, q_positions=None, k_positions=None,
+                                 n_splits=None):
+    """The Metal body executed on the CPU by shared/tools/metal-check (tests only; numpy out)."""
+    import numpy as np
+
+    from ..kernels import metal_check_run
+
+    def np_dtype(d):
+        return {mx.float32: np.float32, mx.float16: np.float16, mx.int32: np.int32}[d]
+
+    def call(spec, inputs, template, output_dtypes, **kw):
+        ins = [np.asarray(x) for x in inputs]
+        template = [(n, np_dtype(v) if isinstance(v, mx.Dtype) else v) for n, v in template]
+        return metal_check_run(spec, ins, template=template,
+                               output_dtypes=[np_dtype(d) for d in output_dtypes], **kw)
+
+    ins, causal = kernel_inputs(q, k, v, index, scale, q_positions, k_positions)
+    return _launch(ins, causal, q.shape, q.dtype, n_splits, call)
+
+
+def pruned_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    index: mx.array,
+    *,
+    scale: float,
+    q_positions: Optional[mx.array] = None,
+    k_positions: Optional[mx.array] = None,
+    n_splits: Optional[int] = None,
+) -> mx.array:
+    """Attention of ``q`` (B, H, Lq, D) over the cache slots ``index`` ((n,) or (B, n)) of ``k``
+    and ``v`` (B, KVH, S, D). With ``q_positions`` ((Lq,) or (B, Lq)) and ``k_positions`` ((S,) or
+    (B, S)) a key is visible to a query only at a position <= the query's. The custom kernel runs
+    on Metal/CUDA GPUs; elsewhere (and for unsupported head sizes) the plain-MLX reference."""
+    if gpu_backend() is not None and kernel_supported(q.shape[-1]):
+        return pruned_attention_kernel(
+            q, k, v, index, scale=scale, q_positions=q_positions, k_positions=k_positions,
+            n_splits=n_splits,
+        )
+    return pruned_attention_reference(
+        q, k, v, index, scale=scale, q_positions=q_positions, k_positions=k_positions
+    )
