@@ -1,0 +1,426 @@
+"""Read PyTorch checkpoints (``torch.save`` zip format) without torch and without running code.
+
+The format: a zip archive (entries stored, not compressed) whose single top folder holds
+``data.pkl`` (the object graph, pickle protocol 2), ``data/<key>`` (one raw storage per key),
+``byteorder`` (``little`` or ``big``; absent in old files: little) and ``version``. In the pickle a
+tensor is ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks)``
+and a storage is a persistent id ``('storage', torch.<Dtype>Storage, key, location, numel)``.
+
+Safety: unpickling can call any importable function, so ``torch.load`` on an untrusted file runs
+code. Here every global a pickle names is resolved through an allow-list that maps it to a small
+function written for this module (never the real torch function); anything else is refused before
+the pickle's first call runs. Two layers: a static scan of the opcode stream rejects a foreign
+global before unpickling starts, and ``find_class`` refuses at run time whatever the scan could not
+resolve (names built on the stack). Tensors come out as ``TorchTensor`` placeholders (storage,
+offset, shape, stride) that are checked to lie inside their storage; data are read later, one
+storage at a time, straight from the zip member into a fresh buffer (CRC checked).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import pickletools
+import re
+import struct
+import zipfile
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from mlxeff.errors import MlxeffError
+
+from .tensors import NUMPY_DTYPES, TensorRef, itemsize, read_exact
+
+STORAGE_DTYPES = {
+    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+}
+TORCH_DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
+                     "uint8", "bool", "double", "float", "half", "long", "int", "short")
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+class UnsafePickle(MlxeffError):
+    pass
+
+
+# --- placeholders the allow-listed globals build ---------------------------------------------
+
+@dataclass(frozen=True)
+class StorageType:
+    dtype: str
+
+
+@dataclass(frozen=True)
+class TorchDtype:
+    name: str
+
+
+@dataclass(frozen=True)
+class TypeMarker:
+    name: str  # torch.Tensor or torch.nn.Parameter: only usable as _rebuild_from_type_v2's type
+
+
+@dataclass(frozen=True)
+class Storage:
+    key: str
+    dtype: str
+    numel: int
+
+
+class TorchTensor:
+    """A tensor as the pickle describes it; no data."""
+
+    __slots__ = ("storage", "offset", "shape", "stride")
+
+    def __init__(self, storage: Storage, offset: int, shape: Tuple[int, ...], stride: Tuple[int, ...]):
+        self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
+
+    def __setstate__(self, state):  # a BUILD on a tensor placeholder is not something torch writes
+        raise pickle.UnpicklingError("unexpected state for a tensor")
+
+    @property
+    def contiguous(self) -> bool:
+        expected, acc = [], 1
+        for d in reversed(self.shape):
+            expected.append(acc)
+            acc *= d
+        return all(st == ex for d, st, ex in zip(self.shape, self.stride, reversed(expected)) if d > 1)
+
+    def __repr__(self):
+        return f"TorchTensor({self.storage.dtype}, shape={self.shape})"
+
+
+def _ints(v, what):
+    if not isinstance(v, (tuple, list)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        raise pickle.UnpicklingError(f"tensor {what} must be a tuple of integers, got {v!r:.80}")
+    return tuple(v)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    if not isinstance(storage, Storage):
+        raise pickle.UnpicklingError("tensor storage is not a storage reference")
+    if not isinstance(storage_offset, int) or storage_offset < 0:
+        raise pickle.UnpicklingError(f"bad storage offset {storage_offset!r:.40}")
+    size, stride = _ints(size, "size"), _ints(stride, "stride")
+    if len(size) != len(stride) or min(size, default=0) < 0 or min(stride, default=0) < 0:
+        raise pickle.UnpicklingError(f"bad tensor geometry size={size} stride={stride}")
+    if math.prod(size) > 0:
+        last = storage_offset + sum((d - 1) * s for d, s in zip(size, stride))
+        if last >= storage.numel:
+            raise pickle.UnpicklingError(
+                f"tensor of size {size} (offset {storage_offset}, stride {stride}) reaches element "
+                f"{last} of a storage of {storage.numel}"
+            )
+    return TorchTensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                       metadata=None):
+    return _rebuild_tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
+    if not isinstance(data, TorchTensor):
+        raise pickle.UnpicklingError("a parameter must wrap a tensor")
+    return data
+
+
+_REBUILDERS = (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_parameter)
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    if func not in _REBUILDERS or not isinstance(new_type, TypeMarker) or not isinstance(args, tuple):
+        raise pickle.UnpicklingError("unsupported tensor subclass reconstruction")
+    return func(*args)
+
+
+def _device(*args):
+    return str(args[0]) if args else "cpu"
+
+
+def _codecs_encode(obj, encoding="utf-8", errors="strict"):
+    # Protocol 2 pickles bytes as _codecs.encode(str, 'latin1').
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
+        raise pickle.UnpicklingError("unsupported _codecs.encode call")
+    return obj.encode(encoding, errors if errors in ("strict",) else "strict")
+
+
+_NP_DTYPE_CODES = {"f8", "f4", "f2", "i8", "i4", "i2", "i1", "u8", "u4", "u2", "u1", "b1"}
+
+
+def _np_dtype(name, align=False, copy=True):
+    if not isinstance(name, str) or name not in _NP_DTYPE_CODES:
+        raise pickle.UnpicklingError(f"unsupported numpy dtype {name!r:.40}")
+    return np.dtype(name)
+
+
+def _np_scalar(dtype, data=None):
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes) \
+            or len(data) != dtype.itemsize:
+        raise pickle.UnpicklingError("unsupported numpy scalar")
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+SAFE_GLOBALS: Dict[Tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch", "Tensor"): TypeMarker("torch.Tensor"),
+    ("torch.nn.parameter", "Parameter"): TypeMarker("torch.nn.Parameter"),
+    ("torch", "Size"): tuple,
+    ("torch", "device"): _device,
+    ("_codecs", "encode"): _codecs_encode,
+    ("numpy", "dtype"): _np_dtype,
+    ("numpy.core.multiarray", "scalar"): _np_scalar,
+    ("numpy._core.multiarray", "scalar"): _np_scalar,
+}
+SAFE_GLOBALS.update({("torch", n): StorageType(d) for n, d in STORAGE_DTYPES.items()})
+SAFE_GLOBALS.update({("torch", n): TorchDtype(n) for n in TORCH_DTYPE_NAMES})
+
+
+def _refuse(module: str, name: str, path) -> UnsafePickle:
+    return UnsafePickle(
+        f"refusing to load: the pickle calls {module}.{name}, which a tensor checkpoint does not "
+        "need (loading it could run code)", path,
+    )
+
+
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
+               "BINSTRING", "STRING"}
+
+
+def scan_globals(data: bytes, path=None) -> None:
+    """Refuse a pickle naming any global outside the allow-list, before anything is unpickled."""
+    recent = []  # the last two value-producing opcodes (memo writes do not push anything)
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                continue
+            if op.name in ("GLOBAL", "INST"):
+                module, _, name = str(arg).partition(" ")
+                if (module, name) not in SAFE_GLOBALS:
+                    raise _refuse(module, name, path)
+            elif op.name == "STACK_GLOBAL" and len(recent) == 2 and all(o in _STRING_OPS for o, _ in recent):
+                module, name = recent[0][1], recent[1][1]
+                if (module, name) not in SAFE_GLOBALS:
+                    raise _refuse(module, name, path)
+            # Names pushed any other way (e.g. fetched from the memo) are checked by find_class.
+            recent = (recent + [(op.name, arg)])[-2:]
+    except MlxeffError:
+        raise
+    except Exception as e:  # pickletools raises ValueError on a truncated or malformed stream
+        raise MlxeffError(f"corrupt pickle in the checkpoint ({e})", path) from None
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, path=None):
+        super().__init__(io.BytesIO(data))
+        self.path = path
+        self.storages: Dict[str, Storage] = {}
+
+    def find_class(self, module, name):
+        try:
+            return SAFE_GLOBALS[(module, name)]
+        except (KeyError, TypeError):
+            raise _refuse(module, name, self.path) from None
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
+        _, stype, key, _location, numel = pid
+        if not isinstance(stype, StorageType):
+            raise pickle.UnpicklingError("storage of an unsupported type")
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_]+", key):
+            raise pickle.UnpicklingError(f"bad storage key {key!r:.40}")
+        if not isinstance(numel, int) or numel < 0:
+            raise pickle.UnpicklingError(f"bad storage size {numel!r:.40}")
+        storage = Storage(key, stype.dtype, numel)
+        seen = self.storages.setdefault(key, storage)
+        if seen != storage:
+            raise pickle.UnpicklingError(f"storage {key} is described twice with different types")
+        return storage
+
+
+def unpickle(data: bytes, path=None, scan: bool = True):
+    """Unpickle ``data`` with the allow-list; returns (object, {key: Storage})."""
+    if scan:
+        scan_globals(data, path)
+    up = RestrictedUnpickler(data, path)
+    try:
+        return up.load(), up.storages
+    except MlxeffError:
+        raise
+    except Exception as e:
+        raise MlxeffError(f"corrupt pickle in the checkpoint ({type(e).__name__}: {e})", path) from None
+
+
+# --- the zip archive ------------------------------------------------------------------------
+
+class TorchArchive:
+    """A ``torch.save`` zip file: the unpickled object plus on-demand storage reads."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._check_magic()
+        try:
+            self.zip = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise MlxeffError(f"not a readable torch checkpoint (truncated or corrupt zip: {e})", self.path) from None
+        names = self.zip.namelist()
+        pkls = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
+        if any(n.endswith("/constants.pkl") for n in names):
+            raise MlxeffError("a TorchScript archive, not a checkpoint of tensors; save a state_dict", self.path)
+        if len(pkls) != 1:
+            raise MlxeffError("not a torch checkpoint (no <name>/data.pkl in the zip)", self.path)
+        self.prefix = pkls[0][: -len("data.pkl")]
+        self.byteorder = "little"
+        if self.prefix + "byteorder" in names:
+            self.byteorder = self._read_member(self.prefix + "byteorder").decode("ascii", "replace").strip()
+            if self.byteorder not in ("little", "big"):
+                raise MlxeffError(f"unknown byteorder {self.byteorder!r}", self.path)
+        self.obj, self.storages = unpickle(self._read_member(pkls[0]), self.path)
+        self._cache: Dict[str, np.ndarray] = {}
+        self._uses: Dict[str, int] = {}
+
+    def _check_magic(self):
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(64)
+        except OSError as e:
+            raise MlxeffError(f"cannot read ({e.strerror or e})", self.path) from None
+        if head[:4] == b"PK\x03\x04":
+            return
+        if head[:2] == b"\x80\x02" and head[2:3] == pickle.LONG1:
+            n = head[3]
+            if int.from_bytes(head[4:4 + n], "little", signed=True) == LEGACY_MAGIC:
+                raise MlxeffError(
+                    "legacy torch serialization (PyTorch < 1.6) is not supported; re-save it with "
+                    "a current torch.save", self.path,
+                )
+        if not head:
+            raise MlxeffError("empty file", self.path)
+        raise MlxeffError("not a torch checkpoint (not a zip archive)", self.path)
+
+    def _read_member(self, name: str) -> bytes:
+        try:
+            return self.zip.read(name)
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+            raise MlxeffError(f"corrupt zip member {name} ({e})", self.path) from None
+
+    def _storage_bytes(self, storage: Storage) -> np.ndarray:
+        name = f"{self.prefix}data/{storage.key}"
+        try:
+            info = self.zip.getinfo(name)
+        except KeyError:
+            raise MlxeffError(f"missing storage {name} (truncated checkpoint?)", self.path) from None
+        need = storage.numel * itemsize(storage.dtype)
+        if info.file_size < need:
+            raise MlxeffError(f"storage {name} holds {info.file_size} bytes, its tensors need {need}", self.path)
+        if info.compress_type != zipfile.ZIP_STORED:
+            return np.frombuffer(self._read_member(name), dtype=np.uint8)[:need]
+        with open(self.path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise MlxeffError(f"corrupt zip entry {name}", self.path)
+            fn_len, extra_len = struct.unpack("<HH", local[26:30])
+            buf = read_exact(f, info.header_offset + 30 + fn_len + extra_len, info.file_size, self.path)
+        if zlib.crc32(buf) != info.CRC:
+            raise MlxeffError(f"storage {name} is corrupt (CRC mismatch)", self.path)
+        return buf[:need]
+
+    def storage_array(self, storage: Storage) -> np.ndarray:
+        """The storage as a flat array of its dtype (bfloat16 as uint16), native byte order."""
+        if storage.key in self._cache:
+            arr = self._cache[storage.key]
+        else:
+            arr = self._storage_bytes(storage).view(NUMPY_DTYPES[storage.dtype])
+            if self.byteorder != ("little" if np.little_endian else "big"):
+                arr = arr.byteswap()
+        left = self._uses.get(storage.key, 1) - 1
+        self._uses[storage.key] = left
+        if left > 0:
+            self._cache[storage.key] = arr
+        else:
+            self._cache.pop(storage.key, None)
+        return arr
+
+    def tensor_array(self, t: TorchTensor) -> np.ndarray:
+        flat = self.storage_array(t.storage)
+        n = math.prod(t.shape)
+        if t.contiguous:
+            return flat[t.offset: t.offset + n].reshape(t.shape)
+        view = np.lib.stride_tricks.as_strided(
+            flat[t.offset:], shape=t.shape, strides=[s * flat.itemsize for s in t.stride], writeable=False
+        )
+        return np.ascontiguousarray(view)
+
+    def refs(self, tensors: Dict[str, TorchTensor]) -> Dict[str, TensorRef]:
+        """TensorRefs for ``tensors`` (name -> placeholder); shared storages are read once."""
+        self._uses = {}
+        for t in tensors.values():
+            self._uses[t.storage.key] = self._uses.get(t.storage.key, 0) + 1
+        return {
+            name: TensorRef(name, t.storage.dtype, t.shape, self.path, self._reader(t))
+            for name, t in tensors.items()
+        }
+
+    def _reader(self, t: TorchTensor):
+        return lambda: self.tensor_array(t)
+
+    def close(self):
+        self.zip.close()
+
+
+def load_archive(path) -> TorchArchive:
+    return TorchArchive(path)
+
+
+def tensors_in(obj) -> Dict[str, TorchTensor]:
+    """The ``name -> tensor`` entries of a state dict; non-tensor entries are an error."""
+    if not isinstance(obj, dict):
+        raise TypeError("not a dict")
+    out = {}
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            raise TypeError(f"non-string key {k!r:.40}")
+        if isinstance(v, TorchTensor):
+            out[k] = v
+        else:
+            raise TypeError(f"entry {k!r} is a {type(v).__name__}, not a tensor")
+    return out
+
+
+def find_state_dict(obj, path, keys=("model_state_dict", "state_dict", "model")) -> Tuple[str, Dict[str, TorchTensor]]:
+    """A flat state dict, or the first of ``keys`` holding one (a training checkpoint)."""
+    if isinstance(obj, dict) and obj and all(isinstance(v, TorchTensor) for v in obj.values()):
+        return "", tensors_in(obj)
+    if isinstance(obj, dict):
+        for k in keys:
+            if k in obj:
+                try:
+                    return k, tensors_in(obj[k])
+                except TypeError as e:
+                    raise MlxeffError(f"'{k}' is not a state dict of tensors ({e})", path) from None
+    what = f"a dict with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, dict) else type(obj).__name__
+    raise MlxeffError(f"no state dict of tensors found (the checkpoint holds {what})", path)
+
+
+def read_state_dict(path, keys=("model_state_dict", "state_dict", "model")) -> Tuple[TorchArchive, Dict[str, TensorRef]]:
+    """Open a torch checkpoint and return its archive and the model's lazy tensors."""
+    archive = load_archive(path)
+    _, tensors = find_state_dict(archive.obj, archive.path, keys)
+    return archive, archive.refs(tensors)
