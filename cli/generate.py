@@ -28,6 +28,10 @@ def generate(
     prefill_step_size: int = typer.Option(512, "--prefill-step-size", help="Prompt chunk length."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
     # --- technique options (each technique adds its own here) ---
+    kv_prediction: Optional[Path] = typer.Option(
+        None, "--kv-prediction", help="KV Prediction (arXiv 2410.08391): an auxiliary model + "
+        "predictor directory (from train-kv-prediction; a bare NAME means MODEL/kv_prediction/NAME) "
+        "that processes the prompt in place of the model."),
 ):
     """Generate text from PROMPT, streaming it, then print prompt and generation speed,
     peak memory and time to first token (as mlx_lm.generate does)."""
@@ -45,6 +49,11 @@ def generate(
         fail(f"{path}: no tokenizer files (tokenizer.json or tokenizer.model); convert with --tokenizer")
     hooks = {"prefill": ChunkedPrefill(prefill_step_size)}
     # --- technique hooks (each technique sets hooks["prefill"|"decode"|"attention"] here) ---
+    if kv_prediction is not None:
+        from mlxeff.techniques.kv_prediction import KVPrediction, resolve_dir
+
+        kvp_dir = resolve_dir(kv_prediction, path)
+        hooks["prefill"] = KVPrediction.load(kvp_dir, base=net).prefill(prefill_step_size)
 
     text, last = "", None
     for last in mlxeff.stream_generate(

@@ -158,3 +158,65 @@ def test_one_token_prompt_falls_back_to_plain_prefill():
     assert _greedy(base, [7], art.prefill()) == _greedy(base, [7], ChunkedPrefill())
     with pytest.raises(MlxeffError, match="one-token"):
         _greedy(base, [7], art.prefill(short_prompt="error"))
+
+
+# --- the artifact directory ----------------------------------------------------------------------
+
+
+def test_save_load_roundtrip(tmp_path):
+    base = make_model()
+    aux = kvp.layer_pruned_model(base, [0, 2])
+    lmap = kvp.pruned_layer_map([0, 2], 4)
+    art = kvp.KVPrediction(aux, kvp.KVPredictor.for_models(aux, base, lmap, init="random"),
+                           {"auxiliary": {"kind": "layer_pruned", "layers": [0, 2]}})
+    art.save(tmp_path / "kvp", base=base)
+    again = kvp.KVPrediction.load(tmp_path / "kvp", base=base)
+    assert again.predictor.layer_map == lmap and again.info["auxiliary"]["layers"] == [0, 2]
+    assert _greedy(base, PROMPT, again.prefill()) == _greedy(base, PROMPT, art.prefill())
+    # the stored base signature suffices without the base
+    assert kvp.KVPrediction.load(tmp_path / "kvp").predictor.layer_map == lmap
+    with pytest.raises(MlxeffError, match="exists"):
+        art.save(tmp_path / "kvp", base=base)
+    # a bare name resolves against MODEL/kv_prediction/
+    assert kvp.resolve_dir("kvp", tmp_path.parent / "nowhere") == kvp.resolve_dir("kvp")
+
+
+def test_load_refuses_damaged_or_foreign_directories(tmp_path):
+    base = make_model()
+    art = identity_kvp(base)
+    d = art.save(tmp_path / "kvp", base=base)
+    with pytest.raises(MlxeffError, match="no such"):
+        kvp.KVPrediction.load(tmp_path / "missing")
+    other = make_model(layerwise_config(6, 64, 16, vocab_size=96, ffn_dim_divisor=32))
+    with pytest.raises(MlxeffError, match="layers"):
+        kvp.KVPrediction.load(d, base=other)
+    # predictor weights of the wrong shape name the tensor
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    w = mx.load(str(bad / kvp.PREDICTOR_FILE))
+    w["k_proj.1.weight"] = mx.zeros((3, 3))
+    mx.save_safetensors(str(bad / kvp.PREDICTOR_FILE), w)
+    with pytest.raises(MlxeffError, match="k_proj.1.weight"):
+        kvp.KVPrediction.load(bad, base=base)
+    (bad / kvp.PREDICTOR_FILE).write_bytes(b"garbage")
+    with pytest.raises(MlxeffError, match="corrupt"):
+        kvp.KVPrediction.load(bad, base=base)
+    (bad / kvp.META_FILE).write_text("{not json")
+    with pytest.raises(MlxeffError, match="invalid JSON"):
+        kvp.KVPrediction.load(bad, base=base)
+    (bad / kvp.META_FILE).write_text('{"mlxeff_artifact": "other"}')
+    with pytest.raises(MlxeffError, match="not a KV prediction"):
+        kvp.KVPrediction.load(bad, base=base)
+
+
+def test_auxiliary_from_spec():
+    base = make_model()
+    aux, lmap, info = kvp.auxiliary_from_spec(base, "lp-0.5")
+    assert info["layers"] == [0, 2] and lmap == [0, 0, 1, 1] and aux.args.num_transformer_layers == 2
+    aux, lmap, info = kvp.auxiliary_from_spec(base, "layers:0,3")
+    assert lmap == [0, 0, 0, 1]
+    for bad in ("lp-x", "lp-0", "layers:1,2", "layers:a"):
+        with pytest.raises(MlxeffError):
+            kvp.auxiliary_from_spec(base, bad)

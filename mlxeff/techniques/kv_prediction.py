@@ -171,6 +171,42 @@ def layer_pruned_model(base: Model, layers: Sequence[int]) -> Model:
     return aux
 
 
+def auxiliary_from_spec(base: Model, spec: str) -> Tuple[Model, List[int], Dict[str, Any]]:
+    """An auxiliary model, its layer map and a description, from a short specification.
+
+    ``lp-0.5`` (any kept fraction: ``lp-0.25``, ``lp-0.75`` ...) or ``layers:0,2,5`` prune the base;
+    anything else is a model directory (a separate, smaller model with the base's vocabulary).
+    """
+    n = base.args.num_transformer_layers
+    text = str(spec).strip()
+    low = text.lower()
+    if low.startswith("lp-") or low.startswith("layers:"):
+        if low.startswith("lp-"):
+            try:
+                keep = float(low[3:])
+            except ValueError:
+                raise MlxeffError(f"bad auxiliary specification {spec!r} (expected lp-<fraction>, "
+                                  "e.g. lp-0.5)") from None
+            layers = select_layers(n, keep)
+        else:
+            try:
+                layers = [int(x) for x in low[7:].split(",") if x.strip()]
+            except ValueError:
+                raise MlxeffError(f"bad layer list in {spec!r} (expected layers:0,2,4)") from None
+        aux = layer_pruned_model(base, layers)
+        return aux, pruned_layer_map(layers, n), {"kind": "layer_pruned", "layers": layers,
+                                                   "spec": text}
+    from .. import io
+
+    aux = io.load_model(Path(text))
+    if aux.args.vocab_size != base.args.vocab_size:
+        raise MlxeffError(f"the auxiliary model's vocabulary ({aux.args.vocab_size}) differs from "
+                          f"the base model's ({base.args.vocab_size})", text)
+    aux.set_dtype(_dtype(base))
+    lmap = contiguous_layer_map(aux.args.num_transformer_layers, n)
+    return aux, lmap, {"kind": "separate", "source": text}
+
+
 def _dtype(model: nn.Module):
     return model.transformer.token_embeddings.weight.dtype
 
@@ -373,7 +409,8 @@ class KVPrediction:
     def prefill(self, step_size: int = 512, short_prompt: str = "base") -> "KVPredictionPrefill":
         return KVPredictionPrefill(self, step_size=step_size, short_prompt=short_prompt)
 
-    def save(self, path, *, force: bool = False, base: Optional[Model] = None) -> Path:
+    def save(self, path, *, force: bool = False, base: Optional[Model] = None,
+             extra_files: Optional[Dict[str, str]] = None) -> Path:
         from .. import io
 
         path = Path(path)
@@ -386,6 +423,8 @@ class KVPrediction:
             weights = dict(tree_flatten(self.predictor.parameters()))
             mx.save_safetensors(str(tmp / PREDICTOR_FILE), weights, metadata={"format": "mlx"})
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
         return path
 
     @classmethod
@@ -455,8 +494,9 @@ def resolve_dir(path, model_dir=None) -> Path:
 def fill_base_cache(base: Model, cache: list, keys: Sequence[mx.array],
                     values: Sequence[mx.array]) -> None:
     """Write predicted raw keys (given the base's k_norm and RoPE here) and values at 0..T-1."""
+    dtype = _dtype(base)
     for layer, c, k, v in zip(base.layers, cache, base_view_keys(base, keys), values):
-        c.update_and_fetch(layer.attn.rope(k, offset=c.offset), v.astype(k.dtype))
+        c.update_and_fetch(layer.attn.rope(k, offset=c.offset).astype(dtype), v.astype(dtype))
 
 
 @dataclass

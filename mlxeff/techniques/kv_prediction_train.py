@@ -26,12 +26,19 @@ At inference the base's last prompt position uses its own KV, not a predicted on
 
 from __future__ import annotations
 
+import json
+import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..errors import MlxeffError
 
 from ..models import Model
 from .kv_prediction import KVPrediction, KVPredictor, base_view_keys, capture_kv, raw_kv
@@ -156,3 +163,123 @@ def evaluate(model: KVPredictionModel, batches: Sequence[mx.array]) -> Dict[str,
         for k, v in t.items():
             sums[k] = sums.get(k, 0.0) + v.item()
     return {k: v / max(len(batches), 1) for k, v in sums.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# a training run from text files (what `mlxeff train-kv-prediction` runs)
+
+
+def valid_fn_for(windows, batch_size: int) -> Callable[[KVPredictionModel], dict]:
+    """Validation for the training loop: ``loss`` is CE_base from the predicted cache."""
+
+    def fn(model: KVPredictionModel) -> dict:
+        batches = [mx.array(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
+        res = evaluate(model, batches)
+        return {"loss": res["ce_base"], "ppl": math.exp(min(res["ce_base"], 700.0)), **res}
+
+    return fn
+
+
+def run_kv_training(cfg, *, base_dir, aux_spec: str, train_files, valid_files, out,
+                    loss_cfg: Optional[KVLossConfig] = None, predictor_init: str = "identity",
+                    work=None, eval_tokens: int = 65_536, cache_dir=None, resume: bool = False,
+                    keep_work: bool = False, force: bool = False, save_dtype: str = "base",
+                    say=print, log=None) -> dict:
+    """Train an auxiliary model + predictor for the model in ``base_dir``; save the artifact to
+    ``out`` (see ``kv_prediction``). Checkpoints live in ``work`` (default: a hidden sibling of
+    ``out``) and are removed after success unless ``keep_work``."""
+    from .. import data, io
+    from ..train import DTYPES, Progress, train_loop
+    from .kv_prediction import auxiliary_from_spec, base_signature
+
+    wall = time.perf_counter()
+    loss_cfg = loss_cfg or KVLossConfig()
+    out = Path(out)
+    if out.exists() and not force:
+        raise MlxeffError("output already exists (use --force to replace it)", out)
+    work = Path(work) if work is not None else out.parent / f".{out.name}.train"
+    if save_dtype != "base" and save_dtype not in DTYPES:
+        raise MlxeffError(f"--save-dtype must be base or one of {sorted(DTYPES)}, got {save_dtype!r}")
+    if loss_cfg.kv_weight is not None and loss_cfg.kv_weight < 0:
+        raise MlxeffError(f"--kv-weight must be >= 0, got {loss_cfg.kv_weight}")
+    files = data.expand_files(train_files, "training")
+    vfiles = data.expand_files(valid_files, "validation") if valid_files else []
+
+    base, tok = io.load(base_dir)
+    if tok is None:
+        raise MlxeffError("the base model has no tokenizer files", base_dir)
+    disk_dtype = base.transformer.token_embeddings.weight.dtype
+    base.set_dtype(DTYPES[cfg.dtype])
+    aux, layer_map, aux_info = auxiliary_from_spec(base, aux_spec)
+    predictor = KVPredictor.for_models(aux, base, layer_map, init=predictor_init)
+    model = KVPredictionModel(base, aux, predictor)
+    n_base = base.args.num_transformer_layers
+    lam = loss_cfg.resolved_kv_weight(n_base)
+    if cfg.seq_len + 1 > base.args.max_context_length:
+        say(f"note: --seq-len {cfg.seq_len} exceeds the base's max_context_length "
+            f"{base.args.max_context_length}")
+
+    work.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir is not None else work / "cache"
+    tic = time.perf_counter()
+    train_tokens = data.tokenize_files(files, tok, cache)
+    valid_tokens = data.tokenize_files(vfiles, tok, cache) if vfiles else None
+    say(f"tokens: train {len(train_tokens):,}" + (f", valid {len(valid_tokens):,}"
+        if valid_tokens is not None else "") + f" ({time.perf_counter() - tic:.1f} s)")
+    dataset = data.PackedDataset(train_tokens, cfg.seq_len, seed=cfg.seed)
+    valid_fn = None
+    initial = None
+    if valid_tokens is not None:
+        windows = data.eval_windows(valid_tokens, cfg.seq_len, eval_tokens)
+        valid_fn = valid_fn_for(windows, cfg.batch_size)
+        if not resume or not (work / "checkpoints").is_dir():
+            initial = valid_fn(model)
+            say(f"before training: CE_base(predicted) {initial['ce_base']:.4f}  CE_aux "
+                f"{initial['ce_aux']:.4f}  KV L1 {initial['kv_l1']:.4f}  "
+                f"(base's own CE {initial['ce_base_own']:.4f})")
+    n_aux = sum(v.size for _, v in tree_flatten(aux.parameters()))
+    n_pred = sum(v.size for _, v in tree_flatten(predictor.parameters()))
+    say(f"auxiliary: {aux_info.get('spec', aux_info.get('source'))}, "
+        f"{aux.args.num_transformer_layers}/{n_base} layers, {n_aux:,} parameters; predictor "
+        f"{n_pred:,} parameters; lambda {lam:.4g}; {cfg.tokens_per_step:,} tokens per step")
+
+    records: List[dict] = []
+    progress = Progress(cfg.steps) if log is None else None
+
+    def log_fn(rec: dict) -> None:
+        records.append(dict(rec))
+        (log or progress)(rec)
+
+    def batch_fn(k: int) -> mx.array:
+        return mx.array(dataset.batch(k, cfg.batch_size))
+
+    result = train_loop(model, make_loss_fn(loss_cfg), batch_fn, cfg, out_dir=work,
+                        valid_fn=valid_fn, resume=resume, log=log_fn)
+    if progress is not None:
+        progress.close()
+    save_as = disk_dtype if save_dtype == "base" else DTYPES[save_dtype]
+    aux.set_dtype(save_as)
+    predictor.set_dtype(save_as)
+    train_log = [r for r in records if "loss" in r and "valid_loss" not in r]
+    training = {
+        "aux_spec": aux_spec, "kv_weight": lam, "base_weight": loss_cfg.base_weight,
+        "aux_weight": loss_cfg.aux_weight, "predictor_init": predictor_init,
+        "config": cfg.to_dict(), "train_files": [str(f) for f in files],
+        "valid_files": [str(f) for f in vfiles], "tokens_seen": result["tokens_seen"],
+        "train_time_s": result["train_time_s"], "device": str(mx.default_device()),
+        "valid_initial": initial, "valid_final": result["valid"],
+    }
+    summary = {
+        "out": str(out), **training, "base": str(base_dir), "base_signature": base_signature(base),
+        "layer_map": layer_map, "aux_parameters": int(n_aux), "predictor_parameters": int(n_pred),
+        "history": result["history"], "train_log": train_log,
+    }
+    summary["wall_time_s"] = time.perf_counter() - wall
+    artifact = model.artifact({"auxiliary": aux_info, "training": training})
+    artifact.save(out, force=force, base=base,
+                  extra_files={"summary.json": json.dumps(summary, indent=1)})
+    if not keep_work:
+        import shutil
+
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    return summary

@@ -1,0 +1,88 @@
+"""`mlxeff train-kv-prediction` and `mlxeff generate --kv-prediction` as a user meets them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import mlxeff
+from conftest import TEXT, make_model
+from mlxeff.models import layerwise_config
+from mlxeff.techniques.kv_prediction import KVPrediction
+
+
+def run_cli(*args, timeout=180):
+    env = dict(os.environ, MLXEFF_NO_OPENBLAS="1")
+    return subprocess.run([sys.executable, "-m", "mlxeff.cli.main", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_error(proc, *needles):
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("kvp")
+    base = root / "base"
+    mlxeff.save(make_model(layerwise_config(4, 64, 16, vocab_size=len(tiny_tokenizer),
+                                            ffn_dim_divisor=32)), tiny_tokenizer, base)
+    (root / "train.txt").write_text(TEXT * 10)
+    (root / "valid.txt").write_text(TEXT * 2)
+    proc = run_cli("train-kv-prediction", "--base", base, "--aux", "lp-0.5",
+                   "--train", root / "train.txt", "--valid", root / "valid.txt", "--steps", 4,
+                   "--seq-len", 16, "--batch-size", 2, "--eval-every", 2, "--eval-tokens", 32,
+                   "--warmup", 1, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return root, base, json.loads(proc.stdout)
+
+
+def test_train_saves_a_loadable_artifact_inside_the_base(trained):
+    root, base, summary = trained
+    out = base / "kv_prediction" / "lp-0.5"
+    assert summary["out"] == str(out) and summary["layer_map"] == [0, 0, 1, 1]
+    assert summary["kv_weight"] == pytest.approx(0.25)
+    assert summary["valid_initial"]["kv_l1"] > 0 and summary["valid_final"]["kv_l1"] > 0
+    assert [h["step"] for h in summary["history"]["valid"]] == [2, 4]
+    art = KVPrediction.load(out, base=mlxeff.load(base)[0])
+    assert art.info["auxiliary"]["layers"] == [0, 2]
+    assert not (base / "kv_prediction" / ".lp-0.5.train" / "checkpoints").exists()
+    again = run_cli("train-kv-prediction", "--base", base, "--aux", "lp-0.5",
+                    "--train", root / "train.txt", "--steps", 1, "--seq-len", 16)
+    assert_error(again, "already exists")
+
+
+def test_generate_with_kv_prediction(trained):
+    _, base, _ = trained
+    for where in ("lp-0.5", base / "kv_prediction" / "lp-0.5"):
+        proc = run_cli("generate", "Once upon a time there was a girl", "--model", base,
+                       "--kv-prediction", where, "--max-tokens", 5, "--json")
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["generation_tokens"] >= 1 and out["ttft_s"] > 0
+
+
+def test_bad_input_gives_one_line_errors(trained, tiny_tokenizer):
+    root, base, _ = trained
+    other = root / "other"
+    mlxeff.save(make_model(layerwise_config(6, 64, 16, vocab_size=len(tiny_tokenizer),
+                                            ffn_dim_divisor=32)), tiny_tokenizer, other)
+    proc = run_cli("generate", "Once upon a time", "--model", other, "--kv-prediction",
+                   base / "kv_prediction" / "lp-0.5", "--max-tokens", 3)
+    assert_error(proc, "predictor predicts 4 layers", "6 layers")
+    assert_error(run_cli("generate", "Once", "--model", base, "--kv-prediction", root / "nope"),
+                 "no such KV prediction directory")
+    train = ("--base", base, "--train", root / "train.txt", "--steps", 1, "--seq-len", 16,
+             "--out", root / "x")
+    assert_error(run_cli("train-kv-prediction", "--aux", "lp-0", *train), "kept fraction")
+    assert_error(run_cli("train-kv-prediction", "--aux", root / "nomodel", *train), "no such model")
+    assert_error(run_cli("train-kv-prediction", "--aux", "lp-0.5", "--kv-weight", -1, *train),
+                 "--kv-weight")
+    assert not (root / "x").exists()
