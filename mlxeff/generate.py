@@ -38,15 +38,18 @@ class PrefillStrategy:
 
 @dataclass
 class ChunkedPrefill(PrefillStrategy):
-    """The baseline: the prompt in chunks of ``step_size`` tokens, evaluated chunk by chunk."""
+    """The baseline: all but the last prompt token in chunks of ``step_size`` tokens, evaluated
+    chunk by chunk (only the cache, so no chunk computes logits), then the last token alone, so the
+    output head runs for one position (as mlx-lm's ``generate_step`` does)."""
 
     step_size: int = 512
 
     def __call__(self, model, prompt, cache):
-        while prompt.size > self.step_size:
-            model(prompt[: self.step_size][None], cache=cache)
+        while prompt.size > 1:
+            n = min(self.step_size, prompt.size - 1)
+            model(prompt[:n][None], cache=cache)
             mx.eval([c.state for c in cache])
-            prompt = prompt[self.step_size :]
+            prompt = prompt[n:]
             mx.clear_cache()
         return model(prompt[None], cache=cache)[:, -1, :]
 
