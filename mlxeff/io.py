@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten
 
 from .errors import MlxeffError
 from .models import ConfigError, Model, ModelArgs, config_from_hf
-from .quant import apply_quantization_spec
+from .quant import apply_quantization_spec, validate_quantized
 
 FORMAT_VERSION = 1
 MAX_SHARD_BYTES = 2 << 30
@@ -182,10 +182,12 @@ def load_model(path, lazy: bool = False) -> Model:
     config = read_config(path)
     model = build_model(config, path / "config.json")
     weights = {}
-    for f in weight_files(path):
+    files = weight_files(path)
+    for f in files:
         weights.update(read_safetensors(f))
     weights = model.sanitize(weights)
     load_weights_into(model, weights, path)
+    validate_quantized(model, files[0] if len(files) == 1 else path)
     if not lazy:
         mx.eval(model.parameters())
     model.eval()

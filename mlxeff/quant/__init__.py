@@ -56,9 +56,22 @@ def apply_quantization_spec(model: nn.Module, specs: Dict[str, dict], source: st
             raise MlxeffError(f"unknown quantization method {method!r} for {path}", source)
         if path not in modules:
             raise MlxeffError(f"quantization spec names {path!r}, which the model does not have", source)
-        replacements.append((path, SPEC_BUILDERS[method](modules[path], spec)))
+        try:
+            replacements.append((path, SPEC_BUILDERS[method](modules[path], spec)))
+        except (MlxeffError, ValueError, KeyError, TypeError) as e:
+            text = e.args[0] if isinstance(e, MlxeffError) and e.path is None else str(e)
+            raise MlxeffError(f"{path}: {text}", source) from None
     model.update_modules(_nest(replacements))
     return model
+
+
+def validate_quantized(model: nn.Module, source) -> None:
+    """Let each compressed module check its loaded packed arrays (``validate_packed(name, source)``)
+    so out-of-range values fail at load time with the file and tensor named."""
+    for name, module in model.named_modules():
+        check = getattr(module, "validate_packed", None)
+        if check is not None:
+            check(name, source)
 
 
 def _nest(pairs):

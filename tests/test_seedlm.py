@@ -1,0 +1,243 @@
+"""SeedLM format: packing, reference reconstruction, SeedLMLinear, model quantization, save/load."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from conftest import make_model
+
+import mlxeff
+from mlxeff.errors import MlxeffError
+from mlxeff.models import layerwise_config
+from mlxeff.quant import apply_quantization_spec, lfsr
+from mlxeff.quant import seedlm as S
+from mlxeff.quant.seedlm_encoder import EncoderConfig
+
+FAST = EncoderConfig(batch=64)
+
+
+def random_packed(out, inp, C, P, seed=0, exp_base=-6):
+    rng = np.random.default_rng(seed)
+    nb = S.num_blocks(inp, C)
+    seeds = rng.integers(1, 65536, size=(out, nb)).astype(np.uint16)
+    exps = rng.integers(0, 16, size=(out, nb))
+    coeffs = rng.integers(-8, 8, size=(out, nb, P))
+    return seeds, S.pack_codes(exps, coeffs), exp_base, exps, coeffs
+
+
+def numpy_reconstruct(seeds, exps, coeffs, exp_base, C, P, inp):
+    out, nb = seeds.shape
+    W = np.zeros((out, nb * C), np.float64)
+    for r in range(out):
+        for b in range(nb):
+            U = lfsr.seed_matrix(int(seeds[r, b]), C, P).astype(np.float64)
+            W[r, b * C:(b + 1) * C] = 2.0 ** (int(exps[r, b]) + exp_base) * (U @ coeffs[r, b])
+    return W[:, :inp]
+
+
+@pytest.mark.parametrize("nb,P", [(8, 3), (7, 4), (5, 2), (1, 1)])
+def test_pack_unpack_roundtrip(nb, P):
+    rng = np.random.default_rng(nb)
+    exps = rng.integers(0, 16, size=(3, nb))
+    coeffs = rng.integers(-8, 8, size=(3, nb, P))
+    codes = S.pack_codes(exps, coeffs)
+    assert codes.dtype == np.uint8 and codes.shape == (3, S.codes_width(nb, P))
+    e, c = S.unpack_codes(mx.array(codes), nb, P)
+    assert np.array_equal(np.array(e), exps) and np.array_equal(np.array(c), coeffs)
+    # nibble order: block 0's exponent is the low nibble of byte 0, its c_0 the high nibble
+    assert codes[0, 0] == (exps[0, 0] | ((coeffs[0, 0, 0] & 15) << 4))
+
+
+@pytest.mark.parametrize("bits,C,P,per_block", [(4, 8, 3, 32), (3, 12, 4, 36)])
+def test_packed_size_exact(bits, C, P, per_block):
+    cfg = S.SeedLMConfig.for_bits(bits)
+    assert (cfg.C, cfg.P, cfg.bits, cfg.bits_per_block) == (C, P, bits, per_block)
+    inp = 8 * C  # whole blocks, even nibble count
+    m = S.SeedLMLinear(inp, 16, C, P)
+    blocks = 16 * (inp // C)
+    assert (m.seeds.nbytes + m.codes.nbytes) * 8 == per_block * blocks
+    assert (m.seeds.nbytes + m.codes.nbytes) * 8 / (16 * inp) == bits
+    assert m.exp_base.nbytes == 4  # the declared per-tensor overhead
+
+
+@pytest.mark.parametrize("C,P,inp", [(8, 3, 40), (12, 4, 30), (5, 5, 7)])
+def test_reconstruct_matches_independent_reference(C, P, inp):
+    seeds, codes, eb, exps, coeffs = random_packed(4, inp, C, P)
+    got = np.array(S.reconstruct(mx.array(seeds), mx.array(codes), eb, C, P, inp))
+    want = numpy_reconstruct(seeds, exps, coeffs, eb, C, P, inp)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("C,P,inp", [(8, 3, 64), (12, 4, 20)])
+def test_linear_equals_dense_reconstruction(C, P, inp):
+    seeds, codes, eb, _, _ = random_packed(24, inp, C, P, seed=1)
+    m = S.SeedLMLinear(inp, 24, C, P)
+    m.set_packed(seeds, codes, eb)
+    W = S.reconstruct(m.seeds, m.codes, m.exp_base, C, P, inp)
+    for rows in (1, 3, 17):
+        x = mx.random.normal((rows, inp), key=mx.random.key(rows))
+        assert mx.array_equal(m(x), x @ W.T).item()
+    # replacing the packed arrays invalidates the cached reconstruction
+    seeds2, codes2, _, _, _ = random_packed(24, inp, C, P, seed=2)
+    m.set_packed(seeds2, codes2, eb)
+    W2 = S.reconstruct(mx.array(seeds2), mx.array(codes2), eb, C, P, inp)
+    assert mx.array_equal(m(x), x @ W2.T).item()
+
+
+def test_linear_bias_and_embedding():
+    seeds, codes, eb, _, _ = random_packed(10, 16, 8, 3, seed=3)
+    lin = S.SeedLMLinear(16, 10, 8, 3, bias=True)
+    lin.set_packed(seeds, codes, eb)
+    lin.bias = mx.arange(10, dtype=mx.float32)
+    x = mx.ones((2, 16))
+    W = S.reconstruct(lin.seeds, lin.codes, lin.exp_base, 8, 3, 16)
+    assert mx.allclose(lin(x), x @ W.T + lin.bias).item()
+    emb = S.SeedLMEmbedding(10, 16, 8, 3)
+    emb.set_packed(seeds, codes, eb)
+    ids = mx.array([[3, 0, 9]])
+    assert mx.array_equal(emb(ids), W[ids]).item()
+    assert mx.array_equal(emb.as_linear(x), x @ W.T).item()
+
+
+def small_model():
+    return make_model(layerwise_config(1, 32, 16, vocab_size=64, ffn_dim_divisor=16))
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_quantize_model_save_load_exact(tmp_path, bits):
+    model = small_model()
+    x = mx.array([[1, 5, 9, 2, 33]])
+    ref = model(x)
+    embed = model.transformer.token_embeddings.weight
+    report = []
+    S.quantize_model(model, bits=bits, progress=False, config=FAST, report=report)
+    linears = [n for n, m in model.named_modules() if isinstance(m, S.SeedLMLinear)]
+    assert len(linears) == 4 and not any(isinstance(m, nn.Linear) for _, m in model.named_modules())
+    assert model.transformer.token_embeddings.weight is embed  # stays at full precision
+    specs = model.mlxeff_meta["quantization"]
+    assert sorted(specs) == sorted(linears)
+    C, P = S.CONFIGS[bits]
+    spec = specs["transformer.layers.0.attn.qkv_proj"]
+    assert spec == {"method": "seedlm", "K": 16, "C": C, "P": P, "bits": bits,
+                    "in_features": 32, "out_features": 96}
+    assert all(r["rel_error"] < (0.2 if bits == 4 else 0.3) for r in report)
+    y = model(x)
+    assert float(mx.abs(y - ref).max()) < 0.5 * float(mx.abs(ref).max())
+
+    out = tmp_path / "q"
+    mlxeff.save(model, None, out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["mlxeff"]["quantization"] == specs
+    loaded, _ = mlxeff.load(out)
+    assert mx.array_equal(loaded(x), y).item()
+    for name in linears:
+        a = dict(model.named_modules())[name]
+        b = dict(loaded.named_modules())[name]
+        assert isinstance(b, S.SeedLMLinear)
+        for key in ("seeds", "codes", "exp_base"):
+            assert a[key].dtype == b[key].dtype and mx.array_equal(a[key], b[key]).item()
+
+
+def test_quantize_model_include_embeddings():
+    model = small_model()
+    S.quantize_model(model, bits=4, include_embeddings=True, progress=False, config=FAST)
+    assert isinstance(model.transformer.token_embeddings, S.SeedLMEmbedding)
+    assert "transformer.token_embeddings" in model.mlxeff_meta["quantization"]
+    logits = model(mx.array([[1, 2, 3]]))
+    assert logits.shape == (1, 3, 64) and bool(mx.isfinite(logits).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input on load
+
+
+def packed_dir(tmp_path, name="bad"):
+    """A saved model with random (valid) SeedLM layers, built without running the encoder."""
+    model = small_model()
+    specs = {}
+    for path, m in S.quantizable_modules(model):
+        out_f, in_f = m.weight.shape
+        specs[path] = {"method": "seedlm", "K": 16, "C": 8, "P": 3, "bits": 4,
+                       "in_features": in_f, "out_features": out_f}
+    apply_quantization_spec(model, specs)
+    for i, (path, m) in enumerate(n for n in model.named_modules() if isinstance(n[1], S.SeedLMLinear)):
+        seeds, codes, eb, _, _ = random_packed(m.out_features, m.in_features, 8, 3, seed=i)
+        m.set_packed(seeds, codes, eb)
+    model.mlxeff_meta = {"quantization": specs}
+    out = tmp_path / name
+    mlxeff.save(model, None, out)
+    return out
+
+
+def edit_weights(path, fn):
+    file = path / "model.safetensors"
+    w = dict(mx.load(str(file)))
+    fn(w)
+    mx.save_safetensors(str(file), w)
+    return file
+
+
+def edit_config(path, fn):
+    file = path / "config.json"
+    c = json.loads(file.read_text())
+    fn(c)
+    file.write_text(json.dumps(c))
+    return file
+
+
+QKV = "transformer.layers.0.attn.qkv_proj"
+
+
+def test_good_packed_dir_loads(tmp_path):
+    loaded, _ = mlxeff.load(packed_dir(tmp_path))
+    assert isinstance(dict(loaded.named_modules())[QKV], S.SeedLMLinear)
+
+
+def _set(key, value):
+    def fn(w):
+        w[key] = value(w[key])
+    return fn
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_set(f"{QKV}.seeds", lambda a: mx.concatenate([mx.zeros((1, a.shape[1]), a.dtype), a[1:]])),
+     r"qkv_proj\.seeds\[0, 0\] is 0"),
+    (_set(f"{QKV}.exp_base", lambda a: mx.array(113, dtype=mx.int32)), r"exp_base = 113 is out of range"),
+    (_set(f"{QKV}.exp_base", lambda a: mx.array(-127, dtype=mx.int32)), r"exp_base = -127 is out of range"),
+    (_set(f"{QKV}.codes", lambda a: a[:, :-1]), r"qkv_proj\.codes has shape"),
+    (_set(f"{QKV}.seeds", lambda a: a[:-1]), r"qkv_proj\.seeds has shape"),
+    (_set(f"{QKV}.seeds", lambda a: a.astype(mx.float32)), r"qkv_proj\.seeds has dtype"),
+])
+def test_bad_packed_values(tmp_path, edit, match):
+    path = packed_dir(tmp_path)
+    file = edit_weights(path, edit)
+    with pytest.raises(MlxeffError, match=match) as e:
+        mlxeff.load(path)
+    assert str(path) in str(e.value)
+    assert e.value.path in (str(file), str(path))
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"C": 8, "P": 9}, r"unknown SeedLM configuration C=8, P=9"),
+    ({"C": 0, "P": 0}, r"unknown SeedLM configuration"),
+    ({"C": "8"}, r"unknown SeedLM configuration"),
+    ({"K": 12}, r"unsupported SeedLM register width"),
+    ({"bits": 3}, r"stores 4 bits per weight, the spec says 3"),
+    ({"in_features": 31}, r"spec says 96x31"),
+])
+def test_bad_spec(tmp_path, change, match):
+    path = packed_dir(tmp_path)
+    file = edit_config(path, lambda c: c["mlxeff"]["quantization"][QKV].update(change))
+    with pytest.raises(MlxeffError, match=match) as e:
+        mlxeff.load(path)
+    assert e.value.path == str(file) and QKV in str(e.value)
+
+
+def test_config_validation_api():
+    with pytest.raises(MlxeffError):
+        S.SeedLMConfig.for_bits(5)
+    with pytest.raises(MlxeffError):
+        S.SeedLMConfig.for_bits(4, C=8)
+    assert S.SeedLMConfig.for_bits(4, C=8, P=2).bits == 3.5
