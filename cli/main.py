@@ -18,10 +18,11 @@ app = typer.Typer(
 
 # Each command module adds its commands to the app.
 from . import generate as _generate  # noqa: E402
+from . import convert as _convert  # noqa: E402
 from . import info as _info  # noqa: E402
 from . import kv_prediction as _kv_prediction  # noqa: E402
 
-for _module in (_generate, _info, _kv_prediction):
+for _module in (_generate, _info, _convert, _kv_prediction):
     _module.register(app)
 
 OPENBLAS_CANDIDATES = (

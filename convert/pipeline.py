@@ -41,8 +41,10 @@ def _check_options(dtype, quantize, bits, group_size, embedding_bits):
 
 
 def _seedlm():
+    import importlib
+
     try:
-        from mlxeff.quant import seedlm
+        seedlm = importlib.import_module("mlxeff.quant.seedlm")
     except ModuleNotFoundError as e:
         if e.name in ("mlxeff.quant.seedlm",):
             raise MlxeffError("SeedLM quantization is not available in this installation "

@@ -71,3 +71,105 @@ def saved_dir(tmp_path, tiny_tokenizer):
     out = tmp_path / "tiny"
     mlxeff.save(model, tiny_tokenizer, out)
     return out, model
+
+
+# --- checkpoint fixtures for the converter tests (written without torch) ---
+
+def corenet_state(model, *, rows=None, dtype="float32", exotic=False, seed=1):
+    """``model``'s weights as a CoreNet state dict of ``convert.torch_save`` tensors.
+
+    CoreNet names (no ``transformer.`` prefix, ``classifier`` for an untied head); ``rows`` pads
+    the vocabulary with random rows as CoreNet does (32128 for 32000); ``dtype`` float32, float16
+    or bfloat16; ``exotic`` stores 2-D weights transposed (strides) and the norms as offset views
+    of one shared storage, as views of a shared buffer are saved.
+    """
+    from collections import OrderedDict
+
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from convert import torch_save as ts
+    from convert.corenet import source_name
+
+    rng = np.random.default_rng(seed)
+
+    def bits(a):
+        a = np.asarray(a, np.float32)
+        if dtype == "bfloat16":
+            return ts.bf16_bits(a)
+        return a.astype(dtype)
+
+    params = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
+    for k in ("transformer.token_embeddings.weight", "lm_head.weight"):
+        if k in params and rows and rows > params[k].shape[0]:
+            extra = rng.standard_normal((rows - params[k].shape[0], params[k].shape[1])).astype(np.float32)
+            params[k] = np.concatenate([params[k], extra])
+    state = OrderedDict()
+    norms = [k for k, v in params.items() if v.ndim == 1]
+    shared = None
+    if exotic and norms:
+        gap = 3
+        flat = np.concatenate([np.concatenate([params[k], np.zeros(gap, np.float32)]) for k in norms])
+        shared = ts.Storage(dtype, flat.size, bits(flat))
+    offset = 0
+    for k, v in params.items():
+        if exotic and v.ndim == 1:
+            state[source_name(k)] = ts.Tensor(shared, v.shape, (1,), offset)
+            offset += v.size + 3
+        elif exotic and v.ndim == 2:
+            t = ts.tensor(bits(np.ascontiguousarray(v.T)), dtype)
+            state[source_name(k)] = ts.Tensor(t.storage, v.shape, (1, v.shape[0]))
+        else:
+            state[source_name(k)] = ts.tensor(bits(v), dtype)
+    state._metadata = OrderedDict({"": {"version": 1}})
+    return state
+
+
+def write_corenet(model, path, *, training=False, **kw):
+    """A CoreNet ``.pt`` (flat, or a training checkpoint with optimizer state) for ``model``."""
+    import numpy as np
+
+    from convert import torch_save as ts
+
+    state = corenet_state(model, **kw)
+    obj = state
+    if training:
+        first = next(iter(state.values()))
+        obj = {
+            "iterations": 1000, "epoch": 2, "model_state_dict": state, "best_metric": np.float64(2.5),
+            "optim_state_dict": {"state": {0: {"step": ts.tensor(np.array(1000.0, np.float32)),
+                                               "exp_avg": ts.Tensor(first.storage, first.shape, first.stride)}},
+                                 "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0]}]},
+            "gradient_scaler_state_dict": {"scale": 65536.0, "_growth_tracker": 10},
+        }
+    return ts.save(obj, path)
+
+
+def write_hf_openelm(model, directory, *, fmt="safetensors", shard=False):
+    """A Hugging Face OpenELM directory (config.json + weights) for ``model``."""
+    import json
+
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from convert import torch_save as ts
+
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = model.args.to_dict()
+    cfg["torch_dtype"] = "float32"
+    (directory / "config.json").write_text(json.dumps(cfg))
+    weights = dict(tree_flatten(model.parameters()))
+    if fmt == "bin":
+        ts.save({k: ts.tensor(np.array(v)) for k, v in weights.items()}, directory / "pytorch_model.bin")
+    elif shard:
+        names = list(weights)
+        halves = [names[: len(names) // 2], names[len(names) // 2:]]
+        weight_map = {}
+        for i, part in enumerate(halves):
+            fname = f"model-{i + 1:05d}-of-00002.safetensors"
+            mx.save_safetensors(str(directory / fname), {k: weights[k] for k in part})
+            weight_map.update({k: fname for k in part})
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    else:
+        mx.save_safetensors(str(directory / "model.safetensors"), weights)
+    return directory
