@@ -1,0 +1,171 @@
+"""Pruned attention vs dense attention for one decode step, side by side in one run.
+
+A decode step (one query per sequence) over ``--context`` cached positions with ``--keep`` of them
+selected: the pruned-attention kernel (``mlxeff.techniques.pruned_attention``) over the selected
+slots against ``mx.fast.scaled_dot_product_attention`` over all of them, and against the same SDPA
+over a gathered copy of the selected rows. Shapes:
+
+- ``layer``: one attention layer with OpenELM-270M's widest GQA layout (20 query, 5 KV heads, d=64);
+- ``step``: a whole decode step's attention of OpenELM-270M (16 layers, 12-20 query heads, 4 query
+  heads per KV head), each layer with its own cache;
+- ``default``: every layer of the model in ``--model`` (default: the embedded model), if present.
+
+Each timed call evaluates ``--reps`` independent steps in one graph (distinct queries, so nothing is
+shared), after a warm-up; dense and pruned alternate within every trial. On a GPU the kernel runs;
+on the CPU the "pruned" column is the plain-MLX reference (gather + softmax). The run also checks
+the kernel's output against the reference. ``--sweep`` times every split count of the kernel too.
+
+    python benchmarks/pruned_attention.py [--json] [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mlxeff.kernels import gpu_backend  # noqa: E402
+from mlxeff.models import openelm_config  # noqa: E402
+from mlxeff.techniques import pruned_attention as pa  # noqa: E402
+
+
+def layouts(args):
+    out = {"layer": [(20, 5, 64)]}
+    cfg = openelm_config("270M")
+    out["step"] = list(zip(cfg.num_query_heads, cfg.num_kv_heads, [cfg.head_dim] * len(cfg.num_kv_heads)))
+    model_dir = Path(args.model) if args.model else Path(__file__).resolve().parents[1] / "mlxeff/assets/default"
+    if (model_dir / "config.json").is_file():
+        params = json.loads((model_dir / "config.json").read_text())
+        out["default"] = list(zip(params["num_query_heads"], params["num_kv_heads"],
+                                  [params["head_dim"]] * len(params["num_kv_heads"])))
+    return out
+
+
+def make_layers(heads, context, n_sel, reps, dtype, rng):
+    layers = []
+    for H, KVH, D in heads:
+        k = mx.array(rng.normal(size=(1, KVH, context, D)).astype(np.float32)).astype(dtype)
+        v = mx.array(rng.normal(size=(1, KVH, context, D)).astype(np.float32)).astype(dtype)
+        qs = [mx.array(rng.normal(size=(1, H, 1, D)).astype(np.float32)).astype(dtype) for _ in range(reps)]
+        idx = mx.array(np.sort(rng.permutation(context)[:n_sel]).astype(np.int32))
+        mx.eval(k, v, qs, idx)
+        layers.append(dict(k=k, v=v, qs=qs, idx=idx, scale=D**-0.5))
+    return layers
+
+
+def variants(use_kernel: bool, n_splits=None):
+    def dense(L, q):
+        return mx.fast.scaled_dot_product_attention(q, L["k"], L["v"], scale=L["scale"])
+
+    def gathered(L, q):
+        kg, vg = mx.take(L["k"], L["idx"], axis=2), mx.take(L["v"], L["idx"], axis=2)
+        return mx.fast.scaled_dot_product_attention(q, kg, vg, scale=L["scale"])
+
+    def pruned(L, q):
+        if use_kernel:
+            return pa.pruned_attention_kernel(q, L["k"], L["v"], L["idx"], scale=L["scale"], n_splits=n_splits)
+        return pa.pruned_attention_reference(q, L["k"], L["v"], L["idx"], scale=L["scale"])
+
+    return {"dense_all": dense, "sdpa_gathered": gathered, "pruned": pruned}
+
+
+def time_step(fn, layers, reps):
+    outs = [fn(L, L["qs"][r]) for r in range(reps) for L in layers]
+    tic = time.perf_counter()
+    mx.eval(outs)
+    return (time.perf_counter() - tic) / reps
+
+
+def bench(layers, fns, reps, warmup, trials):
+    for _ in range(warmup):
+        for fn in fns.values():
+            time_step(fn, layers, reps)
+    times = {name: [] for name in fns}
+    for _ in range(trials):
+        for name, fn in fns.items():  # interleaved: every trial times every variant
+            times[name].append(time_step(fn, layers, reps))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--context", type=int, default=4096, help="cached positions (default 4096)")
+    ap.add_argument("--keep", type=float, default=0.25, help="fraction selected (default 0.25)")
+    ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                    help="default: float16 on a GPU, float32 on the CPU")
+    ap.add_argument("--reps", type=int, default=20, help="decode steps per timed graph")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--shapes", default="layer,step,default", help="comma list of layer,step,default")
+    ap.add_argument("--model", default=None, help="model directory for the 'default' shape")
+    ap.add_argument("--sweep", action="store_true", help="also time every kernel split count")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    if not 0 < args.keep <= 1:
+        ap.error("--keep must be in (0, 1]")
+
+    backend = gpu_backend()
+    use_kernel = backend is not None
+    dtype = getattr(mx, args.dtype or ("float16" if use_kernel else "float32"))
+    n_sel = max(1, round(args.keep * args.context))
+    rng = np.random.default_rng(0)
+    result = dict(device=str(mx.default_device()), backend=backend or "cpu", mlx=mx.__version__,
+                  dtype=str(dtype), context=args.context, selected=n_sel, reps=args.reps,
+                  trials=args.trials, pruned_impl="kernel" if use_kernel else "reference", shapes={})
+    all_layouts = layouts(args)
+    for name in args.shapes.split(","):
+        if name not in all_layouts:
+            continue
+        heads = all_layouts[name]
+        layers = make_layers(heads, args.context, n_sel, args.reps, dtype, rng)
+        # Correctness in the same run: kernel (or reference) vs reference on the first layer.
+        L = layers[0]
+        ref = pa.pruned_attention_reference(L["qs"][0], L["k"], L["v"], L["idx"], scale=L["scale"])
+        got = variants(use_kernel)["pruned"](L, L["qs"][0])
+        err = float(mx.max(mx.abs(got.astype(mx.float32) - ref.astype(mx.float32))))
+        med = bench(layers, variants(use_kernel), args.reps, args.warmup, args.trials)
+        entry = dict(layers=len(heads), heads=heads, max_abs_err_vs_reference=err,
+                     seconds_per_step=med,
+                     speedup_vs_dense=med["dense_all"] / med["pruned"],
+                     speedup_vs_gathered=med["sdpa_gathered"] / med["pruned"])
+        if args.sweep and use_kernel:
+            cfg = pa.launch_config((1, heads[0][0], 1, heads[0][2]), (1, heads[0][1], args.context, 1), n_sel)
+            entry["default_splits_first_layer"] = cfg["ints"]["NSPLIT"]
+            sweep = {"dense_all": variants(True)["dense_all"]}
+            for s in (1, 2, 4, 8, 16, 32, 64, 128):
+                if s <= n_sel:
+                    sweep[f"splits_{s}"] = variants(True, s)["pruned"]
+            sm = bench(layers, sweep, args.reps, 1, max(3, args.trials // 2))
+            entry["sweep_seconds_per_step"] = sm
+        result["shapes"][name] = entry
+
+    if args.json:
+        text = json.dumps(result, indent=2)
+        print(text)
+    else:
+        print(f"{result['device']} ({result['backend']}), MLX {result['mlx']}, {result['dtype']}, "
+              f"{n_sel} of {args.context} positions selected, pruned = {result['pruned_impl']}")
+        for name, e in result["shapes"].items():
+            s = e["seconds_per_step"]
+            print(f"  {name:8s} ({e['layers']} layer{'s' if e['layers'] > 1 else ''}): "
+                  f"dense {s['dense_all'] * 1e6:9.1f} us  gathered+sdpa {s['sdpa_gathered'] * 1e6:9.1f} us  "
+                  f"pruned {s['pruned'] * 1e6:9.1f} us  -> {e['speedup_vs_dense']:.2f}x vs dense, "
+                  f"{e['speedup_vs_gathered']:.2f}x vs gathered (max err {e['max_abs_err_vs_reference']:.2e})")
+            for k, t in e.get("sweep_seconds_per_step", {}).items():
+                print(f"      {k:12s} {t * 1e6:9.1f} us")
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        Path(out_dir, "pruned_attention.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
