@@ -1,0 +1,375 @@
+"""SeedLM kernels: a fused decode matvec and a dequantise-to-dense kernel (arXiv 2410.10714).
+
+SeedLM (``mlxeff.quant.seedlm``) stores a block of C weights as a 16-bit LFSR seed, a 4-bit shared
+exponent e and P 4-bit coefficients: ``w[c] = 2^(e + exp_base) * sum_p U[c, p] c_p`` with U the
+next C*P register states, normalised. At decode time the weight bytes, not the arithmetic, bound a
+matvec, so the kernels read the packed 4 (or 3) bits per weight and regenerate U on the fly.
+
+Three implementations of one algorithm (DESIGN.md, "Kernels"):
+
+- ``seedlm_dequantize_reference`` / ``seedlm_matvec_reference``: plain MLX ops that step the
+  register C*P times over all blocks at once. The CPU path and the oracle of the tests.
+- ``metal/seedlm_matvec.inc``: for 1..8 rows of x. A threadgroup owns a few output rows and a
+  split of each row's blocks; a thread takes one block column at a time, reads its x values once
+  and walks the rows. Per block the 32 stream bits after the seed come from two lookups in a
+  512-entry jump table (the LFSR is linear over GF(2)); each state becomes a float with one AND/OR
+  (16 state bits under a fixed exponent give exactly 2^(23-q) + s), so a block costs about
+  C*P logic ops and C*P FMAs per x row, plus a dozen for the code field; the coefficients and the
+  normalisation are applied once per block and once per output: with D_p = sum_c x_c (s_cp - 2^15),
+  ``y += 2^e * sum_p c_p D_p`` and ``y *= SCALE * 2^exp_base`` at the end.
+- ``metal/seedlm_dequant.inc``: a thread per (block, group of rows) writes the block's C weights,
+  computed exactly as the reference does, with vector stores where alignment allows.
+
+Both bodies compile for Metal (``mx.fast.metal_kernel``) and CUDA (``mx.fast.cuda_kernel``) through
+``mlxeff.kernels``; ``metal/seedlm_common.inc`` (their header) adds the few backend helpers the
+shared macros lack. Every constant of the register -- taps (through the jump table), the
+normalisation offset and scale -- is passed in from ``mlxeff.quant.lfsr``, never written twice.
+
+Choices and limits:
+- The kernels accumulate in float32 and sum in a different order than the reference: the matvec
+  differs from ``x @ W.T`` by a few float32 rounding errors of the terms (|dy| <~ 1e-5 of the
+  output scale, tested); the dequantised weights by at most an FMA rounding.
+- Wide rows: the x slice of a threadgroup must fit its threadgroup memory (28 KiB on Metal,
+  44 KiB on CUDA); longer rows are cut into splits whose float32 partial sums MLX adds.
+- Kernel configurations: K = 16, 1 <= P <= 7, P <= C <= 32, x rows <= 8 (``MAX_ROWS``); anything
+  else (and the CPU) takes the reference. Seeds must be nonzero and 2^(e + exp_base) a normal
+  float32; ``SeedLMLinear.validate_packed`` checks both at load, the kernels do not.
+- ``codes`` reach the kernels as 32-bit words (a free reinterpretation); a tensor whose byte count
+  is not a multiple of 4 is padded, which copies it on every call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from functools import lru_cache
+from typing import Dict, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from ..kernels import KernelSpec, build, gpu_backend, metal_check_run
+from . import lfsr
+
+K = 16
+MAX_ROWS = 8
+MAX_C = 32
+MAX_P = 7
+# bytes of threadgroup memory for a matvec threadgroup's x slice (Metal has 32 KiB in all, CUDA
+# 48 KiB of static shared memory; the jump table and the reduction scratch take the rest)
+X_SLICE_BYTES = {"metal": 28 * 1024, "cuda": 44 * 1024}
+HEADER = "seedlm_common.inc"
+_FLOATS = (mx.float16, mx.bfloat16, mx.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# the register, as the kernels see it
+
+
+@lru_cache(maxsize=None)
+def jump_table_np(K: int = K) -> np.ndarray:
+    """(512,) uint32: entry b is the 32 stream bits after state b, entry 256 + b after state b << 8.
+
+    The bits following a state (bit i of the result = the new top bit of the (i+1)-th next state)
+    are linear over GF(2) in the state, so those after s are ``t[s & 255] ^ t[256 + (s >> 8)]``.
+    Built by stepping ``lfsr.lfsr_next`` (its taps), K = 16 only.
+    """
+    if K != 16:
+        raise ValueError(f"the SeedLM kernels support K=16 only, not K={K}")
+    states = np.concatenate([np.arange(256), np.arange(256) << 8]).astype(np.int64)
+    out = np.zeros(512, dtype=np.uint64)
+    s = states.copy()
+    for i in range(32):
+        s = lfsr.lfsr_next(s, K)
+        out |= ((s >> (K - 1)) & 1).astype(np.uint64) << np.uint64(i)
+    return out.astype(np.uint32)
+
+
+@lru_cache(maxsize=None)
+def _jump_table(K: int = K) -> mx.array:
+    return mx.array(jump_table_np(K))
+
+
+def _defines_lfsr() -> Tuple[Tuple[str, str], ...]:
+    return tuple(sorted(lfsr.kernel_defines(K).items()))
+
+
+def config_supported(C: int, P: int) -> bool:
+    return 1 <= P <= MAX_P and P <= C <= MAX_C
+
+
+def kernel_available(C: Optional[int] = None, P: Optional[int] = None) -> bool:
+    """True when the default device has a GPU backend with these kernels (and, if given, the
+    kernels cover configuration (C, P)); False on the CPU."""
+    if gpu_backend() is None:
+        return False
+    return C is None or P is None or config_supported(int(C), int(P))
+
+
+# ----------------------------------------------------------------------------------------------
+# packed-format helpers
+
+
+def num_blocks(in_features: int, C: int) -> int:
+    return -(-in_features // C)
+
+
+def codes_width(nb: int, P: int) -> int:
+    return -(-nb * (P + 1) // 2)
+
+
+def _check(seeds, codes, C: int, P: int, in_features: int) -> Tuple[int, int]:
+    if not (isinstance(C, int) and isinstance(P, int) and 1 <= P <= C):
+        raise ValueError(f"unknown SeedLM configuration C={C!r}, P={P!r} (need integers 1 <= P <= C)")
+    if seeds.ndim != 2 or seeds.dtype != mx.uint16:
+        raise ValueError(f"seeds must be a 2-D uint16 array, got {tuple(seeds.shape)} {seeds.dtype}")
+    out, nb = seeds.shape
+    if nb != num_blocks(in_features, C):
+        raise ValueError(f"seeds has {nb} blocks per row; in_features={in_features} at C={C} needs "
+                         f"{num_blocks(in_features, C)}")
+    want = (out, codes_width(nb, P))
+    if codes.dtype != mx.uint8 or tuple(codes.shape) != want:
+        raise ValueError(f"codes must be uint8 of shape {want}, got {tuple(codes.shape)} {codes.dtype}")
+    return out, nb
+
+
+def _exp_base(exp_base) -> mx.array:
+    return mx.array(exp_base).astype(mx.int32).reshape(1)
+
+
+def _code_words(codes: mx.array) -> mx.array:
+    """The packed code bytes, flat, as uint32 words (zero-padded to a whole word)."""
+    flat = codes.reshape(-1)
+    pad = -flat.size % 4
+    if pad:
+        flat = mx.concatenate([flat, mx.zeros((pad,), dtype=mx.uint8)])
+    return flat.view(mx.uint32)
+
+
+def _code_words_np(codes: np.ndarray) -> np.ndarray:
+    flat = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    flat = np.concatenate([flat, np.zeros(-flat.size % 4, np.uint8)])
+    return flat.view("<u4")
+
+
+# ----------------------------------------------------------------------------------------------
+# reference (plain MLX ops): the CPU path and the test oracle
+
+
+def _unpack_codes(codes: mx.array, nb: int, P: int) -> Tuple[mx.array, mx.array]:
+    """codes (out, width) -> exponent codes (out, nb) int32 and coefficients (out, nb, P) int32."""
+    b = codes.astype(mx.int32)
+    nib = mx.stack([b & 15, b >> 4], axis=-1).reshape(codes.shape[0], -1)
+    nib = nib[:, : nb * (P + 1)].reshape(codes.shape[0], nb, P + 1)
+    c = nib[..., 1:]
+    return nib[..., 0], mx.where(c >= 8, c - 16, c)
+
+
+def _pow2(e: mx.array) -> mx.array:
+    """Exact 2^e in float32 for integer e in [-126, 127] (built from the exponent bits)."""
+    return ((e.astype(mx.int32) + 127) << 23).view(mx.float32)
+
+
+def seedlm_dequantize_reference(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int,
+                                in_features: int, dtype=mx.float16) -> mx.array:
+    """The dense weight (out, in_features) of a packed tensor, in ``dtype``.
+
+    Steps the register C*P times over every block at once (``next = (s >> 1) | (fb << 15)`` with
+    ``fb`` the XOR of the tap bits of ``lfsr.TAPS[16]``), normalises each state exactly as
+    ``lfsr.normalize`` and sums ``u[c, p] * (c_p * 2^(e + exp_base))`` over p in order, in float32.
+    """
+    out, nb = _check(seeds, codes, C, P, in_features)
+    taps = lfsr.TAPS[K]
+    offset = lfsr.norm_offset(K)
+    scale = mx.array(lfsr.norm_scale(K), dtype=mx.float32)
+    e, c = _unpack_codes(codes, nb, P)
+    coef = c.astype(mx.float32) * _pow2(e + _exp_base(exp_base)[0])[..., None]
+    s = seeds.astype(mx.uint32)
+    cols = []
+    for ci in range(C):
+        wc = None
+        for p in range(P):
+            fb = (s >> taps[0]) & 1
+            for t in taps[1:]:
+                fb = fb ^ ((s >> t) & 1)
+            s = (s >> 1) | (fb << (K - 1))
+            u = (s.astype(mx.int32) - offset).astype(mx.float32) * scale
+            term = u * coef[..., p]
+            wc = term if wc is None else wc + term
+        cols.append(wc)
+    W = mx.stack(cols, axis=-1).reshape(out, nb * C)
+    if nb * C != in_features:
+        W = W[:, :in_features]
+    return W.astype(dtype)
+
+
+def seedlm_matvec_reference(x: mx.array, seeds: mx.array, codes: mx.array, exp_base, C: int, P: int,
+                            in_features: int) -> mx.array:
+    """``x @ W.T`` (any number of rows) with W the float32 reconstruction; the result in x's dtype."""
+    W = seedlm_dequantize_reference(seeds, codes, exp_base, C, P, in_features, dtype=mx.float32)
+    dtype = x.dtype if x.dtype in _FLOATS else mx.float32
+    return (x.astype(mx.float32) @ W.T).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch plans and kernel specs
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _field_defines(nb: int, P: int) -> Dict[str, int]:
+    row_bytes = codes_width(nb, P)
+    fb = 4 * (P + 1)
+    return {
+        "SL_FB": fb,
+        "SL_ROWBITS": 8 * row_bytes,
+        "SL_ROWW": row_bytes // 4 if row_bytes % 4 == 0 else 0,
+        "SL_NOCROSS": int(32 % fb == 0 and (8 * row_bytes) % fb == 0),
+    }
+
+
+def _spec(kind: str, source: str, inputs: Sequence[str], outputs: Sequence[str],
+          ints: Dict[str, int], tag: str) -> KernelSpec:
+    defines = _defines_lfsr() + tuple((k, str(v)) for k, v in sorted(ints.items()))
+    # A name per variant: MLX caches compiled kernels by name (and older CUDA builds by name only).
+    digest = hashlib.sha1(repr((defines, tag)).encode()).hexdigest()[:12]
+    return KernelSpec(name=f"seedlm_{kind}_{digest}", source_file=source, input_names=tuple(inputs),
+                      output_names=tuple(outputs), header_file=HEADER, defines=defines)
+
+
+def matvec_plan(rows: int, out_features: int, in_features: int, C: int, P: int, x_dtype=mx.float16,
+                backend: Optional[str] = None, threads: Optional[int] = None,
+                tile_rows: Optional[int] = None) -> dict:
+    """Launch configuration of the fused matvec: spec, grid, threadgroup, template, outputs."""
+    backend = backend or gpu_backend() or "cuda"
+    nb = num_blocks(in_features, C)
+    cb_max = max(1, X_SLICE_BYTES[backend] // (4 * rows * C))
+    split = -(-nb // cb_max)
+    cb = -(-nb // split)
+    T = int(threads or min(256, max(32, _pow2_at_least(cb))))
+    if T % 32 or not 32 <= T <= 1024:
+        raise ValueError(f"threads must be a multiple of 32 in [32, 1024], got {T}")
+    TR = int(tile_rows or (8 if rows <= 2 else 4 if rows <= 4 else 2))
+    TR = max(1, min(TR, out_features))
+    tiles = -(-out_features // TR)
+    ints = dict(SL_C=C, SL_P=P, SL_IN=in_features, SL_NB=nb, SL_OUT=out_features, SL_ROWS=rows,
+                SL_TR=TR, SL_T=T, SL_CB=cb, SL_SPLIT=split, **_field_defines(nb, P))
+    out_dtype = x_dtype if split == 1 else mx.float32
+    spec = _spec("matvec", "seedlm_matvec.inc", ("x", "seeds", "codes", "exp_base", "jump"), ("y",),
+                 ints, f"{backend}:{x_dtype}:{out_dtype}")
+    return dict(spec=spec, grid=(T * split, tiles, 1), threadgroup=(T, 1, 1),
+                template=[("OT", out_dtype)], out_dtype=out_dtype,
+                out_shape=(rows, out_features) if split == 1 else (split, rows, out_features),
+                ints=ints)
+
+
+def dequant_plan(out_features: int, in_features: int, C: int, P: int, dtype=mx.float16,
+                 backend: Optional[str] = None, rows_per_thread: int = 8) -> dict:
+    """Launch configuration of the dequantise kernel."""
+    backend = backend or gpu_backend() or "cuda"
+    nb = num_blocks(in_features, C)
+    esize = mx.finfo(dtype).bits // 8 if dtype in _FLOATS else 0
+    if esize not in (2, 4):
+        raise ValueError(f"dequantise writes float16, bfloat16 or float32, not {dtype}")
+    vec = next((v for v in (16, 8, 4) if (C * esize) % v == 0 and (in_features * esize) % v == 0), 0)
+    TX = 64 if nb > 32 else 32
+    TY = 4
+    DR = max(1, min(int(rows_per_thread), out_features))
+    gy = -(-out_features // DR)
+    ints = dict(SL_C=C, SL_P=P, SL_IN=in_features, SL_NB=nb, SL_OUT=out_features, SL_DR=DR,
+                SL_TX=TX, SL_TY=TY, SL_VEC=vec, SL_ESIZE=esize, **_field_defines(nb, P))
+    spec = _spec("dequant", "seedlm_dequant.inc", ("seeds", "codes", "exp_base", "jump"), ("out",),
+                 ints, f"{backend}:{dtype}")
+    return dict(spec=spec, grid=(-(-nb // TX) * TX, -(-gy // TY) * TY, 1), threadgroup=(TX, TY, 1),
+                template=[("OT", dtype)], out_dtype=dtype, out_shape=(out_features, in_features),
+                ints=ints)
+
+
+# ----------------------------------------------------------------------------------------------
+# the kernels
+
+
+def matvec_kernel(x: mx.array, seeds: mx.array, codes: mx.array, exp_base, C: int, P: int,
+                  in_features: int, *, threads: Optional[int] = None,
+                  tile_rows: Optional[int] = None) -> mx.array:
+    """The fused matvec kernel on 2-D ``x`` (rows <= 8); raises ``KernelUnavailable`` on the CPU."""
+    out, _ = _check(seeds, codes, C, P, in_features)
+    rows = x.shape[0]
+    plan = matvec_plan(rows, out, in_features, C, P, x.dtype, threads=threads, tile_rows=tile_rows)
+    kernel = build(plan["spec"])
+    y = kernel(inputs=[x, seeds, _code_words(codes), _exp_base(exp_base), _jump_table()],
+               template=plan["template"], grid=plan["grid"], threadgroup=plan["threadgroup"],
+               output_shapes=[plan["out_shape"]], output_dtypes=[plan["out_dtype"]])[0]
+    if len(plan["out_shape"]) == 3:
+        y = y.sum(axis=0).astype(x.dtype)
+    return y
+
+
+def seedlm_matvec(x: mx.array, seeds: mx.array, codes: mx.array, exp_base, C: int, P: int,
+                  in_features: int) -> mx.array:
+    """``x @ W.T`` for x of shape (..., in_features) with W packed; y has shape (..., out).
+
+    The fused kernel when the backend has it and x has at most ``MAX_ROWS`` rows of a float dtype;
+    otherwise the reference."""
+    out, _ = _check(seeds, codes, C, P, in_features)
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight {in_features}")
+    lead = x.shape[:-1]
+    rows = math.prod(lead)
+    if not (kernel_available(C, P) and 1 <= rows <= MAX_ROWS and x.dtype in _FLOATS):
+        return seedlm_matvec_reference(x, seeds, codes, exp_base, C, P, in_features)
+    y = matvec_kernel(x.reshape(rows, in_features), seeds, codes, exp_base, C, P, in_features)
+    return y.reshape(*lead, out)
+
+
+def seedlm_dequantize(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int, in_features: int,
+                      dtype=mx.float16) -> mx.array:
+    """The dense weight (out, in_features) in ``dtype``: the kernel on a GPU, else the reference."""
+    out, _ = _check(seeds, codes, C, P, in_features)
+    if not (kernel_available(C, P) and dtype in _FLOATS):
+        return seedlm_dequantize_reference(seeds, codes, exp_base, C, P, in_features, dtype)
+    plan = dequant_plan(out, in_features, C, P, dtype)
+    kernel = build(plan["spec"])
+    return kernel(inputs=[seeds, _code_words(codes), _exp_base(exp_base), _jump_table()],
+                  template=plan["template"], grid=plan["grid"], threadgroup=plan["threadgroup"],
+                  output_shapes=[plan["out_shape"]], output_dtypes=[plan["out_dtype"]])[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# the Metal bodies on the CPU (tests; needs shared/tools/metal-check on sys.path)
+
+_NP = {mx.float16: np.float16, mx.float32: np.float32}
+
+
+def matvec_metal_check(x, seeds, codes, exp_base, C: int, P: int, in_features: int,
+                       **plan_kw) -> np.ndarray:
+    """The Metal matvec body run by metal-check; numpy in, numpy out (float16/float32 x)."""
+    x = np.asarray(x)
+    xd = mx.float16 if x.dtype == np.float16 else mx.float32
+    seeds = np.asarray(seeds, dtype=np.uint16)
+    out = seeds.shape[0]
+    plan = matvec_plan(x.shape[0], out, in_features, C, P, xd, backend="metal", **plan_kw)
+    y = metal_check_run(
+        plan["spec"],
+        [x.astype(_NP[xd]), seeds, _code_words_np(codes), np.array([int(exp_base)], np.int32),
+         jump_table_np()],
+        output_shapes=[plan["out_shape"]], output_dtypes=[_NP[plan["out_dtype"]]],
+        grid=plan["grid"], threadgroup=plan["threadgroup"],
+        template=[("OT", _NP[plan["out_dtype"]])])[0]
+    if y.ndim == 3:
+        y = y.sum(axis=0, dtype=np.float32).astype(_NP[xd])
+    return y
+
+
+def dequantize_metal_check(seeds, codes, exp_base, C: int, P: int, in_features: int,
+                           dtype=mx.float32, **plan_kw) -> np.ndarray:
+    """The Metal dequantise body run by metal-check; numpy in, numpy out."""
+    seeds = np.asarray(seeds, dtype=np.uint16)
+    plan = dequant_plan(seeds.shape[0], in_features, C, P, dtype, backend="metal", **plan_kw)
+    return metal_check_run(
+        plan["spec"],
+        [seeds, _code_words_np(codes), np.array([int(exp_base)], np.int32), jump_table_np()],
+        output_shapes=[plan["out_shape"]], output_dtypes=[_NP[dtype]],
+        grid=plan["grid"], threadgroup=plan["threadgroup"], template=[("OT", _NP[dtype])])[0]
