@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import typer
 
@@ -32,6 +32,19 @@ def generate(
         None, "--kv-prediction", help="KV Prediction (arXiv 2410.08391): an auxiliary model + "
         "predictor directory (from train-kv-prediction; a bare NAME means MODEL/kv_prediction/NAME) "
         "that processes the prompt in place of the model."),
+    lazy: bool = typer.Option(
+        False, "--lazy", help="LazyLLM (arXiv 2407.14057): prune prompt tokens progressively with "
+        "depth by the last token's attention, reviving them while decoding (default schedule: keep "
+        "0.6 -> 0.3 of the tokens over 4 stages in 30%-90% of the depth)."),
+    lazy_keep: Optional[Tuple[float, float]] = typer.Option(
+        None, "--lazy-keep", metavar="START END", help="LazyLLM keep ratios in (0, 1] at the first "
+        "and the last pruning layer, START >= END (implies --lazy)."),
+    lazy_range: Optional[Tuple[float, float]] = typer.Option(
+        None, "--lazy-range", metavar="START END", help="LazyLLM pruning layers from START to END "
+        "as fractions of the depth, e.g. 0.3 0.9 (implies --lazy)."),
+    lazy_stages: Optional[int] = typer.Option(
+        None, "--lazy-stages", help="LazyLLM number of pruning layers (default 4, or as many as fit "
+        "in the range; implies --lazy)."),
 ):
     """Generate text from PROMPT, streaming it, then print prompt and generation speed,
     peak memory and time to first token (as mlx_lm.generate does)."""
@@ -54,6 +67,25 @@ def generate(
 
         kvp_dir = resolve_dir(kv_prediction, path)
         hooks["prefill"] = KVPrediction.load(kvp_dir, base=net).prefill(prefill_step_size)
+    if lazy or lazy_keep or lazy_range or lazy_stages is not None:
+        from mlxeff.techniques.lazyllm import LazySchedule, ScheduleError, lazy_hooks, max_stages
+
+        if kv_prediction is not None:
+            fail("--lazy and --kv-prediction both replace the prefill; choose one")
+        kw = {}
+        if lazy_keep:
+            kw.update(keep_start=lazy_keep[0], keep_end=lazy_keep[1])
+        if lazy_range:
+            kw.update(start=lazy_range[0], end=lazy_range[1])
+        try:
+            if lazy_stages is None:  # the default count, or as many as fit in a shallow model
+                rng = LazySchedule(**kw)
+                kw.update(stages=max(1, min(rng.stages, max_stages(len(net.layers), rng.start, rng.end))))
+            else:
+                kw.update(stages=lazy_stages)
+            hooks.update(lazy_hooks(LazySchedule(**kw), num_layers=len(net.layers)))
+        except ScheduleError as e:
+            fail(f"--lazy: {e}")
 
     text, last = "", None
     for last in mlxeff.stream_generate(

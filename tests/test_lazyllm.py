@@ -272,3 +272,63 @@ def test_plain_decode_strategy_fallback(model):
 def test_prefill_needs_lazy_cache(model):
     with pytest.raises(MlxeffError, match="LazyCache"):
         lz.LazyPrefill()(model, prompt_ids(5), model.make_cache())
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+def invoke(*args):
+    """The CLI in-process (typer's runner): exit code, stdout, stderr."""
+    from typer.testing import CliRunner
+
+    from mlxeff.cli.main import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    return res.exit_code, res.stdout, res.stderr
+
+
+def test_cli_lazy(saved_dir):
+    import json
+
+    path, _ = saved_dir  # a 4-layer model: pruning layers 1..3
+    prompt = "Once upon a time there was a little girl who lived in a village near the forest."
+    base = ["generate", prompt, "--model", path, "--max-tokens", 6, "--json"]
+    runs = [invoke(*base, *extra) for extra in (
+        [], ["--lazy-keep", 1, 1],
+        ["--lazy-keep", 0.8, 0.5, "--lazy-range", 0.3, 0.9, "--lazy-stages", 2],
+        ["--lazy"],  # 4 stages do not fit in 4 layers: as many as fit (3)
+    )]
+    for code, out, err in runs:
+        assert code == 0, err
+    texts = [json.loads(out)["text"] for _, out, _ in runs]
+    assert texts[1] == texts[0]  # keep ratio 1.0 generates exactly what plain generation does
+    assert all(json.loads(out)["generation_tokens"] >= 1 for _, out, _ in runs)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--lazy-keep", 0, 0.5], "keep ratio keep_start=0.0 is outside (0, 1]"),
+    (["--lazy-keep", 0.5, 1.2], "keep ratio keep_end=1.2 is outside (0, 1]"),
+    (["--lazy-stages", 9], "9 stages but the model has only 4 layers"),
+    (["--lazy-stages", 4], "4 stages do not fit in layers 1..3"),
+    (["--lazy-range", 0.9, 0.2], "pruning range 0.9..0.2"),
+])
+def test_cli_lazy_bad_input(saved_dir, args, needle):
+    path, _ = saved_dir
+    code, out, err = invoke("generate", "Once upon a time", "--model", path, *args)
+    assert code == 1 and out == ""
+    assert err.strip().splitlines() == [f"error: --lazy: {err.split('error: --lazy: ')[-1].strip()}"]
+    assert needle in err
+
+
+def test_cli_lazy_error_is_one_line_in_a_real_process(saved_dir):
+    import subprocess
+    import sys
+
+    path, _ = saved_dir
+    env = dict(os.environ, MLXEFF_NO_OPENBLAS="1")
+    proc = subprocess.run([sys.executable, "-m", "mlxeff.cli.main", "generate", "x", "--model", str(path),
+                           "--lazy-keep", "1.5", "0.5"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    # One error line, last (loading the tokenizer may log a transformers notice before it).
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --lazy: keep ratio keep_start=1.5 is outside (0, 1]"], proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]

@@ -131,6 +131,15 @@ def pruning_layers(num_layers: int, start: float, end: float, stages: int) -> Li
     return [_round_half_up(first + i * step) for i in range(stages)]
 
 
+def max_stages(num_layers: int, start: float, end: float) -> int:
+    """The most pruning layers that fit in [start, end] of a ``num_layers``-layer model."""
+    if num_layers < 2:
+        return 0
+    first = min(max(1, _round_half_up(start * num_layers)), num_layers - 1)
+    last = max(min(num_layers - 1, _round_half_up(end * num_layers)), first)
+    return last - first + 1
+
+
 def stage_keeps(keep_start: float, keep_end: float, stages: int) -> List[float]:
     if stages == 1:
         return [keep_end]
