@@ -86,3 +86,29 @@ def test_bad_input_gives_one_line_errors(trained, tiny_tokenizer):
     assert_error(run_cli("train-kv-prediction", "--aux", "lp-0.5", "--kv-weight", -1, *train),
                  "--kv-weight")
     assert not (root / "x").exists()
+
+
+def test_benchmark_runs_end_to_end(trained, tmp_path):
+    import gzip
+
+    root, base, _ = trained
+    lam = tmp_path / "lambada.jsonl.gz"
+    with gzip.open(lam, "wt") as f:
+        for _ in range(2):
+            f.write(json.dumps({"context": "Once upon a time there was a little",
+                                "continuation": "girl"}) + "\n")
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kv_prediction.py")
+    env = dict(os.environ, MLXEFF_NO_OPENBLAS="1")
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        [sys.executable, script, "--base", base, "--aux", base / "kv_prediction" / "lp-0.5",
+         "--lengths", "16", "40", "--trials", "1", "--text", root / "valid.txt", "--items", "2",
+         "--ctx", "8", "--cont", "4", "--lambada", lam, "--lambada-items", "2", "--json"],
+        capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    row = res["ttft"]["40"]["kvp lp-0.5"]
+    assert row["median_s"] > 0 and row["flops_reduction_exact"] > 1
+    q = res["quality"]
+    assert q["base"]["agree"] == 1.0 and set(q) == {"base", "kvp lp-0.5", "aux lp-0.5"}
+    assert all(0 <= v["lambada_acc"] <= 1 and v["ppl"] > 1 for v in q.values())
