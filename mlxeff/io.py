@@ -108,6 +108,20 @@ def save_tokenizer(tokenizer, directory: Path) -> None:
         inner.save_pretrained(str(directory))
     else:
         raise MlxeffError(f"cannot save a tokenizer of type {type(tokenizer).__name__}")
+    portable_tokenizer_config(Path(directory))
+
+
+def portable_tokenizer_config(directory: Path) -> None:
+    """transformers 5 writes ``tokenizer_class: TokenizersBackend``, which transformers 4 cannot
+    load; ``PreTrainedTokenizerFast`` names the same tokenizer.json-backed class in both."""
+    file = Path(directory) / "tokenizer_config.json"
+    if not file.is_file():
+        return
+    config = json.loads(file.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config.pop("backend", None)
+        file.write_text(json.dumps(config, indent=2))
 
 
 def read_config(path: Path) -> dict:

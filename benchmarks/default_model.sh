@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The recipe of mlxeff's embedded default model. Run from the repository root:
+#
+#   STEPS=2000 bash benchmarks/default_model.sh [DATA_DIR] [OUT_DIR]
+#
+# DATA_DIR (default ../shared/data/gutenberg-children) holds train-*.txt.gz (training) and
+# valid.txt.gz (validation); OUT_DIR (default runs/default-model, or $OUT/default-model when $OUT is
+# set) receives tokenizer/, cache/, checkpoints/, model/ (the shippable model), summary.json,
+# eval.json and train.log. STEPS=30 makes the throughput probe (same script, same config).
+#
+# Budget: the shipped model (fp16 safetensors + tokenizer files) must stay <= 16 MB, i.e. about
+# 7.7 M parameters with the tied embedding, and train in about 8-9 minutes on one H100 (MLX CUDA).
+#
+# Choices:
+# - Vocabulary 8192 (byte-level BPE): about 3.5 characters per token on this corpus; the tied
+#   embedding costs 1.6 M parameters at width 192 (21% of the model). A smaller vocabulary frees
+#   parameters for depth but shortens the context in characters and the text seen per token.
+# - Deep and thin: width 192, 17 layers, head_dim 32. At a few million parameters depth buys more
+#   than width (MobileLLM, arXiv 2402.14905); 17 layers of width 192 fill the budget (7,405,184
+#   parameters, 14.8 MB in fp16) where width 256 would allow only 9.
+# - OpenELM's layer-wise scaling unchanged: query widths 0.5 -> 1.0 of the model width, FFN
+#   multipliers 0.5 -> 4.0 (first layer 96, last 768 wide), 2 query heads per KV head, FFN widths
+#   multiples of 32 (so the rule has room to vary at this width), qk-norm, tied embeddings.
+# - Sequence 512, 256 sequences per step (131,072 tokens): large enough for the GPU and, at the
+#   expected step counts, a few passes over the 47 M-token training set.
+# - AdamW (0.9, 0.95), peak lr 3e-3 (small models tolerate large rates; qk-norm, z-loss 1e-4 and
+#   clipping at 1.0 keep bf16 stable), warm-up 10% of the steps (at most 300), cosine to 3e-4,
+#   weight decay 0.1 on matrices; bf16 compute with fp32 master weights and optimizer state.
+# - The tokenizer is trained on 40 M characters (an equal share of every shard) rather than all
+#   165 M: the merges hardly change and it takes seconds instead of minutes.
+#
+# Knobs for other machines (the defaults are the recipe): BATCH, ACCUM, SEQ, DTYPE, LR, EVAL_EVERY.
+set -euo pipefail
+
+DATA=${1:-../shared/data/gutenberg-children}
+DEFAULT_OUT=runs/default-model
+if [[ -n "${OUT:-}" ]]; then DEFAULT_OUT="$OUT/default-model"; fi
+DEST=${2:-$DEFAULT_OUT}
+STEPS=${STEPS:-2000}
+BATCH=${BATCH:-256}
+ACCUM=${ACCUM:-1}
+SEQ=${SEQ:-512}
+DTYPE=${DTYPE:-bfloat16}
+LR=${LR:-3e-3}
+WARMUP=$(( STEPS / 10 < 300 ? STEPS / 10 : 300 ))
+EVAL_EVERY=${EVAL_EVERY:-$(( STEPS / 5 > 0 ? STEPS / 5 : 1 ))}
+MLXEFF=${MLXEFF:-"python -m mlxeff.cli.main"}
+
+if ! ls "$DATA"/train-*.txt.gz >/dev/null 2>&1; then
+  echo "error: $DATA: no train-*.txt.gz shards" >&2
+  exit 1
+fi
+if [[ ! -f "$DATA/valid.txt.gz" ]]; then
+  echo "error: $DATA: no valid.txt.gz" >&2
+  exit 1
+fi
+mkdir -p "$DEST"
+RESUME=()
+if [[ -d "$DEST/checkpoints" ]]; then RESUME=(--resume); fi
+
+echo "== train: STEPS=$STEPS BATCH=$BATCH ACCUM=$ACCUM SEQ=$SEQ DTYPE=$DTYPE -> $DEST" >&2
+start=$(date +%s)
+$MLXEFF train \
+  --train "$DATA/train-*.txt.gz" --valid "$DATA/valid.txt.gz" \
+  --vocab-size 8192 --tokenizer-chars 40000000 \
+  --layers 17 --model-dim 192 --head-dim 32 --qkv-mult 0.5 1.0 --ffn-mult 0.5 4.0 \
+  --gqa-groups 2 --ffn-divisor 32 \
+  --seq-len "$SEQ" --batch-size "$BATCH" --accum "$ACCUM" --steps "$STEPS" \
+  --lr "$LR" --min-lr 3e-4 --warmup "$WARMUP" --weight-decay 0.1 --clip 1.0 --z-loss 1e-4 \
+  --dtype "$DTYPE" --save-dtype float16 --seed 0 \
+  --eval-every "$EVAL_EVERY" --eval-tokens 262144 --save-every 500 --log-every 10 \
+  --out "$DEST" "${RESUME[@]}" --json > "$DEST/summary.stdout.json" 2> >(tee "$DEST/train.log" >&2)
+echo "== train wall time: $(( $(date +%s) - start )) s" >&2
+
+echo "== eval: perplexity of $DEST/model on $DATA/valid.txt.gz" >&2
+$MLXEFF eval "$DEST/model" --perplexity "$DATA/valid.txt.gz" --window "$SEQ" --stride $(( SEQ / 2 )) \
+  --json | tee "$DEST/eval.json"
+du -b "$DEST/model"/* >&2
+echo "== model size: $(cat "$DEST/model"/* | wc -c) bytes" >&2
