@@ -83,7 +83,7 @@ def generate(
                 kw.update(stages=max(1, min(rng.stages, max_stages(len(net.layers), rng.start, rng.end))))
             else:
                 kw.update(stages=lazy_stages)
-            hooks.update(lazy_hooks(LazySchedule(**kw), num_layers=len(net.layers)))
+            hooks.update(lazy_hooks(LazySchedule(**kw), len(net.layers), prefill_step_size))
         except ScheduleError as e:
             fail(f"--lazy: {e}")
 

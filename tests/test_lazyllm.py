@@ -51,12 +51,12 @@ exact = pytest.mark.skipif(_openblas_loaded(), reason="OpenBLAS preloaded: produ
 
 
 @exact
-@pytest.mark.parametrize("n", [1, 7, 200])
-def test_keep_one_prefill_logits_identical(model, n):
+@pytest.mark.parametrize("n,step", [(1, 512), (7, 512), (200, 512), (200, 64)])
+def test_keep_one_prefill_logits_identical(model, n, step):
     prompt = prompt_ids(n)
     plain_cache = model.make_cache()
-    plain = ChunkedPrefill()(model, prompt, plain_cache)
-    prefill = lz.LazyPrefill(lz.LazySchedule.full())
+    plain = ChunkedPrefill(step)(model, prompt, plain_cache)
+    prefill = lz.LazyPrefill(lz.LazySchedule.full(), step)
     cache = prefill.make_cache(model)
     lazy = prefill(model, prompt, cache)
     assert mx.array_equal(plain, lazy)
@@ -146,11 +146,11 @@ def test_more_stages_than_layers(model):
 
 # ---- pruned runs against an independent dense reference ---------------------------------------
 
-def run_lazy(model, prompt, schedule, feed):
+def run_lazy(model, prompt, schedule, feed, step=512):
     """Prefill, then decode the tokens ``feed`` (teacher forcing). Returns the logits of every
     step, the cache, and per layer the number of entries present after each step."""
     cache = lz.LazyPrefill(schedule).make_cache(model)
-    logits = [lz.lazy_prefill(model, prompt, cache)]
+    logits = [lz.lazy_prefill(model, prompt, cache, step)]
     marks = [[c.offset for c in cache]]
     for t in feed:
         logits.append(lz.lazy_decode(model, mx.array([t]), cache))
@@ -191,12 +191,16 @@ def dense_reference(model, tokens, cache, marks):
     return model.logits(model.transformer.norm(h))[0], captured
 
 
-@pytest.mark.parametrize("schedule", [AGGRESSIVE, lz.LazySchedule(keep_start=0.7, keep_end=0.4, stages=2)])
-def test_pruned_prefill_and_decode_equal_dense_reference(model, schedule):
+@pytest.mark.parametrize("schedule,step", [
+    (AGGRESSIVE, 512),
+    (AGGRESSIVE, 16),  # stages in chunks
+    (lz.LazySchedule(keep_start=0.7, keep_end=0.4, stages=2), 512),
+])
+def test_pruned_prefill_and_decode_equal_dense_reference(model, schedule, step):
     N, T = 120, 6
     prompt = prompt_ids(N, seed=2)
     feed = [int(x) for x in prompt_ids(T, seed=9)]
-    logits, cache, marks = run_lazy(model, prompt, schedule, feed)
+    logits, cache, marks = run_lazy(model, prompt, schedule, feed, step)
     tokens = [int(x) for x in prompt] + feed
     ref, captured = dense_reference(model, tokens, cache, marks)
     for step, got in enumerate(logits):

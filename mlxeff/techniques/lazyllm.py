@@ -42,8 +42,10 @@ Deviations and resolved choices:
   ``round(end * L)`` (at most L - 1); a schedule whose stages do not fit there is an error.
 - During decoding a token cached in a layer stays there even when not selected again (the new token
   attends over all cached positions): pruning saves computation, never discards computed state.
-- The prompt is processed in one pass (no chunking): the importance of the last token needs all
-  keys of a layer. Batch size 1, as the generation engine.
+- The prompt is processed stage by stage (the layers between two pruning layers), each stage in
+  chunks of ``step_size`` active rows exactly as the plain prefill cuts the prompt (all but the last
+  token in chunks, then the last token alone), so keep ratio 1.0 is the plain computation and the
+  importance row comes from the last token's own chunk. Batch size 1, as the generation engine.
 - Selecting at a decode step needs the scores on the host: one synchronisation per pruning layer and
   step (skipped for stages that keep everything).
 """
@@ -262,7 +264,7 @@ def _layer(layer, h: mx.array, positions: mx.array, cache: LayerCache, *, offset
            mode: str):
     """One transformer block over the rows ``h`` (1, n, d) at ``positions``.
 
-    ``mode``: "causal" (rows are sorted and the cache holds exactly these rows: prefill), "decode"
+    ``mode``: "causal" (rows in position order after everything cached: a prefill chunk), "decode"
     (one row after everything cached), or "positions" (any rows: causal by position).
     Returns the block's output and the rows' RoPE'd queries with the layer's keys."""
     attn = layer.attn
@@ -278,7 +280,7 @@ def _layer(layer, h: mx.array, positions: mx.array, cache: LayerCache, *, offset
         out = pruned_attention(q, keys, values, index, scale=attn.scale, q_positions=positions,
                                k_positions=cache.positions)
     else:
-        mask = create_attention_mask(h, None) if mode == "causal" else None
+        mask = create_attention_mask(h, cache) if mode == "causal" else None
         out = attn.attention_fn(q, keys, values, scale=attn.scale, mask=mask, cache=cache)
     h = h + attn.out_proj(out.transpose(0, 2, 1, 3).reshape(B, n, -1))
     return h + layer.ffn(layer.ffn_norm(h)), q, keys
@@ -286,12 +288,29 @@ def _layer(layer, h: mx.array, positions: mx.array, cache: LayerCache, *, offset
 
 # ---- prefill -----------------------------------------------------------------------------------
 
-def lazy_prefill(model: nn.Module, prompt: mx.array, cache: LazyCache) -> mx.array:
+def _chunks(n: int, step: int):
+    """Row ranges as the plain prefill cuts them: all but the last row in chunks of ``step``,
+    then the last row alone (so that keep ratio 1.0 runs exactly the plain computation)."""
+    start = 0
+    while n - start > 1:
+        stop = min(start + step, n - 1)
+        yield start, stop
+        start = stop
+    yield start, n
+
+
+def lazy_prefill(model: nn.Module, prompt: mx.array, cache: LazyCache, step_size: int = 512) -> mx.array:
     """Fill ``cache`` from ``prompt`` (1-D ids) with progressive pruning; the last position's
-    logits (1, V). The whole computation stays one lazy graph (all shapes are known up front)."""
+    logits (1, V).
+
+    The layers between two pruning layers form a stage with a fixed active set; a stage runs its
+    active rows through its layers in chunks of ``step_size`` (as the plain prefill does), and its
+    last chunk (the last token alone) yields the importance that prunes the next stage's input."""
     N = int(prompt.size)
     layers = model.layers
     L = len(layers)
+    if step_size < 1:
+        raise ValueError(f"step_size must be at least 1, got {step_size}")
     if cache.prompt_tokens:
         raise MlxeffError("LazyLLM prefill needs a fresh cache (use LazyPrefill.make_cache)")
     cache.prompt_tokens = cache.next_position = N
@@ -300,23 +319,33 @@ def lazy_prefill(model: nn.Module, prompt: mx.array, cache: LazyCache) -> mx.arr
     positions = mx.arange(N, dtype=mx.int32)
     contiguous = True
     importance = None
-    for l, layer in enumerate(layers):
-        if l in cache.stages and importance is not None:
-            keep = keep_count(cache.stages[l], N)
-            # The last token is always kept: it makes the next prediction.
+    bounds = [0] + sorted(cache.stages) + [L]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if importance is not None:  # prune at layer lo; the last token is always kept
+            keep = keep_count(cache.stages[lo], N)
             order = mx.argsort(-importance.at[-1].add(mx.inf))
             kept, pruned = mx.sort(order[:keep]), mx.sort(order[keep:])
-            cache._pending_aux[l] = (mx.take(positions, pruned), mx.take(h, pruned, axis=1))
+            cache._pending_aux[lo] = (mx.take(positions, pruned), mx.take(h, pruned, axis=1))
             h, positions = mx.take(h, kept, axis=1), mx.take(positions, kept)
             contiguous = False
             importance = None
         n = h.shape[1]
-        cache.computed[l] += n
-        h, q, keys = _layer(layer, h, positions, cache[l], offset=0 if contiguous else None,
-                            mode="causal")
-        nxt = l + 1
-        if nxt in cache.stages and keep_count(cache.stages[nxt], N) < n:
-            importance = last_token_importance(q[:, :, -1:], keys, layer.attn.scale)
+        outs = []
+        for c0, c1 in _chunks(n, step_size):
+            hc, pc = h[:, c0:c1], positions[c0:c1]
+            for l in range(lo, hi):
+                hc, q, keys = _layer(layers[l], hc, pc, cache[l], offset=c0 if contiguous else None,
+                                     mode="causal")
+            outs.append(hc)
+            if c1 < n:  # bound the graph as the plain prefill does; the last chunk stays lazy
+                mx.eval(hc, [(cache[l].keys, cache[l].values, cache[l].positions) for l in range(lo, hi)],
+                        list(cache._pending_aux.values()))
+                mx.clear_cache()
+        for l in range(lo, hi):
+            cache.computed[l] += n
+        if hi < L and keep_count(cache.stages[hi], N) < n:
+            importance = last_token_importance(q, keys, layers[hi - 1].attn.scale)
+        h = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
     return model.logits(model.transformer.norm(h[:, -1:]))[:, -1, :]
 
 
@@ -404,6 +433,7 @@ class LazyPrefill(PrefillStrategy):
     """``PrefillStrategy`` for ``mlxeff.generate``: LazyLLM's progressive pruning of the prompt."""
 
     schedule: LazySchedule = LazySchedule()
+    step_size: int = 512
 
     def make_cache(self, model: nn.Module) -> LazyCache:
         return LazyCache(len(model.layers), self.schedule)
@@ -411,7 +441,7 @@ class LazyPrefill(PrefillStrategy):
     def __call__(self, model, prompt, cache):
         if not isinstance(cache, LazyCache):
             raise MlxeffError("LazyPrefill needs the cache from its make_cache (a LazyCache)")
-        return lazy_prefill(model, prompt, cache)
+        return lazy_prefill(model, prompt, cache, self.step_size)
 
 
 class LazyDecode(DecodeStrategy):
@@ -423,10 +453,11 @@ class LazyDecode(DecodeStrategy):
         return lazy_decode(model, token, cache)
 
 
-def lazy_hooks(schedule: Optional[LazySchedule] = None, num_layers: Optional[int] = None) -> dict:
+def lazy_hooks(schedule: Optional[LazySchedule] = None, num_layers: Optional[int] = None,
+               step_size: int = 512) -> dict:
     """``{"prefill": ..., "decode": ...}`` for ``mlxeff.stream_generate(..., **hooks)``; with
     ``num_layers`` the schedule is checked against the model first."""
     schedule = schedule or LazySchedule()
     if num_layers is not None:
         schedule.stages_for(num_layers)
-    return {"prefill": LazyPrefill(schedule), "decode": LazyDecode()}
+    return {"prefill": LazyPrefill(schedule, step_size), "decode": LazyDecode()}
