@@ -85,9 +85,19 @@ def jump_table_np(K: int = K) -> np.ndarray:
     return out.astype(np.uint32)
 
 
+def tables_np(K: int = K) -> np.ndarray:
+    """(525,) uint32 input of both kernels: the jump table, then the register constants that
+    ``seedlm_common.inc`` wants in registers: ``(150 - q) << 23`` for q = 0..7 (the exponent that
+    makes 16 state bits at mantissa bit q the float 2^(23-q) + s) and ``0x4B000000 | (8 << 4n)``
+    for n = 0..4 (the magic number that turns nibble n of a code field into an exact float)."""
+    expo = [(150 - q) << 23 for q in range(8)]
+    magic = [0x4B000000 | (8 << (4 * n)) for n in range(5)]
+    return np.concatenate([jump_table_np(K), np.array(expo + magic, dtype=np.uint32)])
+
+
 @lru_cache(maxsize=None)
-def _jump_table(K: int = K) -> mx.array:
-    return mx.array(jump_table_np(K))
+def _tables(K: int = K) -> mx.array:
+    return mx.array(tables_np(K))
 
 
 def _defines_lfsr() -> Tuple[Tuple[str, str], ...]:
@@ -248,7 +258,8 @@ def matvec_plan(rows: int, out_features: int, in_features: int, C: int, P: int, 
     cb_max = max(1, X_SLICE_BYTES[backend] // (4 * rows * C))
     split = -(-nb // cb_max)
     cb = -(-nb // split)
-    T = int(threads or min(256, max(32, _pow2_at_least(cb))))
+    # 256 threads for 1-2 x rows; 128 above, where a thread holds C x rows x values in registers
+    T = int(threads or min(256 if rows <= 2 else 128, max(32, _pow2_at_least(cb))))
     if T % 32 or not 32 <= T <= 1024:
         raise ValueError(f"threads must be a multiple of 32 in [32, 1024], got {T}")
     TR = int(tile_rows or (8 if rows <= 2 else 4 if rows <= 4 else 2))
@@ -257,7 +268,7 @@ def matvec_plan(rows: int, out_features: int, in_features: int, C: int, P: int, 
     ints = dict(SL_C=C, SL_P=P, SL_IN=in_features, SL_NB=nb, SL_OUT=out_features, SL_ROWS=rows,
                 SL_TR=TR, SL_T=T, SL_CB=cb, SL_SPLIT=split, **_field_defines(nb, P))
     out_dtype = x_dtype if split == 1 else mx.float32
-    spec = _spec("matvec", "seedlm_matvec.inc", ("x", "seeds", "codes", "exp_base", "jump"), ("y",),
+    spec = _spec("matvec", "seedlm_matvec.inc", ("x", "seeds", "codes", "exp_base", "tables"), ("y",),
                  ints, f"{backend}:{x_dtype}:{out_dtype}")
     return dict(spec=spec, grid=(T * split, tiles, 1), threadgroup=(T, 1, 1),
                 template=[("OT", out_dtype)], out_dtype=out_dtype,
@@ -280,7 +291,7 @@ def dequant_plan(out_features: int, in_features: int, C: int, P: int, dtype=mx.f
     gy = -(-out_features // DR)
     ints = dict(SL_C=C, SL_P=P, SL_IN=in_features, SL_NB=nb, SL_OUT=out_features, SL_DR=DR,
                 SL_TX=TX, SL_TY=TY, SL_VEC=vec, SL_ESIZE=esize, **_field_defines(nb, P))
-    spec = _spec("dequant", "seedlm_dequant.inc", ("seeds", "codes", "exp_base", "jump"), ("out",),
+    spec = _spec("dequant", "seedlm_dequant.inc", ("seeds", "codes", "exp_base", "tables"), ("out",),
                  ints, f"{backend}:{dtype}")
     return dict(spec=spec, grid=(-(-nb // TX) * TX, -(-gy // TY) * TY, 1), threadgroup=(TX, TY, 1),
                 template=[("OT", dtype)], out_dtype=dtype, out_shape=(out_features, in_features),
@@ -299,7 +310,7 @@ def matvec_kernel(x: mx.array, seeds: mx.array, codes: mx.array, exp_base, C: in
     rows = x.shape[0]
     plan = matvec_plan(rows, out, in_features, C, P, x.dtype, threads=threads, tile_rows=tile_rows)
     kernel = build(plan["spec"])
-    y = kernel(inputs=[x, seeds, _code_words(codes), _exp_base(exp_base), _jump_table()],
+    y = kernel(inputs=[x, seeds, _code_words(codes), _exp_base(exp_base), _tables()],
                template=plan["template"], grid=plan["grid"], threadgroup=plan["threadgroup"],
                output_shapes=[plan["out_shape"]], output_dtypes=[plan["out_dtype"]])[0]
     if len(plan["out_shape"]) == 3:
@@ -332,7 +343,7 @@ def seedlm_dequantize(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int
         return seedlm_dequantize_reference(seeds, codes, exp_base, C, P, in_features, dtype)
     plan = dequant_plan(out, in_features, C, P, dtype)
     kernel = build(plan["spec"])
-    return kernel(inputs=[seeds, _code_words(codes), _exp_base(exp_base), _jump_table()],
+    return kernel(inputs=[seeds, _code_words(codes), _exp_base(exp_base), _tables()],
                   template=plan["template"], grid=plan["grid"], threadgroup=plan["threadgroup"],
                   output_shapes=[plan["out_shape"]], output_dtypes=[plan["out_dtype"]])[0]
 
@@ -354,7 +365,7 @@ def matvec_metal_check(x, seeds, codes, exp_base, C: int, P: int, in_features: i
     y = metal_check_run(
         plan["spec"],
         [x.astype(_NP[xd]), seeds, _code_words_np(codes), np.array([int(exp_base)], np.int32),
-         jump_table_np()],
+         tables_np()],
         output_shapes=[plan["out_shape"]], output_dtypes=[_NP[plan["out_dtype"]]],
         grid=plan["grid"], threadgroup=plan["threadgroup"],
         template=[("OT", _NP[plan["out_dtype"]])])[0]
@@ -370,6 +381,6 @@ def dequantize_metal_check(seeds, codes, exp_base, C: int, P: int, in_features: 
     plan = dequant_plan(seeds.shape[0], in_features, C, P, dtype, backend="metal", **plan_kw)
     return metal_check_run(
         plan["spec"],
-        [seeds, _code_words_np(codes), np.array([int(exp_base)], np.int32), jump_table_np()],
+        [seeds, _code_words_np(codes), np.array([int(exp_base)], np.int32), tables_np()],
         output_shapes=[plan["out_shape"]], output_dtypes=[_NP[dtype]],
         grid=plan["grid"], threadgroup=plan["threadgroup"], template=[("OT", _NP[dtype])])[0]

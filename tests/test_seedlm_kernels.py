@@ -1,0 +1,331 @@
+"""SeedLM kernels: reference vs a numpy oracle, Metal bodies on the CPU (metal-check), CUDA twins.
+
+The oracle is independent of the code under test: bases from ``lfsr.seed_matrices`` (the cycle
+table), codes packed here by hand from the documented layout, float64 arithmetic.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlxeff.kernels import kernel_sources
+from mlxeff.quant import lfsr
+from mlxeff.quant import seedlm_kernels as sk
+
+METAL_CHECK = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "metal-check"
+
+
+# ---- packed tensors and the oracle ------------------------------------------------------------
+
+def make_packed(out, in_features, C, P, seed=0, exp_base=-9, e_range=(0, 16), coeffs=range(-8, 8)):
+    """Random packed tensor: seeds (out, nb) uint16, codes (out, width) uint8, and the unpacked
+    exponent codes (out, nb) and coefficients (out, nb, P) it encodes."""
+    rng = np.random.default_rng(seed)
+    nb = -(-in_features // C)
+    seeds = rng.integers(1, 1 << 16, (out, nb)).astype(np.uint16)
+    e = rng.integers(*e_range, (out, nb))
+    c = rng.choice(np.array(list(coeffs)), (out, nb, P))
+    # nibbles [e, c_0 .. c_{P-1}] per block, row-major; nibble n in byte n // 2, low nibble first
+    nib = np.concatenate([e[..., None], c & 15], axis=-1).reshape(out, nb * (P + 1))
+    codes = np.zeros((out, -(-nb * (P + 1) // 2)), np.uint8)
+    for n in range(nb * (P + 1)):
+        codes[:, n // 2] |= (nib[:, n] << (4 * (n % 2))).astype(np.uint8)
+    return seeds, codes, exp_base, e, c
+
+
+def oracle_weight(seeds, e, c, exp_base, C, P, in_features):
+    out, nb = seeds.shape
+    U = lfsr.seed_matrices(seeds.reshape(-1), C, P).reshape(out, nb, C, P).astype(np.float64)
+    w = (U * c[:, :, None, :]).sum(-1) * np.exp2(e + exp_base)[..., None]
+    return w.reshape(out, nb * C)[:, :in_features]
+
+
+def rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
+
+
+CONFIGS = [  # (C, P, out, in): 4-bit, 3-bit, ragged rows, odd field widths, P = C, P = 7
+    (8, 3, 24, 200), (12, 4, 10, 130), (5, 2, 9, 23), (3, 3, 7, 10), (7, 1, 6, 50), (9, 7, 5, 40),
+]
+
+
+# ---- the register as the kernels see it -------------------------------------------------------
+
+def test_jump_table_is_the_register_for_every_state():
+    J = sk.jump_table_np().astype(np.int64)
+    s = np.arange(1, 1 << 16, dtype=np.int64)
+    want = np.zeros_like(s)
+    t = s.copy()
+    for i in range(32):
+        t = lfsr.lfsr_next(t, 16)
+        want |= ((t >> 15) & 1) << i
+    got = J[s & 255] ^ J[256 + (s >> 8)]
+    assert np.array_equal(got, want)
+
+
+def test_table_constants_make_exact_floats():
+    T = sk.tables_np()
+    s = np.arange(0, 1 << 16, 37, dtype=np.uint32)
+    for q in range(8):
+        v = ((s << q) | T[512 + q]).view(np.float32)
+        assert np.array_equal(v.astype(np.float64), 2.0 ** (23 - q) + s)
+    for n in range(1, 5):  # SL_COEF: nibble n -> its two's-complement value
+        nib = np.arange(16, dtype=np.uint32)
+        f = (((nib << (4 * n)) & (15 << (4 * n))) ^ T[520 + n]).view(np.float32).astype(np.float64)
+        got = f / 16.0 ** n - (2.0 ** (23 - 4 * n) + 8)
+        assert np.array_equal(got, np.where(nib >= 8, nib.astype(np.int64) - 16, nib))
+
+
+# ---- reference (plain MLX ops) vs oracle ------------------------------------------------------
+
+@pytest.mark.parametrize("C,P,out,inf", CONFIGS)
+def test_dequantize_reference_matches_oracle(C, P, out, inf):
+    seeds, codes, eb, e, c = make_packed(out, inf, C, P)
+    W = sk.seedlm_dequantize_reference(mx.array(seeds), mx.array(codes), eb, C, P, inf, dtype=mx.float32)
+    assert W.shape == (out, inf) and W.dtype == mx.float32
+    assert rel_err(W, oracle_weight(seeds, e, c, eb, C, P, inf)) < 1e-6
+
+
+def test_dequantize_reference_single_term_is_exact():
+    # P = 1 with power-of-two coefficients: each weight is one exact product u * c * 2^k, so the
+    # reference must equal the oracle bit for bit.
+    seeds, codes, eb, e, c = make_packed(5, 30, 6, 1, seed=3, coeffs=(-8, -4, -2, -1, 1, 2, 4))
+    W = sk.seedlm_dequantize_reference(mx.array(seeds), mx.array(codes), eb, 6, 1, 30, dtype=mx.float32)
+    assert np.array_equal(np.array(W), oracle_weight(seeds, e, c, eb, 6, 1, 30).astype(np.float32))
+
+
+def test_matvec_reference_matches_oracle():
+    C, P, out, inf = 12, 4, 10, 130
+    seeds, codes, eb, e, c = make_packed(out, inf, C, P, seed=1)
+    x = np.random.default_rng(2).standard_normal((3, inf)).astype(np.float32)
+    y = sk.seedlm_matvec_reference(mx.array(x), mx.array(seeds), mx.array(codes), eb, C, P, inf)
+    assert y.shape == (3, out)
+    assert rel_err(y, x.astype(np.float64) @ oracle_weight(seeds, e, c, eb, C, P, inf).T) < 1e-5
+
+
+def test_cpu_path_is_the_reference():
+    if sk.kernel_available():
+        pytest.skip("the default device has a GPU backend")
+    seeds, codes, eb, _, _ = make_packed(6, 40, 8, 3)
+    s, cd = mx.array(seeds), mx.array(codes)
+    x = mx.random.normal((2, 3, 40), key=mx.random.key(0))
+    y = sk.seedlm_matvec(x, s, cd, eb, 8, 3, 40)
+    assert y.shape == (2, 3, 6)
+    assert mx.array_equal(y, sk.seedlm_matvec_reference(x, s, cd, eb, 8, 3, 40))
+    W = sk.seedlm_dequantize(s, cd, eb, 8, 3, 40, dtype=mx.float16)
+    assert W.dtype == mx.float16
+    assert mx.array_equal(W, sk.seedlm_dequantize_reference(s, cd, eb, 8, 3, 40, dtype=mx.float16))
+
+
+def test_bad_input_is_rejected():
+    seeds, codes, eb, _, _ = make_packed(4, 40, 8, 3)
+    s, cd = mx.array(seeds), mx.array(codes)
+    with pytest.raises(ValueError, match="blocks per row"):
+        sk.seedlm_dequantize(s, cd, eb, 8, 3, 80)
+    with pytest.raises(ValueError, match="codes must be uint8"):
+        sk.seedlm_dequantize(s, cd[:, :-1], eb, 8, 3, 40)
+    with pytest.raises(ValueError, match="seeds must be"):
+        sk.seedlm_dequantize(s.astype(mx.int32), cd, eb, 8, 3, 40)
+    with pytest.raises(ValueError, match="configuration"):
+        sk.seedlm_dequantize(s, cd, eb, 3, 8, 40)
+    with pytest.raises(ValueError, match="features"):
+        sk.seedlm_matvec(mx.zeros((1, 41)), s, cd, eb, 8, 3, 40)
+
+
+def test_launch_plans():
+    # 8192 x 8192 at 4 bits, one x row: one split on CUDA (x slice 32 KiB), two on Metal
+    p = sk.matvec_plan(1, 8192, 8192, 8, 3, mx.float16, backend="cuda")
+    assert p["ints"]["SL_SPLIT"] == 1 and p["out_shape"] == (1, 8192) and p["out_dtype"] == mx.float16
+    assert sk.matvec_plan(1, 8192, 8192, 8, 3, backend="metal")["ints"]["SL_SPLIT"] == 2
+    p = sk.matvec_plan(8, 4096, 8192, 8, 3, mx.bfloat16, backend="cuda")
+    assert p["ints"]["SL_SPLIT"] > 1 and p["out_dtype"] == mx.float32
+    for p in (p, sk.dequant_plan(100, 300, 12, 4, mx.float16, backend="cuda")):
+        assert all(g % t == 0 for g, t in zip(p["grid"], p["threadgroup"]))  # CUDA does not trim
+    assert sk.matvec_plan(1, 3, 64, 8, 3, backend="cuda")["ints"]["SL_TR"] == 3
+    assert [sk.dequant_plan(4, n, C, 1, mx.float16, backend="cuda")["ints"]["SL_VEC"]
+            for C, n in ((8, 64), (12, 48), (6, 36), (5, 40), (8, 60))] == [16, 8, 4, 0, 8]
+    assert not sk.config_supported(16, 8) and sk.config_supported(12, 4)
+    if not sk.kernel_available():
+        assert not sk.kernel_available(8, 3)
+
+
+# ---- the Metal bodies, executed on the CPU ----------------------------------------------------
+
+def _clang_ok() -> str:
+    if not (METAL_CHECK / "metal_check.py").exists():
+        return f"metal-check not found at {METAL_CHECK}"
+    names = [os.environ.get("METAL_CHECK_CXX"), "clang++-19", "clang++-18", "clang++-17", "clang++"]
+    for name in filter(None, names):
+        exe = shutil.which(name)
+        if exe:
+            m = re.search(r"version (\d+)", subprocess.run([exe, "--version"], capture_output=True,
+                                                           text=True).stdout)
+            if m and int(m.group(1)) >= 17:
+                return ""
+    return "metal-check needs clang++ >= 17 (apt-get install -y clang-19)"
+
+
+@pytest.fixture(scope="module")
+def metal_check():
+    why = _clang_ok()
+    if why:
+        pytest.skip(why)
+    if str(METAL_CHECK) not in sys.path:
+        sys.path.insert(0, str(METAL_CHECK))
+    return sk
+
+
+@pytest.mark.parametrize("C,P,out,inf,rows,kw", [
+    (8, 3, 20, 200, 1, {}),                         # 4-bit, one x row, tail tile overlaps
+    (12, 4, 13, 130, 3, {}),                        # 3-bit: fields straddle words
+    (5, 2, 9, 23, 8, {}),                           # 8 rows, odd codes byte count (padded)
+    (9, 7, 5, 40, 2, {"tile_rows": 3}),             # P = 7 (nibbles from the high half)
+    (8, 3, 11, 1000, 8, {"threads": 32}),           # splits: the x slice exceeds threadgroup memory
+    (1, 1, 6, 17, 1, {}),                           # C = P = 1
+])
+def test_metal_matvec_body_equals_reference(metal_check, C, P, out, inf, rows, kw):
+    seeds, codes, eb, _, _ = make_packed(out, inf, C, P, seed=C * 10 + P)
+    x = np.random.default_rng(rows).standard_normal((rows, inf)).astype(np.float32)
+    if kw.get("threads") == 32:
+        assert sk.matvec_plan(rows, out, inf, C, P, backend="metal")["ints"]["SL_SPLIT"] > 1
+    got = sk.matvec_metal_check(x, seeds, codes, eb, C, P, inf, **kw)
+    want = sk.seedlm_matvec_reference(mx.array(x), mx.array(seeds), mx.array(codes), eb, C, P, inf)
+    assert got.shape == (rows, out) and got.dtype == np.float32
+    assert rel_err(got, want) < 2e-5
+
+
+def test_metal_matvec_body_float16(metal_check):
+    seeds, codes, eb, _, _ = make_packed(16, 96, 8, 3, seed=5)
+    x = np.random.default_rng(0).standard_normal((2, 96)).astype(np.float16)
+    got = sk.matvec_metal_check(x, seeds, codes, eb, 8, 3, 96)
+    want = sk.seedlm_matvec_reference(mx.array(x).astype(mx.float32), mx.array(seeds), mx.array(codes),
+                                      eb, 8, 3, 96)
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), np.array(want), rtol=2e-3,
+                               atol=2e-3 * np.abs(np.array(want)).max())
+
+
+@pytest.mark.parametrize("C,P,out,inf,dtype", [
+    (8, 3, 9, 64, mx.float16),     # 16-byte stores
+    (12, 4, 7, 130, mx.float16),   # 8-byte stores, partial last block
+    (6, 2, 5, 36, mx.float16),     # 4-byte stores
+    (5, 2, 6, 23, mx.float16),     # element stores
+    (8, 3, 10, 100, mx.float32),   # 16-byte stores of float32, partial last block
+    (9, 7, 3, 27, mx.float32),
+])
+def test_metal_dequant_body_equals_reference(metal_check, C, P, out, inf, dtype):
+    seeds, codes, eb, _, _ = make_packed(out, inf, C, P, seed=out)
+    got = sk.dequantize_metal_check(seeds, codes, eb, C, P, inf, dtype=dtype)
+    want = np.array(sk.seedlm_dequantize_reference(mx.array(seeds), mx.array(codes), eb, C, P, inf,
+                                                   dtype=mx.float32))
+    assert got.shape == (out, inf)
+    if dtype == mx.float32:
+        # same operations in the same order; a backend may fuse the multiply-add (1 rounding)
+        assert rel_err(got, want) < 1e-6
+    else:
+        np.testing.assert_array_equal(got, want.astype(np.float16))
+
+
+# ---- the CUDA twins ---------------------------------------------------------------------------
+
+_CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16",
+               mx.int32: "int32_t", mx.uint16: "uint16_t", mx.uint32: "uint32_t"}
+
+
+def mlx_cuda_source(plan, input_dtypes, name="k"):
+    """The translation unit mx.fast.cuda_kernel compiles (mlx/backend/cuda/custom_kernel.cpp:
+    default header, the given header, then ``namespace mlx::core::cu`` with a ``__global__``
+    function taking ``const T*`` inputs and ``T*`` outputs, template arguments as ``using``), with
+    standard includes standing in for MLX's device utils header."""
+    spec = plan["spec"]
+    header, body = kernel_sources(spec, "cuda")
+    src = ("#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
+           "#include <cooperative_groups.h>\n")
+    src += header + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
+    params = [f"    const {_CUDA_TYPES[d]}* {n}" for n, d in zip(spec.input_names, input_dtypes)]
+    params += [f"    {_CUDA_TYPES[plan['out_dtype']]}* {n}" for n in spec.output_names]
+    src += f"__global__ void {name}(\n" + ",\n".join(params) + ") {\n"
+    src += "".join(f"  using {n} = {_CUDA_TYPES[v]};\n" for n, v in plan["template"])
+    return src + "\n" + body + "\n}\n\n} // namespace mlx::core::cu\n"
+
+
+def test_cuda_bodies_compile_with_nvcc(tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed (the CUDA twins are compile-checked where it is)")
+    mv_in = lambda xd: [xd, mx.uint16, mx.uint32, mx.int32, mx.uint32]  # noqa: E731
+    dq_in = [mx.uint16, mx.uint32, mx.int32, mx.uint32]
+    units = [
+        mlx_cuda_source(sk.matvec_plan(1, 8192, 8192, 8, 3, mx.float16, backend="cuda"), mv_in(mx.float16)),
+        mlx_cuda_source(sk.matvec_plan(3, 4096, 4096, 12, 4, mx.bfloat16, backend="cuda"), mv_in(mx.bfloat16)),
+        mlx_cuda_source(sk.matvec_plan(8, 1000, 8200, 9, 7, mx.float32, backend="cuda"), mv_in(mx.float32)),
+        mlx_cuda_source(sk.dequant_plan(4096, 4096, 8, 3, mx.float16, backend="cuda"), dq_in),
+        mlx_cuda_source(sk.dequant_plan(100, 130, 12, 4, mx.bfloat16, backend="cuda"), dq_in),
+        mlx_cuda_source(sk.dequant_plan(100, 23, 5, 2, mx.float32, backend="cuda"), dq_in),
+    ]
+    procs = []
+    for i, unit in enumerate(units):
+        (tmp_path / f"u{i}.cu").write_text(unit)
+        procs.append(subprocess.Popen(
+            [nvcc, "-std=c++17", "-arch=sm_90", "-Xptxas", "-warn-spills", "-cubin", str(tmp_path / f"u{i}.cu"),
+             "-o", str(tmp_path / f"u{i}.cubin")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for i, p in enumerate(procs):
+        log = p.communicate()[0]
+        assert p.returncode == 0, f"unit {i}:\n{log[-4000:]}"
+        if i == 0:  # the decode kernel of the speed target must not spill
+            assert "spill" not in log.lower(), log
+
+
+def _cuda():
+    return getattr(mx, "cuda", None) is not None and mx.cuda.is_available()
+
+
+cuda_only = pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend and an NVIDIA GPU")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("C,P,out,inf,rows", [
+    (8, 3, 4096, 4096, 1), (8, 3, 1024, 4096, 8), (12, 4, 4096, 4096, 1), (12, 4, 777, 1000, 3),
+    (5, 2, 300, 1333, 2), (8, 3, 512, 16384, 1),
+])
+def test_cuda_matvec_equals_reference(dtype, C, P, out, inf, rows):
+    with mx.stream(mx.gpu):
+        seeds, codes, eb, _, _ = make_packed(out, inf, C, P, seed=inf + rows, e_range=(2, 9))
+        s, cd = mx.array(seeds), mx.array(codes)
+        x = mx.random.normal((rows, inf), key=mx.random.key(rows)).astype(dtype)
+        got = sk.matvec_kernel(x, s, cd, eb, C, P, inf)
+        want = sk.seedlm_matvec_reference(x.astype(mx.float32), s, cd, eb, C, P, inf)
+        assert got.dtype == dtype and got.shape == (rows, out)
+        tol = {mx.float32: 2e-5, mx.float16: 2e-3, mx.bfloat16: 1e-2}[dtype]
+        assert rel_err(np.array(got.astype(mx.float32)), np.array(want)) < tol
+        # the public entry point picks the kernel on a GPU
+        assert mx.array_equal(sk.seedlm_matvec(x, s, cd, eb, C, P, inf), got)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+@pytest.mark.parametrize("C,P,out,inf", [(8, 3, 4096, 4096), (12, 4, 1000, 1000), (5, 2, 77, 123)])
+def test_cuda_dequantize_equals_reference(dtype, C, P, out, inf):
+    with mx.stream(mx.gpu):
+        seeds, codes, eb, _, _ = make_packed(out, inf, C, P, seed=inf)
+        s, cd = mx.array(seeds), mx.array(codes)
+        got = sk.seedlm_dequantize(s, cd, eb, C, P, inf, dtype=dtype)
+        want = sk.seedlm_dequantize_reference(s, cd, eb, C, P, inf, dtype=mx.float32)
+        assert got.dtype == dtype and got.shape == (out, inf)
+        if dtype == mx.float32:
+            assert rel_err(np.array(got), np.array(want)) < 1e-6
+        else:  # at most one rounding of the target dtype apart (the kernel may fuse a multiply-add)
+            ulp = {mx.float16: 2.0 ** -10, mx.bfloat16: 2.0 ** -7}[dtype]
+            g, w = np.array(got.astype(mx.float32)), np.array(want)
+            assert (np.abs(g - w) <= ulp * np.abs(w) + 1e-30).all()
