@@ -411,7 +411,7 @@ def quantize_model(model: nn.Module, bits: int = 4, C: Optional[int] = None, P: 
     ``model.mlxeff_meta["quantization"]`` (saved by ``mlxeff.save``). ``group`` is an
     ``mx.distributed`` group (default: ``mx.distributed.init()``); every rank gets the same model.
     ``config`` is a ``seedlm_encoder.EncoderConfig``; ``report``, if a list, receives one dict per
-    layer (path, shape, relative error, seconds).
+    layer (path, shape, relative error, squared error and norm, seconds).
     """
     import time
 
@@ -442,6 +442,7 @@ def quantize_model(model: nn.Module, bits: int = 4, C: Optional[int] = None, P: 
         if report is not None:
             report.append({"path": path, "shape": [rows, cols],
                            "rel_error": math.sqrt(enc.sq_error / enc.sq_norm) if enc.sq_norm else 0.0,
+                           "sq_error": enc.sq_error, "sq_norm": enc.sq_norm,
                            "seconds": time.perf_counter() - t0})
     bar.close()
     meta["quantization"] = specs

@@ -130,6 +130,7 @@ class SearchTables:
         self.U = mx.array(pad(U))
         self.pinv = mx.array(pad(pinv))
         self.n_seeds = n + 1
+        self.compiled = {}
 
 
 @lru_cache(maxsize=8)
@@ -213,7 +214,7 @@ class Progress:
         self._last = 0.0
 
     def update(self, n: int, note: str = "") -> None:
-        self.done += n
+        self.done = min(self.done + n, self.total)
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -282,8 +283,8 @@ def encode_blocks(parts, C: int, P: int, *, K: int = lfsr.DEFAULT_K,
     for st in states:
         for b in st.mine:
             st.run(b, batch, window, EXP_ABS_MIN, EXP_ABS_MAX)
-            if progress is not None:
-                progress.update(st.batch_len(b, batch))
+            if progress is not None:  # rank 0 reports for all ranks (they advance in step)
+                progress.update(st.batch_len(b, batch) * group.size())
         live = [st.exp[st.slice(b, batch)][st.norms[st.slice(b, batch)] > 0] for b in st.mine]
         live = np.concatenate(live) if live else np.zeros(0, np.int32)
         if live.size:
@@ -358,17 +359,15 @@ class _PartState:
 
 
 def _search_and_quantise(W, tables, k, lo, hi, window):
-    key = (id(tables), k, window, W.shape)
-    fn = _COMPILED.get(key)
+    # compiled once per (tables, k, window, batch shape); the tables are captured as constants
+    key = (k, window, W.shape)
+    fn = tables.compiled.get(key)
     if fn is None:
         def fn(W, lo, hi):
             cand = topk_seeds(W, tables, k)
             return quantise_candidates(W, cand, tables, lo, hi, window)
-        fn = _COMPILED[key] = mx.compile(fn)
+        fn = tables.compiled[key] = mx.compile(fn)
     return fn(W, mx.array(lo, dtype=mx.float32), mx.array(hi, dtype=mx.float32))
-
-
-_COMPILED: dict = {}
 
 
 def choose_exp_base(top_exponent: Optional[int]) -> int:

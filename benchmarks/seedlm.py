@@ -1,0 +1,342 @@
+"""SeedLM benchmarks: (a) quality, (b) encoding speed. (Kernel timing: benchmarks/seedlm_kernels.py.)
+
+(a) quality
+    python benchmarks/seedlm.py quality [--blocks 16384] [--model DIR --valid FILE] [--json]
+  Relative Frobenius error ||W - W_hat|| / ||W|| on iid N(0, 1) weights for SeedLM 4-bit (C=8, P=3)
+  and 3-bit (C=12, P=4) at several candidate counts, beside MLX affine quantization (group 64 and
+  128) of the same matrix. With ``--model`` and ``--valid``: the model's validation perplexity in
+  float (as loaded, computed in float32 on the CPU), SeedLM 4- and 3-bit, and MLX affine 4- and 3-bit
+  at group size 64, each with the bits per weight stored for the quantized layers (the Linear
+  layers of the transformer blocks; embeddings/output head are left in float for every method).
+  ``--cache DIR`` keeps the SeedLM-encoded models there and reuses them on the next run.
+
+(b) encoding speed
+    python benchmarks/seedlm.py speed [--blocks 8192] [--ranks 1 2] [--trials 3] [--json]
+  Encodes the same random matrix with 1 rank (plain process) and n ranks (``mlx.launch -n N
+  --backend ring``), alternating trials, each worker timing one warm encode after a warm-up.
+    python benchmarks/seedlm.py model [--size 270M] [--bits 4] [--layers N] [--json]
+  Encodes every Linear of the transformer blocks of an OpenELM-shaped model with random weights
+  (``quantize_model``), reporting wall time, blocks/s and the projected time for OpenELM-3B at the
+  same blocks/s. On the GPU machine this runs on the GPU (MLX CUDA); ``--layers`` limits the number
+  of blocks encoded (a projection from a prefix of the model) for the CPU.
+
+Results are printed; with ``--json`` as JSON; if ``$OUT`` is set they are also written there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+
+def emit(name: str, result: dict, as_json: bool) -> None:
+    text = json.dumps(result, indent=2)
+    if as_json:
+        print(text)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"{name}.json").write_text(text + "\n")
+
+
+def device_name() -> str:
+    return "gpu" if mx.default_device() == mx.gpu else "cpu"
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) quality
+
+
+def affine_rel_error(W: np.ndarray, bits: int, group_size: int) -> float:
+    w = mx.array(W)
+    q, s, b = mx.quantize(w, group_size=group_size, bits=bits)
+    r = mx.dequantize(q, s, b, group_size=group_size, bits=bits)
+    return float(mx.sqrt(mx.square(r - w).sum() / mx.square(w).sum()).item())
+
+
+def gaussian_quality(blocks: int, candidates, seed: int = 0) -> list:
+    from mlxeff.quant.seedlm import CONFIGS
+    from mlxeff.quant.seedlm_encoder import EncoderConfig, encode_matrix
+
+    rows = []
+    for bits, (C, P) in sorted(CONFIGS.items(), reverse=True):
+        # rows of 768 weights: a multiple of 8, 12 and 64, so no partial blocks or groups
+        n_rows = max(1, blocks * C // 768)
+        W = np.random.default_rng(seed).standard_normal((n_rows, 768)).astype(np.float32)
+        for k in candidates:
+            t0 = time.perf_counter()
+            enc = encode_matrix(W, C, P, config=EncoderConfig(candidates=k))
+            rows.append({"method": "seedlm", "bits": bits, "C": C, "P": P, "candidates": k,
+                         "bits_per_weight": (16 + 4 + 4 * P) / C, "blocks": W.size // C,
+                         "rel_error": float(np.sqrt(enc.sq_error / enc.sq_norm)),
+                         "seconds": time.perf_counter() - t0})
+        for g in (64, 128):
+            rows.append({"method": "affine", "bits": bits, "group_size": g,
+                         "bits_per_weight": bits + 32 / g, "weights": W.size,
+                         "rel_error": affine_rel_error(W, bits, g)})
+    return rows
+
+
+def quantized_bits(model: nn.Module) -> dict:
+    """Stored bits per weight over the quantized layers, from the arrays themselves."""
+    from mlxeff.quant.seedlm import _SeedLMBase
+
+    stored = weights = 0
+    for _, m in model.named_modules():
+        if isinstance(m, _SeedLMBase):
+            rows, cols = m._packed_rows_cols()
+            stored += 8 * (m.seeds.nbytes + m.codes.nbytes + m.exp_base.nbytes)
+            weights += rows * cols
+        elif isinstance(m, nn.QuantizedLinear):
+            stored += 8 * (m.weight.nbytes + m.scales.nbytes + (m.biases.nbytes if m.biases is not None else 0))
+            weights += m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
+    return {"bits_per_weight": stored / weights if weights else None, "quantized_weights": weights}
+
+
+def float_linear_bits(model: nn.Module) -> dict:
+    from mlxeff.quant.seedlm import quantizable_modules
+
+    mods = quantizable_modules(model)
+    n = sum(m.weight.size for _, m in mods)
+    return {"bits_per_weight": 8 * sum(m.weight.nbytes for _, m in mods) / n if n else None,
+            "quantized_weights": n}
+
+
+def model_quality(args) -> list:
+    import mlxeff
+    from mlxeff.data import encode_text, read_text
+    from mlxeff.eval import perplexity
+    from mlxeff.quant.affine import quantize_affine
+    from mlxeff.quant.seedlm import quantize_model
+
+    model_dir = Path(args.model)
+    tokenizer = mlxeff.io.load_tokenizer(model_dir)
+    if tokenizer is None:
+        raise SystemExit(f"{model_dir}: the model directory has no tokenizer")
+    tokens = encode_text(tokenizer, read_text(Path(args.valid)))[: args.tokens]
+
+    def fresh():
+        m, _ = mlxeff.load(model_dir)
+        stored = {str(v.dtype) for _, v in tree_flatten(m.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
+        if device_name() == "cpu":
+            m.set_dtype(mx.float32)  # fp16/bf16 matmul is slow on the CPU backend
+        return m, ",".join(sorted(stored))
+
+    def ppl(m):
+        t0 = time.perf_counter()
+        r = perplexity(m, tokens, window=args.window, stride=args.stride)
+        return r["ppl"], time.perf_counter() - t0
+
+    rows = []
+    base, stored = fresh()
+    p, dt = ppl(base)
+    rows.append({"method": f"float ({stored} stored)", "bits": None, **float_linear_bits(base), "ppl": p,
+                 "eval_seconds": dt})
+    del base
+    for bits in (4, 3):
+        cache = Path(args.cache) / f"seedlm{bits}" if args.cache else None
+        t0 = time.perf_counter()
+        if cache is not None and (cache / "config.json").is_file():
+            m, _ = mlxeff.load(cache)
+            if device_name() == "cpu":
+                m.set_dtype(mx.float32)
+            enc_s = None
+        else:
+            m, _ = fresh()
+            quantize_model(m, bits=bits, progress=not args.json)
+            enc_s = time.perf_counter() - t0
+            if cache is not None:
+                mlxeff.save(m, tokenizer, cache)
+        p, dt = ppl(m)
+        rows.append({"method": "seedlm", "bits": bits, **quantized_bits(m), "ppl": p, "eval_seconds": dt,
+                     "encode_seconds": enc_s})
+        del m
+        m, _ = fresh()
+        quantize_affine(m, bits=bits, group_size=64, embedding_bits=None)
+        p, dt = ppl(m)
+        rows.append({"method": "affine g64", "bits": bits, **quantized_bits(m), "ppl": p, "eval_seconds": dt})
+        del m
+    f = rows[0]["ppl"]
+    for r in rows:
+        r["ppl_increase"] = r["ppl"] - f
+    return rows
+
+
+def cmd_quality(args) -> None:
+    result = {"device": device_name(), "gaussian": gaussian_quality(args.blocks, args.candidates)}
+    if not args.json:
+        print(f"iid N(0,1) weights ({device_name()}):")
+        for r in result["gaussian"]:
+            what = (f"SeedLM {r['bits']}-bit C={r['C']} P={r['P']} k={r['candidates']}" if r["method"] == "seedlm"
+                    else f"affine {r['bits']}-bit g{r['group_size']}")
+            print(f"  {what:<32} {r['bits_per_weight']:.3f} bpw  rel error {r['rel_error']:.4f}")
+    if args.model:
+        if not args.valid:
+            raise SystemExit("--model needs --valid FILE")
+        result["model"] = str(args.model)
+        result["valid"] = str(args.valid)
+        result["perplexity"] = model_quality(args)
+        if not args.json:
+            print(f"{args.model}: validation perplexity on {args.tokens} tokens of {args.valid} "
+                  f"(window {args.window}, stride {args.stride}):")
+            for r in result["perplexity"]:
+                bpw = r["bits_per_weight"]
+                name = r["method"] + (f" {r['bits']}-bit" if r["bits"] else "")
+                print(f"  {name:<28} {bpw:.3f} bpw  ppl {r['ppl']:.4f}  (+{r['ppl_increase']:.4f})")
+    emit("seedlm_quality", result, args.json)
+
+
+# ------------------------------------------------------------------------------------------------
+# (b) encoding speed
+
+
+def cmd_worker(args) -> None:
+    """One timed encode in this process's distributed group (rank 0 writes the result)."""
+    from mlxeff.quant.seedlm import CONFIGS
+    from mlxeff.quant.seedlm_encoder import EncoderConfig, encode_matrix
+
+    group = mx.distributed.init()
+    C, P = CONFIGS[args.bits]
+    cfg = EncoderConfig(batch=args.batch)
+    warm = np.random.default_rng(1).standard_normal((4, 96 * C)).astype(np.float32)
+    encode_matrix(warm, C, P, config=cfg, group=group)  # tables, compilation
+    W = np.random.default_rng(0).standard_normal((args.blocks // 96, 96 * C)).astype(np.float32)
+    t0 = time.perf_counter()
+    enc = encode_matrix(W, C, P, config=cfg, group=group)
+    dt = time.perf_counter() - t0
+    if group.rank() == 0:
+        Path(args.result).write_text(json.dumps({
+            "ranks": group.size(), "bits": args.bits, "blocks": int(W.size // C), "seconds": dt,
+            "blocks_per_s": W.size / C / dt, "rel_error": float(np.sqrt(enc.sq_error / enc.sq_norm)),
+            "seeds_sha": int(np.asarray(enc.seeds, np.int64).sum())}))
+
+
+def cmd_speed(args) -> None:
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    runs = {(b, n): [] for b in args.bits for n in args.ranks}
+    with tempfile.TemporaryDirectory() as tmp:
+        for trial in range(args.trials):
+            for bits in args.bits:
+                for n in args.ranks:
+                    res = Path(tmp) / f"r{trial}-{bits}-{n}.json"
+                    worker = [sys.executable, __file__, "worker", "--bits", str(bits), "--blocks",
+                              str(args.blocks), "--batch", str(args.batch), "--result", str(res)]
+                    cmd = worker if n == 1 else [str(launcher), "-n", str(n), "--backend", "ring", "--"] + worker
+                    subprocess.run(cmd, check=True)
+                    runs[(bits, n)].append(json.loads(res.read_text()))
+    rows = []
+    for (bits, n), rs in runs.items():
+        rates = [r["blocks_per_s"] for r in rs]
+        rows.append({"bits": bits, "ranks": n, "blocks": rs[0]["blocks"], "trials": len(rs),
+                     "blocks_per_s_median": statistics.median(rates), "blocks_per_s": rates,
+                     "identical_result": len({r["seeds_sha"] for r in runs[(bits, args.ranks[0])]} |
+                                             {r["seeds_sha"] for r in rs}) == 1})
+    for r in rows:
+        one = next(x for x in rows if x["bits"] == r["bits"] and x["ranks"] == args.ranks[0])
+        r["speedup_vs_first"] = r["blocks_per_s_median"] / one["blocks_per_s_median"]
+    result = {"device": device_name(), "blas_preload": os.environ.get("LD_PRELOAD", ""), "rows": rows}
+    if not args.json:
+        for r in rows:
+            print(f"{r['bits']}-bit ranks={r['ranks']}: {r['blocks_per_s_median']:,.0f} blocks/s "
+                  f"(median of {r['trials']}; x{r['speedup_vs_first']:.2f}; same result: {r['identical_result']})")
+    emit("seedlm_speed", result, args.json)
+
+
+def linear_blocks(args_model, C: int) -> int:
+    from mlxeff.models import Model
+    from mlxeff.quant.seedlm import num_blocks, quantizable_modules
+
+    # shapes only: build under a lazy graph, never evaluated
+    model = Model(args_model)
+    return sum(m.weight.shape[0] * num_blocks(m.weight.shape[1], C) for _, m in quantizable_modules(model))
+
+
+def cmd_model(args) -> None:
+    from mlxeff.models import Model, openelm_config
+    from mlxeff.quant.seedlm import CONFIGS, num_blocks, quantizable_modules, quantize_model
+
+    C, P = CONFIGS[args.bits]
+    cfg = openelm_config(args.size)
+    if args.layers:  # the first N layers of the real model (the scaling rule is not re-run)
+        cfg = dataclasses.replace(cfg, num_transformer_layers=args.layers,
+                                  **{k: getattr(cfg, k)[: args.layers]
+                                     for k in ("num_query_heads", "num_kv_heads", "ffn_multipliers")})
+    mx.random.seed(0)
+    model = Model(cfg)
+    # random weights at a realistic scale (std 0.02), float32; only the encoded layers matter
+    for _, m in quantizable_modules(model):
+        m.weight = 0.02 * mx.random.normal(m.weight.shape)
+    mx.eval(model.parameters())
+    blocks = sum(m.weight.shape[0] * num_blocks(m.weight.shape[1], C) for _, m in quantizable_modules(model))
+    report = []
+    group = mx.distributed.init()
+    t0 = time.perf_counter()
+    quantize_model(model, bits=args.bits, progress=not args.json, group=group, report=report)
+    dt = time.perf_counter() - t0
+    rate = blocks / dt
+    full = {name: linear_blocks(openelm_config(name), C) for name in (args.size, "3B")}
+    rel = float(np.sqrt(sum(r["sq_error"] for r in report) / sum(r["sq_norm"] for r in report)))
+    result = {"device": device_name(), "ranks": group.size(), "size": args.size, "bits": args.bits,
+              "layers": cfg.num_transformer_layers, "blocks": blocks, "seconds": dt, "blocks_per_s": rate,
+              "linear_blocks_full_model": full[args.size], "projected_seconds_full_model": full[args.size] / rate,
+              "linear_blocks_3B": full["3B"], "projected_seconds_3B": full["3B"] / rate,
+              "rel_error": rel}
+    if group.rank() == 0:
+        if not args.json:
+            print(f"OpenELM-{args.size}-shaped ({cfg.num_transformer_layers} layers), {args.bits}-bit, "
+                  f"{device_name()}, {group.size()} rank(s): {blocks:,} blocks in {dt:.1f} s = {rate:,.0f} blocks/s; "
+                  f"rel error {rel:.4f}")
+            print(f"  projected: full {args.size} {full[args.size]:,} blocks -> {full[args.size] / rate:,.0f} s; "
+                  f"OpenELM-3B {full['3B']:,} blocks -> {full['3B'] / rate:,.0f} s")
+        emit(f"seedlm_model_{args.size}_{args.bits}bit", result, args.json)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("quality", help="(a) relative error on Gaussian weights; perplexity of a model")
+    q.add_argument("--blocks", type=int, default=16384, help="Gaussian blocks per configuration")
+    q.add_argument("--candidates", type=int, nargs="+", default=[1, 4, 16, 64])
+    q.add_argument("--model", help="mlxeff model directory (e.g. mlxeff/assets/default)")
+    q.add_argument("--valid", help="validation text file (.txt or .txt.gz)")
+    q.add_argument("--tokens", type=int, default=65536, help="validation tokens to score")
+    q.add_argument("--window", type=int, default=512)
+    q.add_argument("--stride", type=int, default=256)
+    q.add_argument("--cache", help="directory to keep/reuse the SeedLM-encoded models")
+    q.add_argument("--json", action="store_true")
+    s = sub.add_parser("speed", help="(b) blocks/s with 1 and several ranks (mlx.launch, ring)")
+    s.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    s.add_argument("--blocks", type=int, default=8192)
+    s.add_argument("--batch", type=int, default=256)
+    s.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    s.add_argument("--trials", type=int, default=3)
+    s.add_argument("--json", action="store_true")
+    w = sub.add_parser("worker", help=argparse.SUPPRESS)
+    w.add_argument("--bits", type=int, required=True)
+    w.add_argument("--blocks", type=int, required=True)
+    w.add_argument("--batch", type=int, required=True)
+    w.add_argument("--result", required=True)
+    m = sub.add_parser("model", help="(b) encode an OpenELM-shaped random model; project OpenELM-3B")
+    m.add_argument("--size", default="270M")
+    m.add_argument("--bits", type=int, default=4)
+    m.add_argument("--layers", type=int, default=None, help="encode only the first N blocks' layers")
+    m.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    {"quality": cmd_quality, "speed": cmd_speed, "worker": cmd_worker, "model": cmd_model}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
