@@ -34,8 +34,10 @@ Choices made where the paper leaves room, and deviations:
   With auxiliary = base and an identity predictor this makes the cache equal to the base's own.
   The raw auxiliary keys are read with a temporary tap on each auxiliary attention's ``k_norm``
   input (``capture_kv``), so the model code is shared, not copied.
-- **The auxiliary output head is skipped at inference** (only its KV cache is needed); the paper's
-  FLOPs convention counts it (see ``kv_prediction_flops``).
+- **Only the auxiliary KV cache is computed at inference**: the auxiliary output head is skipped,
+  and so are its last layer's attention, output projection and FFN (they would only feed the head;
+  the layer's ``qkv_proj`` gives its keys and values). The paper's FLOPs convention counts the
+  whole auxiliary model including its head (see ``kv_prediction_flops``).
 - **Predictor initialisation**: CoreNet uses PyTorch's default ``Linear`` init. Here a square map is
   initialised to the identity (the auxiliary layer's keys are then the starting guess for the base
   layer's keys), which shortens short training runs; ``init="random"`` gives MLX's default init.
@@ -67,6 +69,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.models.base import create_attention_mask
 
 from ..errors import MlxeffError
 from ..generate import ChunkedPrefill, PrefillStrategy
@@ -356,8 +359,7 @@ def capture_kv(model: Model):
 
 
 def raw_kv(sinks: Sequence[_Sink]) -> Tuple[List[mx.array], List[mx.array]]:
-    keys = [s.keys[0] if len(s.keys) == 1 else mx.concatenate(s.keys, axis=2) for s in sinks]
-    return keys, [s.values[-1] for s in sinks]
+    return [_cat(s.keys) for s in sinks], [s.values[-1] for s in sinks]
 
 
 def base_view_keys(base: Model, raw_keys: Sequence[mx.array]) -> List[mx.array]:
@@ -499,6 +501,35 @@ def fill_base_cache(base: Model, cache: list, keys: Sequence[mx.array],
         c.update_and_fetch(layer.attn.rope(k, offset=c.offset).astype(dtype), v.astype(dtype))
 
 
+def auxiliary_kv(aux: Model, tokens: mx.array, step_size: int = 512
+                 ) -> Tuple[List[mx.array], List[mx.array]]:
+    """Raw keys and values of every auxiliary layer for ``tokens`` (1-D), in chunks.
+
+    Only the KV cache is wanted, so the output head is skipped and the last layer stops after its
+    ``qkv_proj`` (its attention, output projection and FFN would only feed the head).
+    """
+    *body, last = aux.layers
+    cache = [c for c, _ in zip(aux.make_cache(), body)]
+    last_v = []
+    with capture_kv(aux) as sinks:
+        for start in range(0, tokens.size, step_size):
+            h = aux.transformer.token_embeddings(tokens[start:start + step_size][None])
+            mask = create_attention_mask(h, cache[0] if cache else None)
+            for layer, c in zip(body, cache):
+                h = layer(h, mask, cache=c)
+            _, _, v = last.attn.project(last.attn_norm(h))  # the tap records the raw keys
+            last_v.append(v)
+            mx.eval([c.state for c in cache], [s.keys[-1] for s in sinks], v)
+        keys, values = raw_kv(sinks[:-1])
+        keys.append(_cat(sinks[-1].keys))
+    values.append(_cat(last_v))
+    return keys, values
+
+
+def _cat(parts: List[mx.array]) -> mx.array:
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+
+
 @dataclass
 class KVPredictionPrefill(PrefillStrategy):
     """Prefill strategy: the auxiliary model reads ``prompt[:-1]``, the base the last token."""
@@ -524,16 +555,7 @@ class KVPredictionPrefill(PrefillStrategy):
             if self.short_prompt == "error":
                 raise MlxeffError("a one-token prompt has no context for KV prediction")
             return ChunkedPrefill(self.step_size)(model, prompt, cache)
-        aux = self.kvp.auxiliary
-        context = prompt[:-1]
-        aux_cache = aux.make_cache()
-        with capture_kv(aux) as sinks:
-            for start in range(0, context.size, self.step_size):
-                # the transformer without the output head: only the KV cache is wanted
-                aux.transformer(context[start:start + self.step_size][None], cache=aux_cache)
-                mx.eval([c.state for c in aux_cache], [s.keys[-1] for s in sinks])
-            keys, values = raw_kv(sinks)
-        del aux_cache
+        keys, values = auxiliary_kv(self.kvp.auxiliary, prompt[:-1], self.step_size)
         pk, pv = self.kvp.predictor(keys, values)
         fill_base_cache(model, cache, pk, pv)
         return model(prompt[-1:][None], cache=cache)[:, -1, :]

@@ -14,10 +14,10 @@ Two conventions:
   them. (Worked out by trying those terms; the paper does not spell the convention out.)
 - ``"exact"``: what mlxeff's prefill executes for a prompt of ``T`` tokens. Base: the weight
   matmuls and causal attention (``QK^T`` and ``AV`` over the lower triangle) for all ``T`` tokens,
-  and the output head for the last one. KV Prediction: the auxiliary layers and causal attention
-  over ``T - 1`` tokens (no auxiliary head: ``KVPredictionPrefill`` only needs the cache), the
-  predictor on ``T - 1`` tokens, then the base's layers for the last token attending to ``T``
-  positions plus its output head.
+  and the output head for the last one. KV Prediction: the auxiliary model over ``T - 1`` tokens
+  as ``kv_prediction.auxiliary_kv`` runs it (all layers but the last with their causal attention,
+  the last layer's ``qkv_proj`` only, no output head), the predictor on ``T - 1`` tokens, then the
+  base's layers for the last token attending to ``T`` positions plus its output head.
 
 A multiply-add counts as 2 FLOPs. Norms, RoPE, activations and the softmax are ignored in both.
 """
@@ -46,6 +46,14 @@ def causal_attention_macs(args: ModelArgs, n_queries: int, n_past: int = 0) -> i
     # query t (0-based among the new ones) sees n_past + t + 1 keys
     pairs = n_queries * n_past + n_queries * (n_queries + 1) // 2
     return sum(2 * pairs * q * args.head_dim for q in args.num_query_heads)
+
+
+def _drop_last_layer(args: ModelArgs) -> ModelArgs:
+    from dataclasses import replace
+
+    n = args.num_transformer_layers - 1
+    return replace(args, num_transformer_layers=n, num_query_heads=args.num_query_heads[:n],
+                   num_kv_heads=args.num_kv_heads[:n], ffn_multipliers=args.ffn_multipliers[:n])
 
 
 def predictor_macs(aux: ModelArgs, base: ModelArgs, layer_map: Sequence[int]) -> int:
@@ -85,8 +93,13 @@ def prompt_flops(base: ModelArgs, aux: ModelArgs, layer_map: Sequence[int], prom
     elif convention == "exact":
         b_layers = sum(layer_weight_macs(base))
         b = 2 * (T * b_layers + causal_attention_macs(base, T) + head_macs(base))
-        k = 2 * ((T - 1) * (sum(layer_weight_macs(aux)) + predictor_macs(aux, base, layer_map))
-                 + causal_attention_macs(aux, T - 1)
+        # the auxiliary's last layer only needs its qkv_proj (see kv_prediction.auxiliary_kv)
+        *body, _ = layer_weight_macs(aux)
+        d, hd = aux.model_dim, aux.head_dim
+        last_qkv = d * (aux.num_query_heads[-1] + 2 * aux.num_kv_heads[-1]) * hd
+        body_attn = causal_attention_macs(_drop_last_layer(aux), T - 1) if body else 0
+        k = 2 * ((T - 1) * (sum(body) + last_qkv + predictor_macs(aux, base, layer_map))
+                 + body_attn
                  + b_layers + causal_attention_macs(base, 1, T - 1) + head_macs(base))
     else:
         raise ValueError(f"unknown convention {convention!r} (paper or exact)")
