@@ -364,7 +364,7 @@ def train_loop(
 
     if cfg.compile:
         full_step = partial(mx.compile, inputs=state, outputs=state)(full_step)
-        grads_step = mx.compile(grads_of, inputs=state)
+        grads_step = partial(mx.compile, inputs=state, outputs=state)(grads_of)
         apply_step = partial(mx.compile, inputs=state, outputs=state)(apply)
     else:
         grads_step, apply_step = grads_of, apply
@@ -402,6 +402,18 @@ def train_loop(
         st = {"step": step, "config": cfg.to_dict(), "signature": signature, "history": history}
         save_checkpoint(out_dir, step, params, optimizer.state, st, cfg.keep_checkpoints)
 
+    def flush(everything: bool):
+        # Reading a loss waits for its step; stay one step behind unless everything is needed.
+        keep = 0 if everything else 1
+        while len(pending) > keep:
+            s, l = pending.pop(0)
+            value = l.item()
+            if not math.isfinite(value):
+                raise MlxeffError(f"loss became {value} at step {s + 1}; lower --lr or use "
+                                  "float32", out_dir)
+            history["step"].append(s + 1)
+            history["loss"].append(value)
+
     model.train()
     tic = time.perf_counter()
     window_tic, window_tokens = tic, 0
@@ -416,16 +428,8 @@ def train_loop(
             tokens += cfg.tokens_per_step
             window_tokens += cfg.tokens_per_step
             done = step + 1
-            if len(pending) > 1 or done == cfg.steps:
-                flush = pending if done == cfg.steps else pending[:-1]
-                for s, l in flush:
-                    value = l.item()
-                    if not math.isfinite(value):
-                        raise MlxeffError(f"loss became {value} at step {s + 1}; lower --lr or use "
-                                          "float32", out_dir)
-                    history["step"].append(s + 1)
-                    history["loss"].append(value)
-                pending = pending[len(flush):]
+            saving = cfg.save_every and done % cfg.save_every == 0
+            flush(everything=done == cfg.steps or saving)
             if done % cfg.log_every == 0 or done == cfg.steps:
                 mx.eval(loss)
                 now = time.perf_counter()
@@ -437,7 +441,7 @@ def train_loop(
                 window_tic, window_tokens = now, 0
             if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
                 run_valid(done)
-            if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
+            if saving and done != cfg.steps:
                 mx.eval(box["master"], optimizer.state)
                 checkpoint(done)
         mx.eval(box["master"], optimizer.state)

@@ -1,0 +1,237 @@
+"""Training loop: loss goes down, exact resume, same seed same curve, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import make_model, tiny_args
+from mlx.utils import tree_flatten
+
+from mlxeff import data
+from mlxeff.errors import MlxeffError
+from mlxeff.train import (
+    TrainConfig, cross_entropy_terms, list_checkpoints, lm_loss, lr_schedule, train_loop,
+)
+from test_data import write_corpus
+
+# A learnable stream: a fixed pseudo-random token walk with repeats.
+STREAM = np.random.default_rng(0).integers(3, 96, size=257).repeat(2)
+STREAM = np.tile(STREAM, 12)
+DATASET = data.PackedDataset(STREAM, 32, seed=0)
+
+
+def batch_fn(k):
+    return mx.array(DATASET.batch(k, 4))
+
+
+def run(out, steps=24, seed=0, dtype="float32", accum=1, save_every=8, batches=batch_fn, **kw):
+    model = make_model(tiny_args(vocab_size=96), seed=seed)
+    cfg = TrainConfig(steps=steps, batch_size=4, seq_len=32, accum=accum, warmup=4, lr=3e-3,
+                      dtype=dtype, save_every=save_every, seed=seed, log_every=4)
+    result = train_loop(model, lambda m, b: lm_loss(m, b, 1e-4), batches, cfg, out_dir=out,
+                        log=lambda rec: None, **kw)
+    return model, result
+
+
+def cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "mlxeff.cli.main", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_lm_loss_and_z_loss():
+    model = make_model()
+    batch = mx.array(DATASET.batch(0, 2))
+    logits = model(batch[:, :-1])
+    nll, lse = cross_entropy_terms(logits, batch[:, 1:])
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    ref = -mx.take_along_axis(logp, batch[:, 1:, None], axis=-1).squeeze(-1)
+    assert mx.allclose(nll, ref, atol=1e-5)
+    loss0, m = lm_loss(model, batch, 0.0)
+    loss1, _ = lm_loss(model, batch, 0.5)
+    assert abs(loss0.item() - m["ce"].item()) < 1e-6
+    assert abs(loss1.item() - loss0.item() - 0.5 * mx.square(lse).mean().item()) < 1e-4
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr=1e-4)
+    s = lr_schedule(cfg)
+    lrs = [s(mx.array(i)).item() for i in range(101)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))
+    assert lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[100] == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("dtype,accum", [("float32", 1), ("bfloat16", 2)])
+def test_resume_after_interruption_is_exact(tmp_path, dtype, accum):
+    _, full = run(tmp_path / "full", dtype=dtype, accum=accum)
+
+    def interrupted(k):
+        if k == 19 * accum:  # during step 20, after the checkpoint of step 16
+            raise KeyboardInterrupt
+        return batch_fn(k)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", dtype=dtype, accum=accum, batches=interrupted)
+    ckpts = list_checkpoints(tmp_path / "cut")
+    assert [p.name for p in ckpts] == ["step-0000008", "step-0000016"]
+    assert not [p for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.name.startswith(".")]
+    _, resumed = run(tmp_path / "cut", dtype=dtype, accum=accum, resume=True)
+    assert resumed["start_step"] == 16
+    # Same operations on the same values: the CPU reproduces the uninterrupted run bit for bit.
+    assert resumed["history"]["loss"] == full["history"]["loss"]
+    assert resumed["history"]["step"] == list(range(1, 25))
+
+
+def test_same_seed_same_curve_and_loss_falls(tmp_path):
+    model, a = run(tmp_path / "a", steps=30, save_every=0)
+    _, b = run(tmp_path / "b", steps=30, save_every=0)
+    _, c = run(tmp_path / "c", steps=30, save_every=0, seed=1)
+    assert a["history"]["loss"] == b["history"]["loss"]
+    assert a["history"]["loss"] != c["history"]["loss"]
+    assert np.mean(a["history"]["loss"][-5:]) < 0.7 * a["history"]["loss"][0]
+    # no compile gives the same curve
+    m2 = make_model(tiny_args(vocab_size=96))
+    cfg = TrainConfig(steps=30, batch_size=4, seq_len=32, warmup=4, lr=3e-3, compile=False, log_every=4)
+    d = train_loop(m2, lambda m, b: lm_loss(m, b, 1e-4), batch_fn, cfg, out_dir=tmp_path / "d",
+                   log=lambda rec: None)
+    assert d["history"]["loss"] == a["history"]["loss"]
+
+
+def test_frozen_parameters_stay_frozen(tmp_path):
+    model = make_model(tiny_args(vocab_size=96))
+    model.freeze()
+    model.transformer.layers[-1].unfreeze()
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    cfg = TrainConfig(steps=5, batch_size=4, seq_len=32, warmup=1, log_every=5)
+    train_loop(model, lambda m, b: lm_loss(m, b), batch_fn, cfg, out_dir=tmp_path, log=lambda r: None)
+    after = dict(tree_flatten(model.parameters()))
+    changed = {k for k in before if not np.array_equal(before[k], np.array(after[k]))}
+    assert changed and all(k.startswith("transformer.layers.3.") for k in changed)
+
+
+def test_checkpoint_write_failure_keeps_previous(tmp_path, monkeypatch):
+    import mlxeff.train as t
+
+    real = t.mx.save_safetensors
+    calls = {"n": 0}
+
+    def flaky(path, arrays, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the second checkpoint's optimizer file
+            raise OSError("disk full")
+        return real(path, arrays, *a, **k)
+
+    monkeypatch.setattr(t.mx, "save_safetensors", flaky)
+    with pytest.raises(OSError):
+        run(tmp_path, steps=24)
+    ckpts = list_checkpoints(tmp_path)
+    assert [p.name for p in ckpts] == ["step-0000008"]
+    assert sorted(f.name for f in ckpts[0].iterdir()) == [
+        "optimizer.safetensors", "params.safetensors", "state.json"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_resume_refuses_other_config(tmp_path):
+    run(tmp_path, steps=8)
+    model = make_model(tiny_args(vocab_size=96))
+    cfg = TrainConfig(steps=8, batch_size=4, seq_len=32, warmup=4, lr=1e-3, save_every=8, log_every=4)
+    with pytest.raises(MlxeffError, match="different training config \\(lr"):
+        train_loop(model, lm_loss, batch_fn, cfg, out_dir=tmp_path, resume=True, log=lambda r: None)
+    other = make_model(tiny_args(vocab_size=96, num_gqa_groups=2))
+    cfg = TrainConfig(steps=8, batch_size=4, seq_len=32, warmup=4, lr=3e-3, save_every=8, log_every=4)
+    with pytest.raises(MlxeffError, match="different model"):
+        train_loop(other, lm_loss, batch_fn, cfg, out_dir=tmp_path, resume=True, log=lambda r: None)
+    with pytest.raises(MlxeffError, match="--resume"):
+        train_loop(model, lm_loss, batch_fn, cfg, out_dir=tmp_path, log=lambda r: None)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    write_corpus(d / "train", n_files=2, sentences=1500)
+    write_corpus(d / "valid", n_files=1, sentences=300)
+    return d
+
+
+TINY = ["--layers", 2, "--model-dim", 64, "--head-dim", 16, "--ffn-divisor", 16, "--seq-len", 64,
+        "--batch-size", 8, "--warmup", 20, "--lr", 3e-3, "--min-lr", 3e-4, "--log-every", 50]
+
+
+def test_cli_train_lowers_validation_loss(corpus, tmp_path):
+    out = tmp_path / "run"
+    r = cli("train", "--train", corpus / "train" / "part-*", "--valid", corpus / "valid" / "part-0.txt",
+            "--vocab-size", 300, "--steps", 200, "--eval-every", 100, "--eval-tokens", 4096,
+            *TINY, "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["valid_loss"] < math.log(300) - 2.0  # a uniform guess scores ln(V) = 5.7
+    valid = summary["history"]["valid"]
+    assert [v["step"] for v in valid] == [100, 200] and valid[1]["loss"] < valid[0]["loss"]
+    assert summary["tokens_seen"] == 200 * 8 * 64
+    assert (out / "model" / "model.safetensors").is_file()
+    g = cli("generate", "The little", "--model", out / "model", "--max-tokens", 20, "--json")
+    assert g.returncode == 0, g.stderr
+    assert json.loads(g.stdout)["generation_tokens"] >= 1
+    e = cli("eval", out / "model", "--perplexity", corpus / "valid" / "part-0.txt", "--window", 64,
+            "--max-tokens", 3000, "--json")
+    assert e.returncode == 0, e.stderr
+    ev = json.loads(e.stdout)
+    assert ev["tokens"] == 2999 and ev["ppl"] < 300 / math.e ** 2
+
+
+def test_cli_bad_input_is_one_line(corpus, tmp_path):
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("Caf\u00e9 cr\u00e8me\n".encode("latin-1") * 100)
+    r = cli("train", "--train", f, "--vocab-size", 300, "--steps", 4, *TINY, "--out", tmp_path / "run")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stderr.strip().splitlines()[-1] == f"error: {f}: not valid UTF-8 (byte 3: b'\\xe9 cr')"
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def _train_in_process(train, out, extra=()):
+    """``mlxeff train`` through typer in this process; errors surface as exceptions, which the
+    installed entry point (``mlxeff.cli.main.main``) prints as one line and exit code 1."""
+    from typer.testing import CliRunner
+
+    from mlxeff.cli.main import app
+
+    args = ["train", "--train", str(train), "--vocab-size", "300", "--steps", "4",
+            *map(str, TINY), "--out", str(out), *map(str, extra)]
+    return CliRunner().invoke(app, args)
+
+
+@pytest.mark.parametrize("case", ["empty", "heads", "resume_other"])
+def test_cli_bad_input(corpus, tmp_path, case):
+    from mlxeff.models import ConfigError
+
+    train = corpus / "train" / "part-0.txt"
+    out = tmp_path / "run"
+    if case == "empty":
+        train = tmp_path / "empty.txt"
+        train.write_text("")
+        r, expect = _train_in_process(train, out), "the corpus is empty"
+    elif case == "heads":
+        r, expect = _train_in_process(train, out, ["--model-dim", 100]), "not a multiple of head_dim"
+    else:
+        first = _train_in_process(train, out)
+        assert first.exit_code == 0, first.output
+        r = _train_in_process(train, out, ["--layers", 3, "--resume"])
+        expect = "checkpoint is for a different model ("
+    assert isinstance(r.exception, (MlxeffError, ConfigError)), r.output
+    assert expect in str(r.exception) and "\n" not in str(r.exception)
+    if case != "resume_other":
+        assert not (out / "model").exists() and not list_checkpoints(out)
