@@ -26,11 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from convert import torch_save as ts  # noqa: E402
-from convert.corenet import source_name  # noqa: E402
-from mlxeff.models import Model, openelm_config  # noqa: E402
+from mlxeff.convert import torch_save as ts
+from mlxeff.convert.corenet import source_name
+from mlxeff.models import Model, openelm_config
 
 CORENET_ROWS = 32128
 

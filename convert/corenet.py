@@ -210,10 +210,14 @@ def plan(path, config=None, vocab_size: Optional[int] = None) -> Plan:
     path = Path(path)
     archive, refs = read_state_dict(path)
     refs = _strip_prefix(refs)
-    args, desc = resolve_architecture(config, refs, vocab_size, path)
-    model = Model(args)
-    vocab_rows = {"transformer.token_embeddings.weight": args.vocab_size, "lm_head.weight": args.vocab_size}
-    entries = build_entries(expected_shapes(model), refs, lambda n: [source_name(n)], path, rows=vocab_rows)
+    try:
+        args, desc = resolve_architecture(config, refs, vocab_size, path)
+        model = Model(args)
+        vocab_rows = {"transformer.token_embeddings.weight": args.vocab_size, "lm_head.weight": args.vocab_size}
+        entries = build_entries(expected_shapes(model), refs, lambda n: [source_name(n)], path, rows=vocab_rows)
+    except BaseException:
+        archive.close()
+        raise
     p = Plan(args, model, entries, path, f"CoreNet checkpoint, {desc}", closers=[archive.close])
     rows = refs["token_embeddings.weight"].shape[0]
     if rows != args.vocab_size:

@@ -84,6 +84,7 @@ def convert(
     """
     t0 = time.perf_counter()
     _check_options(dtype, quantize, bits, group_size, embedding_bits)
+    seedlm_quantize = _seedlm() if quantize == "seedlm" else None
     out = Path(out)
     if out.exists() and not force:
         raise MlxeffError("output already exists (use --force to replace it)", out)
@@ -98,7 +99,7 @@ def convert(
         model = load_model(src, lazy=True)
         if quantize and (getattr(model, "mlxeff_meta", None) or {}).get("quantization"):
             raise MlxeffError("the model is already quantized; convert from an unquantized one", src)
-        tokenizer_obj = tok.resolve(tokenizer, Path(src) if load_tokenizer_files(src) else None, src)
+        tokenizer_obj = tok.resolve(tokenizer, Path(src) if _has_tokenizer(src) else None, src)
         description = "mlxeff directory"
         tok_count = tok.check(tokenizer_obj, model_config_dict(model), model.args.vocab_size, src) if tokenizer_obj else None
         model.set_dtype(target)
@@ -117,14 +118,13 @@ def convert(
             tokenizer_obj = tok.resolve(tokenizer, plan.tokenizer_dir, src)
             tok_count = (tok.check(tokenizer_obj, model_config_dict(model), plan.args.vocab_size, src)
                          if tokenizer_obj is not None else None)
-            total = sum(e.nbytes for e in plan.entries.values())
-            bar.start("reading", total)
+            bar.start("reading", sum(e.nbytes for e in plan.entries.values()))
             weights = {}
             for name, entry in plan.entries.items():
                 weights[name] = entry.load(target)
                 bar.advance(entry.nbytes)
-            bar.finish()
         finally:
+            bar.finish()
             plan.close()
 
         load_weights_into(model, weights, plan.source)
@@ -137,7 +137,7 @@ def convert(
 
         quantize_affine(model, bits=bits, group_size=group_size, embedding_bits=embedding_bits)
     elif quantize == "seedlm":
-        _seedlm()(model, bits=bits, progress=progress)
+        seedlm_quantize(model, bits=bits, progress=progress)
 
     save(model, tokenizer_obj, out, force=force)
     del model
@@ -169,5 +169,5 @@ def convert(
     }
 
 
-def load_tokenizer_files(path) -> bool:
+def _has_tokenizer(path) -> bool:
     return any((Path(path) / f).is_file() for f in tok.COPY_PATTERNS[:3])

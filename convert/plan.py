@@ -71,7 +71,7 @@ class Entry:
         del arrays
         if self.rows is not None:
             arr = arr[: self.rows]
-        return to_mlx(arr, self.parts[0].dtype, target)
+        return to_mlx(arr, self.parts[0].dtype, target, self.names, self.parts[0].file)
 
 
 @dataclass

@@ -10,7 +10,7 @@ class Progress:
     def __init__(self, enabled: bool = True, stream=None):
         self.stream = stream or sys.stderr
         self.enabled = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.label, self.total, self.done, self.t0, self.last = "", 0, 0, 0.0, 0.0
+        self.label, self.total, self.done, self.t0, self.last = "", 0, 0, 0.0, 0.0  # total 0: not started
 
     def start(self, label: str, total: int):
         self.label, self.total, self.done = label, max(int(total), 1), 0
@@ -38,6 +38,6 @@ class Progress:
         self.stream.flush()
 
     def finish(self):
-        if self.enabled:
+        if self.enabled and self.total:
             self.stream.write("\n")
             self.stream.flush()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,7 @@ class TensorRef:
         return arr
 
 
-def to_mlx(arr: np.ndarray, dtype: str, target: Optional[mx.Dtype] = None) -> mx.array:
+def to_mlx(arr: np.ndarray, dtype: str, target: Optional[mx.Dtype] = None, name=None, path=None) -> mx.array:
     """NumPy data of source ``dtype`` -> an evaluated MLX array, cast to ``target`` if given."""
     if dtype not in FLOAT_DTYPES:
         raise MlxeffError(f"weights must be floating point, got {dtype}")
@@ -65,6 +64,10 @@ def to_mlx(arr: np.ndarray, dtype: str, target: Optional[mx.Dtype] = None) -> mx
         a = a.view(mx.bfloat16)
     if target is not None and a.dtype != target:
         a = a.astype(target)
+        if target == mx.float16 and mx.any(mx.isinf(a)).item():
+            # float16 tops out at 65504; bf16 and fp32 checkpoints can hold larger values
+            raise MlxeffError(f"{name or 'a tensor'} has values beyond float16's range; use --dtype "
+                              "bfloat16 or float32", path)
     mx.eval(a)
     return a
 
@@ -143,10 +146,3 @@ def _safetensors_reader(path, offset, nbytes, dtype, shape):
         return arr if np.little_endian else arr.byteswap()
 
     return read
-
-
-def file_size(path) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0

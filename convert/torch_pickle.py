@@ -29,7 +29,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 
@@ -150,7 +150,7 @@ def _codecs_encode(obj, encoding="utf-8", errors="strict"):
     # Protocol 2 pickles bytes as _codecs.encode(str, 'latin1').
     if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
         raise pickle.UnpicklingError("unsupported _codecs.encode call")
-    return obj.encode(encoding, errors if errors in ("strict",) else "strict")
+    return obj.encode(encoding)
 
 
 _NP_DTYPE_CODES = {"f8", "f4", "f2", "i8", "i4", "i2", "i1", "u8", "u4", "u2", "u1", "b1"}

@@ -88,8 +88,8 @@ def corenet_state(model, *, rows=None, dtype="float32", exotic=False, seed=1):
     import numpy as np
     from mlx.utils import tree_flatten
 
-    from convert import torch_save as ts
-    from convert.corenet import source_name
+    from mlxeff.convert import torch_save as ts
+    from mlxeff.convert.corenet import source_name
 
     rng = np.random.default_rng(seed)
 
@@ -129,7 +129,7 @@ def write_corenet(model, path, *, training=False, **kw):
     """A CoreNet ``.pt`` (flat, or a training checkpoint with optimizer state) for ``model``."""
     import numpy as np
 
-    from convert import torch_save as ts
+    from mlxeff.convert import torch_save as ts
 
     state = corenet_state(model, **kw)
     obj = state
@@ -152,7 +152,7 @@ def write_hf_openelm(model, directory, *, fmt="safetensors", shard=False):
     import numpy as np
     from mlx.utils import tree_flatten
 
-    from convert import torch_save as ts
+    from mlxeff.convert import torch_save as ts
 
     directory.mkdir(parents=True, exist_ok=True)
     cfg = model.args.to_dict()

@@ -12,9 +12,9 @@ from mlx.utils import tree_flatten
 
 import mlxeff
 from conftest import SHARED_DATA, make_model, tiny_args, write_corenet, write_hf_openelm
-from convert import convert
-from convert.corenet import NAMED, gpt_args, infer_name
-from convert.tensors import TensorRef
+from mlxeff.convert import convert
+from mlxeff.convert.corenet import NAMED, gpt_args, infer_name
+from mlxeff.convert.tensors import TensorRef
 from mlxeff.errors import MlxeffError
 from mlxeff.models import Model, layerwise_config, llama_config, openelm_config
 
@@ -387,3 +387,14 @@ def test_seedlm_output_round_trips(tmp_path):
     assert methods == {"seedlm"} and s["quantization"] == {"method": "seedlm", "bits": 4}
     rel = np.abs(logits(loaded) - logits(model)).mean() / np.abs(logits(model)).mean()
     assert 0 < rel < 0.5
+
+
+def test_float16_overflow_is_an_error_not_inf(tmp_path):
+    model = make_model(tiny_args())
+    w = model.transformer.layers[0].ffn.proj_2.weight
+    model.transformer.layers[0].ffn.proj_2.weight = w.at[0, 0].add(1e5)
+    d = write_hf_openelm(model, tmp_path / "hf")
+    with pytest.raises(MlxeffError, match="proj_2.weight has values beyond float16's range; use --dtype bfloat16"):
+        convert(d, tmp_path / "out", tokenizer=False, dtype="float16", progress=False)
+    assert not (tmp_path / "out").exists()
+    convert(d, tmp_path / "out", tokenizer=False, dtype="bfloat16", progress=False)

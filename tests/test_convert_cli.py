@@ -98,7 +98,7 @@ def test_unexpected_keys_corenet(tmp_path, model, monkeypatch, capsys):
     import numpy as np
 
     from conftest import corenet_state
-    from convert import torch_save as ts
+    from mlxeff.convert import torch_save as ts
 
     state = corenet_state(model)
     state["layers.0.attn.extra_bias"] = ts.tensor(np.zeros(4, np.float32))

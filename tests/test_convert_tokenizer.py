@@ -11,8 +11,8 @@ import pytest
 
 import mlxeff
 from conftest import SHARED_DATA, make_model, tiny_args, write_corenet
-from convert import convert
-from convert.tokenizer import sentencepiece_to_hf
+from mlxeff.convert import convert
+from mlxeff.convert.tokenizer import sentencepiece_to_hf
 
 SPM = SHARED_DATA / "tokenizers" / "llama2" / "tokenizer.model"
 VALID = SHARED_DATA / "gutenberg-children" / "valid.txt.gz"

@@ -9,8 +9,8 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from convert import torch_save as ts
-from convert.torch_pickle import (
+from mlxeff.convert import torch_save as ts
+from mlxeff.convert.torch_pickle import (
     SAFE_GLOBALS, UnsafePickle, load_archive, read_state_dict, scan_globals, unpickle,
 )
 from mlxeff.errors import MlxeffError
