@@ -1,0 +1,250 @@
+"""SeedLM kernels, part (c) of benchmarks/seedlm.py: fused matvec and dequantise timings.
+
+Side by side in one run, for square weights of ``--sizes`` (default 4096 and 8192) and ``--rows``
+rows of x (default 1, a decode step):
+
+- ``fp16``: MLX ``x @ W.T`` with a float16 W;
+- ``affine4``: MLX ``mx.quantized_matmul`` at 4 bits, group size 64 (4.5 bits per weight);
+- ``seedlm4`` / ``seedlm3``: the fused SeedLM matvec (``seedlm_kernels.seedlm_matvec``) at
+  4 bits (C=8, P=3) and 3 bits (C=12, P=4), fp16 x.
+
+Every method gets as many independent weight copies as make its footprint >= 256 MB (at most 64),
+so at the default sizes nothing is served from the 50 MB L2 of an H100; one timed call evaluates ``--reps`` matvecs (copy i mod n,
+a distinct x each) in one graph. After a warm-up, each trial times every method once, in an order
+rotated per trial; the median over ``--trials`` is reported with the achieved bandwidth (weight
+bytes read, plus x and y, per matvec / time). The run also checks each SeedLM kernel's output
+against the plain-MLX reference (max abs diff, and relative to max |y|).
+
+The dequantise kernel (prefill) is timed against its reference into float16, with bytes read and
+written per second. ``--sweep`` also times the 4-bit matvec on the largest size over threadgroup
+sizes and rows per threadgroup.
+
+On the CPU the SeedLM columns are the reference (no kernel); timings there say nothing about the
+kernels. Results go to stdout (``--json`` for one JSON object) and, if ``$OUT`` is set, to
+``$OUT/seedlm_kernels.json``.
+
+    python benchmarks/seedlm_kernels.py --json --sweep        # on the GPU machine, ~2 minutes
+    python benchmarks/seedlm_kernels.py --sizes 256 --trials 3  # smoke test anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mlxeff.kernels import gpu_backend  # noqa: E402
+from mlxeff.quant import seedlm_kernels as sk  # noqa: E402
+
+FOOTPRINT = 256 * 1024 * 1024  # bytes of weights per method, well above any L2
+MAX_COPIES = 64
+CONFIGS = {"seedlm4": (8, 3), "seedlm3": (12, 4)}
+
+
+def random_packed(out: int, inf: int, C: int, P: int, seed: int):
+    """A packed tensor with uniform seeds and codes and exp_base -12 (the kernels' work does not
+    depend on the values)."""
+    rng = np.random.default_rng(seed)
+    nb = sk.num_blocks(inf, C)
+    seeds = rng.integers(1, 1 << 16, (out, nb), dtype=np.uint16)
+    codes = rng.integers(0, 256, (out, sk.codes_width(nb, P)), dtype=np.uint8)
+    return mx.array(seeds), mx.array(codes), -12
+
+
+def packed_bytes(seeds: mx.array, codes: mx.array) -> int:
+    return seeds.nbytes + codes.nbytes + 4
+
+
+class Method:
+    """One way to compute y = x @ W.T, with its weight copies."""
+
+    def __init__(self, name: str, n: int, rows: int, seed: int):
+        self.name, self.n, self.rows = name, n, rows
+        rng = np.random.default_rng(seed)
+        if name in CONFIGS:
+            C, P = CONFIGS[name]
+            self.bits = (16 + 4 + 4 * P) / C
+            first = random_packed(n, n, C, P, seed)
+            self.weight_bytes = packed_bytes(*first[:2])
+            copies = min(MAX_COPIES, max(1, math.ceil(FOOTPRINT / self.weight_bytes)))
+            self.copies = [first] + [random_packed(n, n, C, P, seed + 1 + i) for i in range(copies - 1)]
+            self.fn = lambda x, w: sk.seedlm_matvec(x, w[0], w[1], w[2], C, P, n)
+        else:
+            W = mx.array((rng.standard_normal((n, n), dtype=np.float32) * n ** -0.5).astype(np.float16))
+            if name == "fp16":
+                self.bits, self.weight_bytes = 16.0, W.nbytes
+                make = lambda i: W if i == 0 else (W + mx.array(i * 1e-3, mx.float16))  # noqa: E731
+                self.fn = lambda x, w: x @ w.T
+            else:
+                wq, scales, biases = mx.quantize(W, group_size=64, bits=4)
+                self.weight_bytes = wq.nbytes + scales.nbytes + biases.nbytes
+                self.bits = 8 * self.weight_bytes / (n * n)
+                make = lambda i: (wq ^ mx.array(i, mx.uint32), scales, biases)  # noqa: E731
+                self.fn = lambda x, w: mx.quantized_matmul(x, w[0], w[1], w[2], transpose=True,
+                                                           group_size=64, bits=4)
+            copies = min(MAX_COPIES, max(1, math.ceil(FOOTPRINT / self.weight_bytes)))
+            self.copies = [make(i) for i in range(copies)]
+        mx.eval([a for c in self.copies for a in (c if isinstance(c, tuple) else (c,))
+                 if isinstance(a, mx.array)])
+
+    def call(self, xs):
+        return [self.fn(x, self.copies[i % len(self.copies)]) for i, x in enumerate(xs)]
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    mx.eval(fn())
+    return time.perf_counter() - t0
+
+
+def check(method: Method, x: mx.array) -> dict:
+    """Max |kernel - reference| on the first copy (float32 reference from the same packed data)."""
+    C, P = CONFIGS[method.name]
+    s, c, eb = method.copies[0]
+    got = sk.seedlm_matvec(x, s, c, eb, C, P, method.n).astype(mx.float32)
+    want = sk.seedlm_matvec_reference(x.astype(mx.float32), s, c, eb, C, P, method.n)
+    diff = mx.abs(got - want).max().item()
+    return {"max_abs_diff": diff, "rel_to_max": diff / max(mx.abs(want).max().item(), 1e-30)}
+
+
+def bench_matvec(n: int, rows: int, args) -> dict:
+    names = ["fp16", "affine4", "seedlm4", "seedlm3"]
+    methods = [Method(name, n, rows, seed=17 * i + n) for i, name in enumerate(names)]
+    reps = max(args.reps, max(len(m.copies) for m in methods))
+    xs = [mx.random.normal((rows, n), key=mx.random.key(i)).astype(mx.float16) for i in range(reps)]
+    mx.eval(xs)
+    for m in methods:  # warm-up (and kernel builds)
+        for _ in range(2):
+            timed(lambda: m.call(xs))
+    times = {m.name: [] for m in methods}
+    for t in range(args.trials):
+        order = methods[t % len(methods):] + methods[: t % len(methods)]
+        for m in order:
+            times[m.name].append(timed(lambda: m.call(xs)) / reps)
+    out = {"n": n, "rows": rows, "reps": reps, "methods": []}
+    io_bytes = 2 * rows * n * 2  # x and y in float16
+    for m in methods:
+        med = statistics.median(times[m.name])
+        row = {"method": m.name, "bits_per_weight": round(m.bits, 4), "weight_bytes": m.weight_bytes,
+               "copies": len(m.copies), "median_us": med * 1e6, "min_us": min(times[m.name]) * 1e6,
+               "gbps": (m.weight_bytes + io_bytes) / med / 1e9}
+        if m.name in CONFIGS:
+            row.update(check(m, xs[0]))
+        out["methods"].append(row)
+    t = {r["method"]: r["median_us"] for r in out["methods"]}
+    out["ratios"] = {"fp16_over_seedlm4": t["fp16"] / t["seedlm4"],
+                     "affine4_over_seedlm4": t["affine4"] / t["seedlm4"],
+                     "fp16_over_seedlm3": t["fp16"] / t["seedlm3"],
+                     "affine4_over_seedlm3": t["affine4"] / t["seedlm3"]}
+    return out
+
+
+def bench_dequant(n: int, args) -> list:
+    rows = []
+    for name, (C, P) in CONFIGS.items():
+        s, c, eb = random_packed(n, n, C, P, seed=n + C)
+        ways = {"kernel": lambda: sk.seedlm_dequantize(s, c, eb, C, P, n, dtype=mx.float16),
+                "reference": lambda: sk.seedlm_dequantize_reference(s, c, eb, C, P, n, dtype=mx.float16)}
+        for f in ways.values():
+            timed(f)
+            timed(f)
+        times = {k: [] for k in ways}
+        for t in range(args.trials):
+            for k in (list(ways) if t % 2 == 0 else list(ways)[::-1]):
+                times[k].append(timed(ways[k]))
+        moved = packed_bytes(s, c) + n * n * 2
+        got = sk.seedlm_dequantize(s, c, eb, C, P, n, dtype=mx.float32)
+        want = sk.seedlm_dequantize_reference(s, c, eb, C, P, n, dtype=mx.float32)
+        diff = mx.abs(got - want).max().item()
+        entry = {"n": n, "config": name, "bytes_moved": moved,
+                 "max_abs_diff_fp32": diff, "rel_to_max_fp32": diff / mx.abs(want).max().item()}
+        for k, v in times.items():
+            med = statistics.median(v)
+            entry[f"{k}_median_us"] = med * 1e6
+            entry[f"{k}_gbps"] = moved / med / 1e9
+        entry["reference_over_kernel"] = entry["reference_median_us"] / entry["kernel_median_us"]
+        rows.append(entry)
+    return rows
+
+
+def bench_sweep(n: int, args) -> list:
+    C, P = CONFIGS["seedlm4"]
+    m = Method("seedlm4", n, 1, seed=n)
+    reps = max(args.reps, len(m.copies))
+    xs = [mx.random.normal((1, n), key=mx.random.key(i)).astype(mx.float16) for i in range(reps)]
+    configs = [(T, TR) for T in (128, 256, 512) for TR in (4, 8, 16)]
+
+    def run(T, TR):
+        return [sk.matvec_kernel(x, *m.copies[i % len(m.copies)][:2], m.copies[0][2], C, P, n,
+                                 threads=T, tile_rows=TR) for i, x in enumerate(xs)]
+
+    for cfg in configs:
+        timed(lambda: run(*cfg))
+    times = {cfg: [] for cfg in configs}
+    for t in range(args.trials):
+        for cfg in configs[t % len(configs):] + configs[: t % len(configs)]:
+            times[cfg].append(timed(lambda: run(*cfg)) / reps)
+    default = sk.matvec_plan(1, n, n, C, P, mx.float16)["ints"]
+    return [{"n": n, "threads": T, "tile_rows": TR, "median_us": statistics.median(v) * 1e6,
+             "gbps": (m.weight_bytes + 4 * n) / statistics.median(v) / 1e9,
+             "default": (T, TR) == (default["SL_T"], default["SL_TR"])} for (T, TR), v in times.items()]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="4096,8192", help="square weight sizes (comma-separated)")
+    ap.add_argument("--rows", default="1", help="rows of x per matvec (comma-separated, 1..8)")
+    ap.add_argument("--trials", type=int, default=15)
+    ap.add_argument("--reps", type=int, default=32, help="matvecs per timed call (at least one per copy)")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the 4-bit kernel's launch shape")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    backend = gpu_backend()
+    result = {
+        "command": "python benchmarks/seedlm_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "backend": backend or "cpu", "kernel": sk.kernel_available(),
+        "device": {k: v for k, v in mx.device_info().items() if isinstance(v, (str, int, float))},
+        "mlx": mx.__version__, "platform": platform.platform(),
+        "matvec": [bench_matvec(n, int(r), args) for n in sizes for r in args.rows.split(",")],
+        "dequant": [e for n in sizes for e in bench_dequant(n, args)],
+    }
+    if args.sweep and sk.kernel_available():
+        result["sweep"] = bench_sweep(max(sizes), args)
+    text = json.dumps(result, indent=1)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+        (Path(os.environ["OUT"]) / "seedlm_kernels.json").write_text(text)
+    if args.json:
+        print(text)
+        return
+    print(f"backend {result['backend']} (SeedLM kernel: {result['kernel']}), {result['device']}")
+    for mv in result["matvec"]:
+        print(f"\nmatvec {mv['n']}x{mv['n']}, {mv['rows']} row(s) of x, {mv['reps']} per timed call")
+        for r in mv["methods"]:
+            extra = f"  max|dy| {r['max_abs_diff']:.3g} ({r['rel_to_max']:.2g} of max|y|)" if "max_abs_diff" in r else ""
+            print(f"  {r['method']:8s} {r['bits_per_weight']:6.3f} b/w  {r['median_us']:9.1f} us  "
+                  f"{r['gbps']:7.1f} GB/s  x{r['copies']} copies{extra}")
+        print("  ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in mv["ratios"].items()))
+    print("\ndequantise to float16")
+    for d in result["dequant"]:
+        print(f"  {d['n']} {d['config']}: kernel {d['kernel_median_us']:.1f} us ({d['kernel_gbps']:.1f} GB/s), "
+              f"reference {d['reference_median_us']:.1f} us; max|dW| fp32 {d['max_abs_diff_fp32']:.3g}")
+    for s in result.get("sweep", []):
+        print(f"  sweep n={s['n']} threads {s['threads']:4d} tile_rows {s['tile_rows']:3d}: "
+              f"{s['median_us']:.1f} us {s['gbps']:.1f} GB/s{'  (default)' if s['default'] else ''}")
+
+
+if __name__ == "__main__":
+    main()
