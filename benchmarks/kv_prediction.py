@@ -49,7 +49,11 @@ def _preload_openblas():
         return
     if "openblas" in os.environ.get("LD_PRELOAD", ""):
         return
-    from mlxeff.cli.main import OPENBLAS_CANDIDATES
+    try:
+        from mlxeff.cli.main import OPENBLAS_CANDIDATES
+    except ImportError:  # run from a source tree without installing: cli/ is a top-level package
+        sys.path.insert(0, str(REPO))
+        from cli.main import OPENBLAS_CANDIDATES
 
     lib = next((p for p in OPENBLAS_CANDIDATES if os.path.exists(p)), None)
     if lib is None:

@@ -60,7 +60,6 @@ generate --kv-prediction DIR`` also resolves a bare name against ``MODEL/kv_pred
 from __future__ import annotations
 
 import json
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
