@@ -52,39 +52,67 @@ class UnsafePickle(MlxeffError):
 
 
 # --- placeholders the allow-listed globals build ---------------------------------------------
+# Every object a pickle can reach refuses BUILD (the opcode that sets attributes or calls
+# __setstate__), so a pickle cannot rewrite a validated storage or one of the functions below.
+
+class _Sealed:
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise pickle.UnpicklingError(f"unexpected state for {type(self).__name__}")
+
 
 @dataclass(frozen=True)
-class StorageType:
+class StorageType(_Sealed):
+    __slots__ = ("dtype",)
     dtype: str
 
 
 @dataclass(frozen=True)
-class TorchDtype:
+class TorchDtype(_Sealed):
+    __slots__ = ("name",)
     name: str
 
 
 @dataclass(frozen=True)
-class TypeMarker:
+class TypeMarker(_Sealed):
+    __slots__ = ("name",)
     name: str  # torch.Tensor or torch.nn.Parameter: only usable as _rebuild_from_type_v2's type
 
 
 @dataclass(frozen=True)
-class Storage:
+class Storage(_Sealed):
+    __slots__ = ("key", "dtype", "numel")
     key: str
     dtype: str
     numel: int
 
 
-class TorchTensor:
+class SafeCall(_Sealed):
+    """An allow-listed global: calls ``fn``; no attribute of it can be set from a pickle."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        object.__setattr__(self, "fn", fn)
+
+    def __setattr__(self, name, value):
+        raise pickle.UnpicklingError("allow-listed globals are read-only")
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __repr__(self):
+        return f"SafeCall({self.fn.__name__})"
+
+
+class TorchTensor(_Sealed):
     """A tensor as the pickle describes it; no data."""
 
     __slots__ = ("storage", "offset", "shape", "stride")
 
     def __init__(self, storage: Storage, offset: int, shape: Tuple[int, ...], stride: Tuple[int, ...]):
         self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
-
-    def __setstate__(self, state):  # a BUILD on a tensor placeholder is not something torch writes
-        raise pickle.UnpicklingError("unexpected state for a tensor")
 
     @property
     def contiguous(self) -> bool:
@@ -133,11 +161,11 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
     return data
 
 
-_REBUILDERS = (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_parameter)
+_REBUILDERS = {f: SafeCall(f) for f in (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_parameter)}
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
-    if func not in _REBUILDERS or not isinstance(new_type, TypeMarker) or not isinstance(args, tuple):
+    if not any(func is r for r in _REBUILDERS.values()) or not isinstance(new_type, TypeMarker) or not isinstance(args, tuple):
         raise pickle.UnpicklingError("unsupported tensor subclass reconstruction")
     return func(*args)
 
@@ -156,36 +184,50 @@ def _codecs_encode(obj, encoding="utf-8", errors="strict"):
 _NP_DTYPE_CODES = {"f8", "f4", "f2", "i8", "i4", "i2", "i1", "u8", "u4", "u2", "u1", "b1"}
 
 
-def _np_dtype(name, align=False, copy=True):
-    if not isinstance(name, str) or name not in _NP_DTYPE_CODES:
-        raise pickle.UnpicklingError(f"unsupported numpy dtype {name!r:.40}")
-    return np.dtype(name)
+class NumpyDtype:
+    """``numpy.dtype(code)`` as pickled (then BUILD with its state); only the byte order is used."""
+
+    __slots__ = ("code", "order")
+
+    def __init__(self, code, align=False, copy=True):
+        if not isinstance(code, str) or code not in _NP_DTYPE_CODES:
+            raise pickle.UnpicklingError(f"unsupported numpy dtype {code!r:.40}")
+        self.code, self.order = code, "="
+
+    def __setstate__(self, state):
+        # numpy's own __setstate__ is not called on pickle data: keep the byte order, drop the rest
+        order = state[1] if isinstance(state, tuple) and len(state) > 1 else "="
+        if order not in ("<", ">", "=", "|"):
+            raise pickle.UnpicklingError(f"bad numpy byte order {order!r:.10}")
+        self.order = order
+
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.code).newbyteorder(self.order) if self.order in "<>" else np.dtype(self.code)
 
 
 def _np_scalar(dtype, data=None):
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes) \
-            or len(data) != dtype.itemsize:
+    if not isinstance(dtype, NumpyDtype) or not isinstance(data, bytes) or len(data) != dtype.dtype().itemsize:
         raise pickle.UnpicklingError("unsupported numpy scalar")
-    return np.frombuffer(data, dtype=dtype)[0]
+    return np.frombuffer(data, dtype=dtype.dtype())[0].item()
 
 
 SAFE_GLOBALS: Dict[Tuple[str, str], Any] = {
     ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch._utils", "_rebuild_tensor"): _REBUILDERS[_rebuild_tensor],
+    ("torch._utils", "_rebuild_tensor_v2"): _REBUILDERS[_rebuild_tensor_v2],
+    ("torch._utils", "_rebuild_parameter"): _REBUILDERS[_rebuild_parameter],
+    ("torch._utils", "_rebuild_parameter_with_state"): _REBUILDERS[_rebuild_parameter],
+    ("torch._tensor", "_rebuild_from_type_v2"): SafeCall(_rebuild_from_type_v2),
     ("torch", "Tensor"): TypeMarker("torch.Tensor"),
     ("torch.nn.parameter", "Parameter"): TypeMarker("torch.nn.Parameter"),
     ("torch", "Size"): tuple,
-    ("torch", "device"): _device,
-    ("_codecs", "encode"): _codecs_encode,
-    ("numpy", "dtype"): _np_dtype,
-    ("numpy.core.multiarray", "scalar"): _np_scalar,
-    ("numpy._core.multiarray", "scalar"): _np_scalar,
+    ("torch", "device"): SafeCall(_device),
+    ("_codecs", "encode"): SafeCall(_codecs_encode),
+    ("numpy", "dtype"): NumpyDtype,
+    ("numpy.core.multiarray", "scalar"): SafeCall(_np_scalar),
+    ("numpy._core.multiarray", "scalar"): SafeCall(_np_scalar),
 }
 SAFE_GLOBALS.update({("torch", n): StorageType(d) for n, d in STORAGE_DTYPES.items()})
 SAFE_GLOBALS.update({("torch", n): TorchDtype(n) for n in TORCH_DTYPE_NAMES})

@@ -398,3 +398,14 @@ def test_float16_overflow_is_an_error_not_inf(tmp_path):
         convert(d, tmp_path / "out", tokenizer=False, dtype="float16", progress=False)
     assert not (tmp_path / "out").exists()
     convert(d, tmp_path / "out", tokenizer=False, dtype="bfloat16", progress=False)
+
+
+def test_llama_output_loads_in_mlx_lm(tmp_path, tiny_tokenizer):
+    from mlx_lm import load as lm_load
+
+    weights = llama_weights(LLAMA, seed=3)
+    d = write_llama(tmp_path / "llama", LLAMA, weights)
+    convert(d, tmp_path / "out", tokenizer=tokenizer_dir(tmp_path, tiny_tokenizer), dtype="float32", progress=False)
+    ours, _ = mlxeff.load(tmp_path / "out")
+    ref, _ = lm_load(str(tmp_path / "out"))
+    np.testing.assert_allclose(np.array(ref(TOKENS)), logits(ours), atol=1e-5, rtol=0)

@@ -207,3 +207,20 @@ def test_no_state_dict(tmp_path):
     path = ts.save({"epoch": 1, "note": "no tensors"}, tmp_path / "empty.pt")
     with pytest.raises(MlxeffError, match="no state dict of tensors"):
         read_state_dict(path)
+
+
+def _s(text):
+    return b"X" + len(text).to_bytes(4, "little") + text.encode()
+
+
+STATE = b"}" + _s("numel") + b"J\x00\x00\x00\x7fs"  # {'numel': 2**31 - 2**24}
+
+
+@pytest.mark.parametrize("target", [
+    b"ctorch._utils\n_rebuild_tensor_v2\n",                                   # an allow-listed function
+    b"(" + _s("storage") + b"ctorch\nFloatStorage\n" + _s("0") + _s("cpu") + b"K\x04tQ",  # a storage
+    b"ctorch\nFloatStorage\n",                                                # a storage type
+])
+def test_build_cannot_rewrite_allowed_objects(target):
+    with pytest.raises(MlxeffError, match="corrupt pickle"):
+        unpickle(b"\x80\x02" + target + STATE + b"b.")

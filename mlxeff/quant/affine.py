@@ -1,9 +1,11 @@
 """Affine (min-max, per group) weight quantization with MLX's own kernels.
 
-Each row of a weight is cut into groups of ``group_size``; a group stores ``bits``-bit integers
-``q`` with a scale ``s`` and a bias ``b`` (``w ≈ s·q + b``), which is MLX's ``mx.quantize`` as
-``nn.QuantizedLinear``/``nn.QuantizedEmbedding`` use it (the round-to-nearest baseline that SeedLM,
-arXiv 2410.10714, compares against). This module only chooses what to quantize and records the
+Affine quantization maps reals to integers by a scale and an offset (Jacob et al., arXiv
+1712.05877); applied per group of weights it is the round-to-nearest baseline that SeedLM
+(arXiv 2410.10714) compares against. Each row of a weight is cut into groups of ``group_size``; a
+group stores ``bits``-bit integers ``q`` with a scale ``s`` and a bias ``b`` (``w ≈ s·q + b``, the
+group's min and max mapped to the ends of the code range), which is MLX's ``mx.quantize`` as
+``nn.QuantizedLinear``/``nn.QuantizedEmbedding`` use it. This module only chooses what to quantize and records the
 choice so that ``mlxeff.load`` rebuilds the same modules: ``model.mlxeff_meta["quantization"]``
 maps module path -> ``{"method": "affine", "bits", "group_size"}``, and the modules are replaced
 through the same registry that loading uses (``mlxeff.quant.apply_quantization_spec``).
