@@ -249,10 +249,12 @@ def _spec(kind: str, source: str, inputs: Sequence[str], outputs: Sequence[str],
                       output_names=tuple(outputs), header_file=HEADER, defines=defines)
 
 
+@lru_cache(maxsize=256)  # a decode step asks for the same few plans once per layer
 def matvec_plan(rows: int, out_features: int, in_features: int, C: int, P: int, x_dtype=mx.float16,
                 backend: Optional[str] = None, threads: Optional[int] = None,
                 tile_rows: Optional[int] = None) -> dict:
-    """Launch configuration of the fused matvec: spec, grid, threadgroup, template, outputs."""
+    """Launch configuration of the fused matvec: spec, grid, threadgroup, template, outputs
+    (cached: treat the returned dict as read-only)."""
     backend = backend or gpu_backend() or "cuda"
     nb = num_blocks(in_features, C)
     cb_max = max(1, X_SLICE_BYTES[backend] // (4 * rows * C))
@@ -276,6 +278,7 @@ def matvec_plan(rows: int, out_features: int, in_features: int, C: int, P: int, 
                 ints=ints)
 
 
+@lru_cache(maxsize=256)
 def dequant_plan(out_features: int, in_features: int, C: int, P: int, dtype=mx.float16,
                  backend: Optional[str] = None, rows_per_thread: int = 8) -> dict:
     """Launch configuration of the dequantise kernel."""
