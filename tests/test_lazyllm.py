@@ -336,3 +336,23 @@ def test_cli_lazy_error_is_one_line_in_a_real_process(saved_dir):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: --lazy: keep ratio keep_start=1.5 is outside (0, 1]"], proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == errors[0]
+
+
+def test_clone_decodes_independently(model):
+    prompt = prompt_ids(80, seed=7)
+
+    def prefilled():
+        cache = lz.LazyPrefill(AGGRESSIVE).make_cache(model)
+        mx.eval(lz.lazy_prefill(model, prompt, cache))
+        return cache
+
+    cache = prefilled()
+    twin = cache.clone()
+    other = [lz.lazy_decode(model, mx.array([t]), twin) for t in (9, 9, 9, 9)]
+    mx.eval(other)
+    got = [lz.lazy_decode(model, mx.array([t]), cache) for t in (5, 6, 7)]
+    fresh = prefilled()
+    want = [lz.lazy_decode(model, mx.array([t]), fresh) for t in (5, 6, 7)]
+    assert all(mx.array_equal(x, y) for x, y in zip(got, want))
+    assert cache.next_position == 83 and twin.next_position == 84
+    assert cache.revived == fresh.revived

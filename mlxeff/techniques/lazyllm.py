@@ -204,6 +204,15 @@ class LayerCache(KVCache):
         return self.update_and_fetch(keys, values)
 
 
+def _copy_layer(c: LayerCache) -> LayerCache:
+    # KVCache writes into its buffers in place: the copy needs buffers of its own.
+    new = LayerCache()
+    if c.keys is not None:
+        new.keys, new.values = mx.array(c.keys), mx.array(c.values)
+    new.offset, new.positions = c.offset, c.positions
+    return new
+
+
 @dataclass
 class AuxEntry:
     """Tokens whose next layer to compute is this one: positions (m,) and hidden states (1, m, d)."""
@@ -245,6 +254,24 @@ class LazyCache(list):
             self.aux[layer] = AuxEntry(p, hidden)
             self.depth[p] = layer
         self._pending_aux.clear()
+
+    def arrays(self) -> list:
+        """Every array the cache holds (to evaluate it completely, e.g. when timing a prefill)."""
+        out = [a for c in self for a in (c.keys, c.values, c.positions) if a is not None]
+        out += [a for pair in self._pending_aux.values() for a in pair]
+        return out + [e.hidden for e in self.aux if e is not None]
+
+    def clone(self) -> "LazyCache":
+        """An independent copy (decode continues differently from the same prefill)."""
+        new = LazyCache.__new__(LazyCache)
+        list.__init__(new, (_copy_layer(c) for c in self))
+        new.schedule, new.stages = self.schedule, dict(self.stages)
+        new.aux = [None if e is None else AuxEntry(e.positions.copy(), e.hidden) for e in self.aux]
+        new._pending_aux = dict(self._pending_aux)
+        new.depth = self.depth.copy()
+        new.prompt_tokens, new.next_position = self.prompt_tokens, self.next_position
+        new.computed, new.revived = list(self.computed), self.revived
+        return new
 
     def stats(self) -> dict:
         return {
