@@ -74,6 +74,14 @@ echo "== train wall time: $(( $(date +%s) - start )) s" >&2
 
 echo "== eval: perplexity of $DEST/model on $DATA/valid.txt.gz" >&2
 $MLXEFF eval "$DEST/model" --perplexity "$DATA/valid.txt.gz" --window "$SEQ" --stride $(( SEQ / 2 )) \
-  --json | tee "$DEST/eval.json"
+  --batch-size 64 --json | tee "$DEST/eval.json"
 du -b "$DEST/model"/* >&2
 echo "== model size: $(cat "$DEST/model"/* | wc -c) bytes" >&2
+
+echo "== greedy continuations" >&2
+: > "$DEST/continuations.jsonl"
+for prompt in "Once upon a time" "The little girl looked at the" "\"Where are you going?\" asked the"; do
+  $MLXEFF generate "$prompt" --model "$DEST/model" --max-tokens 60 --seed 0 --json \
+    | python -c "import json,sys; print(json.dumps(json.load(sys.stdin)))" >> "$DEST/continuations.jsonl"
+done
+python -c "import json,sys; [print(repr(r['prompt']), '->', repr(r['text'])) for r in map(json.loads, open(sys.argv[1]))]" "$DEST/continuations.jsonl"
