@@ -62,7 +62,12 @@ def make_layers(heads, context, n_sel, reps, dtype, rng):
     return layers
 
 
-def variants(use_kernel: bool, n_splits=None):
+SWEEP = [(4, 4, s) for s in (1, 4, 8, 16, 32, 64, 128)] + [
+    (w, u, None) for w, u in ((2, 4), (8, 4), (16, 4), (32, 4), (4, 2), (4, 8), (8, 8))
+] + [(32, 8, 1), (16, 8, 2), (32, 4, 2)]
+
+
+def variants(use_kernel: bool, n_splits=None, warps=pa.WARPS, unroll=pa.UNROLL):
     def dense(L, q):
         return mx.fast.scaled_dot_product_attention(q, L["k"], L["v"], scale=L["scale"])
 
@@ -72,7 +77,8 @@ def variants(use_kernel: bool, n_splits=None):
 
     def pruned(L, q):
         if use_kernel:
-            return pa.pruned_attention_kernel(q, L["k"], L["v"], L["idx"], scale=L["scale"], n_splits=n_splits)
+            return pa.pruned_attention_kernel(q, L["k"], L["v"], L["idx"], scale=L["scale"],
+                                              n_splits=n_splits, warps=warps, unroll=unroll)
         return pa.pruned_attention_reference(q, L["k"], L["v"], L["idx"], scale=L["scale"])
 
     return {"dense_all": dense, "sdpa_gathered": gathered, "pruned": pruned}
@@ -138,14 +144,14 @@ def main(argv=None):
                      speedup_vs_dense=med["dense_all"] / med["pruned"],
                      speedup_vs_gathered=med["sdpa_gathered"] / med["pruned"])
         if args.sweep and use_kernel:
-            cfg = pa.launch_config((1, heads[0][0], 1, heads[0][2]), (1, heads[0][1], args.context, 1), n_sel)
-            entry["default_splits_first_layer"] = cfg["ints"]["NSPLIT"]
+            H, KVH, D = heads[0]
+            cfg = pa.launch_config((1, H, 1, D), (1, KVH, args.context, D), n_sel)
+            entry["default_launch_first_layer"] = cfg["ints"]
             sweep = {"dense_all": variants(True)["dense_all"]}
-            for s in (1, 2, 4, 8, 16, 32, 64, 128):
-                if s <= n_sel:
-                    sweep[f"splits_{s}"] = variants(True, s)["pruned"]
-            sm = bench(layers, sweep, args.reps, 1, max(3, args.trials // 2))
-            entry["sweep_seconds_per_step"] = sm
+            for w, u, s in SWEEP:
+                if s is None or s <= n_sel:
+                    sweep[f"warps{w}_unroll{u}_splits{s or 'auto'}"] = variants(True, s, w, u)["pruned"]
+            entry["sweep_seconds_per_step"] = bench(layers, sweep, args.reps, 1, max(3, args.trials // 2))
         result["shapes"][name] = entry
 
     if args.json:
@@ -161,7 +167,7 @@ def main(argv=None):
                   f"pruned {s['pruned'] * 1e6:9.1f} us  -> {e['speedup_vs_dense']:.2f}x vs dense, "
                   f"{e['speedup_vs_gathered']:.2f}x vs gathered (max err {e['max_abs_err_vs_reference']:.2e})")
             for k, t in e.get("sweep_seconds_per_step", {}).items():
-                print(f"      {k:12s} {t * 1e6:9.1f} us")
+                print(f"      {k:28s} {t * 1e6:9.1f} us")
     out_dir = os.environ.get("OUT")
     if out_dir:
         Path(out_dir, "pruned_attention.json").write_text(json.dumps(result, indent=2))

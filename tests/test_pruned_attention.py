@@ -110,6 +110,7 @@ def test_launch_config_splits():
     assert cfg["grid"][0] % cfg["threadgroup"][0] == 0  # whole threadgroups: CUDA does not trim
     assert cfg["ints"]["ROWS"] == 4 and cfg["grid"][1] == 1 and cfg["grid"][2] == 5
     assert 1 < cfg["ints"]["NSPLIT"] <= 1024 // (pa.WARPS * pa.UNROLL)
+    assert cfg["ints"]["WARPS"] == pa.WARPS and cfg["ints"]["UNROLL"] == pa.UNROLL
     assert pa.launch_config((1, 4, 1, 64), (1, 4, 64, 64), 8)["ints"]["NSPLIT"] == 1
 
 
@@ -145,14 +146,18 @@ def metal_check():
     (dict(B=1, H=8, KVH=2, Lq=1, S=96, n=40), 3),  # decode, partial + combine (ragged splits)
     (dict(B=2, H=6, KVH=1, Lq=3, S=80, n=37, D=32), 2),  # GQA prefill chunk, two row blocks
     (dict(B=1, H=20, KVH=5, Lq=1, S=200, n=50, D=128), None),  # default split count
+    (dict(B=1, H=4, KVH=2, Lq=2, S=120, n=70, warps=2, unroll=3), 2),  # other launch shapes
+    (dict(B=1, H=4, KVH=2, Lq=1, S=120, n=70, warps=8, unroll=1), 1),
 ])
 @pytest.mark.parametrize("causal", [False, True])
 def test_metal_body_equals_reference(metal_check, case, n_splits, causal):
+    case = dict(case)
+    launch = {k: case.pop(k) for k in ("warps", "unroll") if k in case}
     q, k, v, idx, qpos, kpos = _case(**case)
     kw = dict(q_positions=qpos, k_positions=kpos) if causal else {}
     scale = q.shape[-1] ** -0.5
     ref = pa.pruned_attention_reference(q, k, v, idx, scale=scale, **kw)
-    got = metal_check(q, k, v, idx, scale=scale, n_splits=n_splits, **kw)
+    got = metal_check(q, k, v, idx, scale=scale, n_splits=n_splits, **launch, **kw)
     np.testing.assert_allclose(got, np.array(ref), rtol=1e-5, atol=2e-6)
 
 
@@ -207,11 +212,11 @@ def test_cuda_body_compiles_with_nvcc(tmp_path):
     units = [
         mlx_cuda_translation_unit(
             pa.PARTIAL_SPEC, walk_in, [mx.float32, mx.float32],
-            [("T", mx.float16), ("D", 64), ("ROWS", 4), ("WARPS", pa.WARPS), ("NSPLIT", 16),
+            [("T", mx.float16), ("D", 64), ("ROWS", 4), ("WARPS", 4), ("UNROLL", 4), ("NSPLIT", 16),
              ("CAUSAL", True)], name="partial"),
         mlx_cuda_translation_unit(
             pa.SINGLE_SPEC, [(mx.bfloat16, 4)] * 3 + walk_in[3:], [mx.bfloat16],
-            [("T", mx.bfloat16), ("D", 128), ("ROWS", 8), ("WARPS", pa.WARPS), ("NSPLIT", 1),
+            [("T", mx.bfloat16), ("D", 128), ("ROWS", 8), ("WARPS", 8), ("UNROLL", 2), ("NSPLIT", 1),
              ("CAUSAL", False)], name="single"),
         mlx_cuda_translation_unit(
             pa.COMBINE_SPEC, [(mx.float32, 3), (mx.float32, 3)], [mx.float32],
@@ -236,15 +241,19 @@ def _cuda():
     (dict(B=1, H=16, KVH=4, Lq=1, S=4096, n=1024), 1),
     (dict(B=2, H=8, KVH=2, Lq=4, S=512, n=130, D=128), 5),
     (dict(B=3, H=6, KVH=1, Lq=7, S=300, n=77, D=32), None),
+    (dict(B=1, H=16, KVH=4, Lq=1, S=4096, n=1024, warps=16, unroll=8), 8),
+    (dict(B=1, H=12, KVH=3, Lq=2, S=999, n=333, warps=32, unroll=2), None),
 ])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_kernel_equals_reference(dtype, case, n_splits, causal):
+    case = dict(case)
+    launch = {k: case.pop(k) for k in ("warps", "unroll") if k in case}
     with mx.stream(mx.gpu):
         q, k, v, idx, qpos, kpos = _case(dtype=dtype, **case)
         kw = dict(q_positions=qpos, k_positions=kpos) if causal else {}
         scale = q.shape[-1] ** -0.5
         ref = pa.pruned_attention_reference(q, k, v, idx, scale=scale, **kw).astype(mx.float32)
-        got = pa.pruned_attention_kernel(q, k, v, idx, scale=scale, n_splits=n_splits, **kw)
+        got = pa.pruned_attention_kernel(q, k, v, idx, scale=scale, n_splits=n_splits, **launch, **kw)
         assert got.dtype == dtype and got.shape == q.shape
         tol = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 2e-2}[dtype]
         np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(ref), atol=tol, rtol=tol)

@@ -36,8 +36,8 @@ import mlx.core as mx
 
 from ..kernels import KernelSpec, build, gpu_backend
 
-WARPS = 4  # SIMD groups per threadgroup of the walk
-UNROLL = 4  # keys in flight per SIMD group (PA_UNROLL in the body)
+WARPS = 4  # SIMD groups per threadgroup of the walk (default)
+UNROLL = 4  # keys in flight per SIMD group (default)
 MAX_ROWS = 8  # query rows (GQA heads x queries) per threadgroup
 TARGET_GROUPS = 256  # enough threadgroups to cover a large GPU about twice
 
@@ -48,21 +48,21 @@ PARTIAL_SPEC = KernelSpec(
     source_file="pruned_attention.inc",
     input_names=_INPUTS,
     output_names=("part_acc", "part_ml"),
-    defines=(("PA_KERNEL", "1"), ("PA_UNROLL", str(UNROLL))),
+    defines=(("PA_KERNEL", "1"),),
 )
 SINGLE_SPEC = KernelSpec(
     name="pruned_attention_single",
     source_file="pruned_attention.inc",
     input_names=_INPUTS,
     output_names=("out",),
-    defines=(("PA_KERNEL", "2"), ("PA_UNROLL", str(UNROLL))),
+    defines=(("PA_KERNEL", "2"),),
 )
 COMBINE_SPEC = KernelSpec(
     name="pruned_attention_combine",
     source_file="pruned_attention.inc",
     input_names=("part_acc", "part_ml"),
     output_names=("out",),
-    defines=(("PA_KERNEL", "3"), ("PA_UNROLL", str(UNROLL))),
+    defines=(("PA_KERNEL", "3"),),
 )
 
 
@@ -73,7 +73,9 @@ def _as_batched(x: Optional[mx.array], batch: int, name: str) -> Optional[mx.arr
         x = x[None]
     if x.ndim != 2 or x.shape[0] not in (1, batch):
         raise ValueError(f"{name} must have shape (n,) or ({batch}, n), got {tuple(x.shape)}")
-    return mx.broadcast_to(x, (batch, x.shape[1])).astype(mx.int32)
+    if x.dtype != mx.int32:
+        x = x.astype(mx.int32)
+    return x if x.shape[0] == batch else mx.broadcast_to(x, (batch, x.shape[1]))
 
 
 def _check(q, k, v, index, q_positions, k_positions):
@@ -136,48 +138,64 @@ def kernel_supported(head_dim: int) -> bool:
     return head_dim % 32 == 0 and head_dim <= 256
 
 
-def default_splits(n: int, groups: int) -> int:
+def default_splits(n: int, groups: int, warps: int = WARPS, unroll: int = UNROLL) -> int:
     """Split the index list until about ``TARGET_GROUPS`` threadgroups run, but never below one
     unrolled round of keys per SIMD group: a decode step is latency-bound, not compute-bound."""
-    most = max(1, math.ceil(n / (WARPS * UNROLL)))
+    most = max(1, math.ceil(n / (warps * unroll)))
     return max(1, min(most, math.ceil(TARGET_GROUPS / max(groups, 1)), 128))
 
 
-def launch_config(q_shape, k_shape, n: int, n_splits: Optional[int] = None) -> dict:
+def launch_config(q_shape, k_shape, n: int, n_splits: Optional[int] = None,
+                  warps: int = WARPS, unroll: int = UNROLL) -> dict:
     """Grid, threadgroup and template ints of the walk (shared by the GPU call and metal-check)."""
     B, H, Lq, D = q_shape
     KVH = k_shape[1]
     rows = (H // KVH) * Lq
     rows_per_group = min(MAX_ROWS, rows)
     row_blocks = math.ceil(rows / rows_per_group)
-    splits = default_splits(n, B * KVH * row_blocks) if n_splits is None else int(n_splits)
+    if not 1 <= warps <= 32 or not 1 <= unroll <= 16:
+        raise ValueError(f"warps must be in 1..32 and unroll in 1..16, got {warps}, {unroll}")
+    groups = B * KVH * row_blocks
+    splits = default_splits(n, groups, warps, unroll) if n_splits is None else int(n_splits)
     if splits < 1:
         raise ValueError(f"n_splits must be >= 1, got {n_splits}")
     return dict(
-        grid=(32 * WARPS * splits, row_blocks, B * KVH),
-        threadgroup=(32 * WARPS, 1, 1),
-        ints=dict(D=D, ROWS=rows_per_group, WARPS=WARPS, NSPLIT=splits),
+        grid=(32 * warps * splits, row_blocks, B * KVH),
+        threadgroup=(32 * warps, 1, 1),
+        ints=dict(D=D, ROWS=rows_per_group, WARPS=warps, UNROLL=unroll, NSPLIT=splits),
     )
 
 
+_CONSTANTS: dict = {}
+
+
+def _constant(value, dtype) -> mx.array:
+    """A cached one-element array (no allocation or fill kernel per call)."""
+    key = (value, dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = mx.array([value], dtype)
+        mx.eval(_CONSTANTS[key])
+    return _CONSTANTS[key]
+
+
 def kernel_inputs(q, k, v, index, scale, q_positions=None, k_positions=None):
-    """The seven kernel inputs (contiguous; dummy positions when not causal) and ``causal``."""
+    """The seven kernel inputs (dummy positions when not causal) and ``causal``."""
     idx, qpos, kpos = _check(q, k, v, index, q_positions, k_positions)
     causal = qpos is not None
-    dummy = mx.zeros((1,), mx.int32)
+    dummy = _constant(0, mx.int32)
     ins = [q, k, v, idx, qpos if causal else dummy, kpos if causal else dummy,
-           mx.array([scale], mx.float32)]
+           _constant(float(scale), mx.float32)]
     return ins, causal
 
 
-def _launch(ins, causal: bool, q_shape, dtype, n_splits, call):
+def _launch(ins, causal: bool, q_shape, dtype, n_splits, call, warps=WARPS, unroll=UNROLL):
     """The kernel sequence for one call; ``call(spec, **launch)`` runs one kernel and returns its
     outputs (MLX on a GPU, or metal-check on the CPU in the tests)."""
     B, H, Lq, D = q_shape
     if not kernel_supported(D):
         raise ValueError(f"the pruned-attention kernel needs head_dim % 32 == 0 and <= 256, got {D}")
     n = ins[3].shape[1]
-    cfg = launch_config(q_shape, ins[1].shape, n, n_splits)
+    cfg = launch_config(q_shape, ins[1].shape, n, n_splits, warps, unroll)
     ints = cfg["ints"]
     template = [("T", dtype), *ints.items(), ("CAUSAL", causal)]
     walk = dict(template=template, grid=cfg["grid"], threadgroup=cfg["threadgroup"])
@@ -192,7 +210,8 @@ def _launch(ins, causal: bool, q_shape, dtype, n_splits, call):
     return call(
         COMBINE_SPEC, inputs=[part_acc, part_ml],
         template=[("T", dtype), ("D", D), ("NSPLIT", ints["NSPLIT"])],
-        grid=(D, rows, 1), threadgroup=(D, 1, 1), output_shapes=[tuple(q_shape)], output_dtypes=[dtype],
+        grid=(D * rows, 1, 1), threadgroup=(D, 1, 1), output_shapes=[tuple(q_shape)],
+        output_dtypes=[dtype],
     )[0]
 
 
@@ -206,16 +225,19 @@ def pruned_attention_kernel(
     q_positions: Optional[mx.array] = None,
     k_positions: Optional[mx.array] = None,
     n_splits: Optional[int] = None,
+    warps: int = WARPS,
+    unroll: int = UNROLL,
     backend: Optional[str] = None,
 ) -> mx.array:
-    """The custom kernel (Metal or CUDA); raises ``KernelUnavailable`` without a GPU backend."""
+    """The custom kernel (Metal or CUDA); raises ``KernelUnavailable`` without a GPU backend.
+    ``n_splits``, ``warps`` and ``unroll`` tune the launch (the defaults suit a decode step)."""
     ins, causal = kernel_inputs(q, k, v, index, scale, q_positions, k_positions)
     return _launch(ins, causal, q.shape, q.dtype, n_splits,
-                   lambda spec, **kw: build(spec, backend)(**kw))
+                   lambda spec, **kw: build(spec, backend)(**kw), warps, unroll)
 
 
 def pruned_attention_metal_check(q, k, v, index, *, scale, q_positions=None, k_positions=None,
-                                 n_splits=None):
+                                 n_splits=None, warps=WARPS, unroll=UNROLL):
     """The Metal body executed on the CPU by shared/tools/metal-check (tests only; numpy out)."""
     import numpy as np
 
@@ -231,7 +253,7 @@ def pruned_attention_metal_check(q, k, v, index, *, scale, q_positions=None, k_p
                                output_dtypes=[np_dtype(d) for d in output_dtypes], **kw)
 
     ins, causal = kernel_inputs(q, k, v, index, scale, q_positions, k_positions)
-    return _launch(ins, causal, q.shape, q.dtype, n_splits, call)
+    return _launch(ins, causal, q.shape, q.dtype, n_splits, call, warps, unroll)
 
 
 def pruned_attention(
