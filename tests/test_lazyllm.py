@@ -21,8 +21,9 @@ VOCAB = 96
 
 
 def lazy_args(layers=8):
-    # GQA with 2 query heads per KV head (4..8 query heads, 2..4 KV heads), 8 layers.
-    return layerwise_config(layers, 128, 16, num_gqa_groups=2, vocab_size=VOCAB, ffn_dim_divisor=32)
+    # GQA with 2 query heads per KV head (2..4 query heads, 1..2 KV heads), 8 layers; head_dim 32,
+    # so that on a GPU the revived rows' attention runs the pruned-attention kernel.
+    return layerwise_config(layers, 128, 32, num_gqa_groups=2, vocab_size=VOCAB, ffn_dim_divisor=32)
 
 
 @pytest.fixture(scope="module")
