@@ -12,8 +12,10 @@
 
 (b) encoding speed
     python benchmarks/seedlm.py speed [--blocks 8192] [--ranks 1 2] [--trials 3] [--json]
-  Encodes the same random matrix with 1 rank (plain process) and n ranks (``mlx.launch -n N
-  --backend ring``), alternating trials, each worker timing one warm encode after a warm-up.
+  Encodes the same random matrix with 1 rank (plain process) and n ranks of the ring backend
+  (started by ``mlx.launch -n N --backend ring`` and directly with the environment it sets up,
+  MLX_RANK and MLX_HOSTFILE, without its I/O relay), alternating trials, each worker timing one warm encode after a warm-up; each
+  rank gets cpu_count / n BLAS threads.
     python benchmarks/seedlm.py model [--size 270M] [--bits 4] [--layers N] [--json]
   Encodes every Linear of the transformer blocks of an OpenELM-shaped model with random weights
   (``quantize_model``), reporting wall time, blocks/s and the projected time for OpenELM-3B at the
@@ -129,11 +131,16 @@ def model_quality(args) -> list:
     tokens = encode_text(tokenizer, read_text(Path(args.valid)))[: args.tokens]
 
     def fresh():
-        m, _ = mlxeff.load(model_dir)
-        stored = {str(v.dtype) for _, v in tree_flatten(m.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
+        m = mlxeff.io.load_model(model_dir)
+        stored = {str(v.dtype).removeprefix("mlx.core.") for _, v in tree_flatten(m.parameters())
+                  if mx.issubdtype(v.dtype, mx.floating)}
+        return m, ",".join(sorted(stored))
+
+    def compute_dtype(m):
+        # after quantizing, so affine scales keep the stored dtype's values (exact in float32)
         if device_name() == "cpu":
             m.set_dtype(mx.float32)  # fp16/bf16 matmul is slow on the CPU backend
-        return m, ",".join(sorted(stored))
+        return m
 
     def ppl(m):
         t0 = time.perf_counter()
@@ -142,32 +149,31 @@ def model_quality(args) -> list:
 
     rows = []
     base, stored = fresh()
-    p, dt = ppl(base)
-    rows.append({"method": f"float ({stored} stored)", "bits": None, **float_linear_bits(base), "ppl": p,
-                 "eval_seconds": dt})
+    bits_row = float_linear_bits(base)
+    p, dt = ppl(compute_dtype(base))
+    rows.append({"method": f"float ({stored} stored)", "bits": None, **bits_row, "ppl": p, "eval_seconds": dt})
     del base
     for bits in (4, 3):
         cache = Path(args.cache) / f"seedlm{bits}" if args.cache else None
         t0 = time.perf_counter()
         if cache is not None and (cache / "config.json").is_file():
-            m, _ = mlxeff.load(cache)
-            if device_name() == "cpu":
-                m.set_dtype(mx.float32)
-            enc_s = None
+            m, enc_s = mlxeff.io.load_model(cache), None
         else:
             m, _ = fresh()
             quantize_model(m, bits=bits, progress=not args.json)
             enc_s = time.perf_counter() - t0
             if cache is not None:
                 mlxeff.save(m, tokenizer, cache)
-        p, dt = ppl(m)
-        rows.append({"method": "seedlm", "bits": bits, **quantized_bits(m), "ppl": p, "eval_seconds": dt,
+        bits_row = quantized_bits(m)
+        p, dt = ppl(compute_dtype(m))
+        rows.append({"method": "seedlm", "bits": bits, **bits_row, "ppl": p, "eval_seconds": dt,
                      "encode_seconds": enc_s})
         del m
         m, _ = fresh()
         quantize_affine(m, bits=bits, group_size=64, embedding_bits=None)
-        p, dt = ppl(m)
-        rows.append({"method": "affine g64", "bits": bits, **quantized_bits(m), "ppl": p, "eval_seconds": dt})
+        bits_row = quantized_bits(m)
+        p, dt = ppl(compute_dtype(m))
+        rows.append({"method": "affine g64", "bits": bits, **bits_row, "ppl": p, "eval_seconds": dt})
         del m
     f = rows[0]["ppl"]
     for r in rows:
@@ -224,33 +230,66 @@ def cmd_worker(args) -> None:
             "seeds_sha": int(np.asarray(enc.seeds, np.int64).sum())}))
 
 
+def _free_ports(n: int):
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for sk in socks:
+        sk.bind(("127.0.0.1", 0))
+    ports = [sk.getsockname()[1] for sk in socks]
+    for sk in socks:
+        sk.close()
+    return ports
+
+
+def run_ranks(worker, n: int, launcher: str, tmp: Path) -> None:
+    """Run ``worker`` on n local ranks of the ring backend, through ``mlx.launch`` or directly
+    (the same MLX_RANK / MLX_HOSTFILE environment mlx.launch sets up, without its I/O relay)."""
+    # the cores are shared out between the ranks (no BLAS oversubscription)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // n)))
+    if n == 1:
+        subprocess.run(worker, check=True, env=env)
+    elif launcher == "mlx.launch":
+        exe = Path(sys.executable).parent / "mlx.launch"
+        subprocess.run([str(exe), "-n", str(n), "--backend", "ring", "--"] + worker, check=True, env=env)
+    else:
+        hostfile = tmp / "hosts.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
+        procs = [subprocess.Popen(worker, env=dict(env, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)))
+                 for r in range(n)]
+        if any(p.wait() != 0 for p in procs):
+            raise SystemExit("a rank failed")
+
+
 def cmd_speed(args) -> None:
-    launcher = Path(sys.executable).parent / "mlx.launch"
-    runs = {(b, n): [] for b in args.bits for n in args.ranks}
+    configs = [(n, "-" if n == 1 else lau) for n in args.ranks for lau in args.launchers]
+    configs = list(dict.fromkeys(configs))
+    runs = {(b, n, lau): [] for b in args.bits for n, lau in configs}
     with tempfile.TemporaryDirectory() as tmp:
         for trial in range(args.trials):
             for bits in args.bits:
-                for n in args.ranks:
+                for n, lau in configs:
                     res = Path(tmp) / f"r{trial}-{bits}-{n}.json"
                     worker = [sys.executable, __file__, "worker", "--bits", str(bits), "--blocks",
                               str(args.blocks), "--batch", str(args.batch), "--result", str(res)]
-                    cmd = worker if n == 1 else [str(launcher), "-n", str(n), "--backend", "ring", "--"] + worker
-                    subprocess.run(cmd, check=True)
-                    runs[(bits, n)].append(json.loads(res.read_text()))
+                    run_ranks(worker, n, lau, Path(tmp))
+                    runs[(bits, n, lau)].append(json.loads(res.read_text()))
     rows = []
-    for (bits, n), rs in runs.items():
+    for (bits, n, lau), rs in runs.items():
         rates = [r["blocks_per_s"] for r in rs]
-        rows.append({"bits": bits, "ranks": n, "blocks": rs[0]["blocks"], "trials": len(rs),
+        first = runs[(bits,) + configs[0]]
+        rows.append({"bits": bits, "ranks": n, "launcher": lau, "blocks": rs[0]["blocks"], "trials": len(rs),
                      "blocks_per_s_median": statistics.median(rates), "blocks_per_s": rates,
-                     "identical_result": len({r["seeds_sha"] for r in runs[(bits, args.ranks[0])]} |
-                                             {r["seeds_sha"] for r in rs}) == 1})
+                     "identical_result": len({r["seeds_sha"] for r in first + rs}) == 1})
     for r in rows:
-        one = next(x for x in rows if x["bits"] == r["bits"] and x["ranks"] == args.ranks[0])
+        one = next(x for x in rows if x["bits"] == r["bits"] and (x["ranks"], x["launcher"]) == configs[0])
         r["speedup_vs_first"] = r["blocks_per_s_median"] / one["blocks_per_s_median"]
-    result = {"device": device_name(), "blas_preload": os.environ.get("LD_PRELOAD", ""), "rows": rows}
+    result = {"device": device_name(), "cpu_count": os.cpu_count(), "loadavg_1min_after": os.getloadavg()[0],
+              "blas_preload": os.environ.get("LD_PRELOAD", ""), "rows": rows}
     if not args.json:
         for r in rows:
-            print(f"{r['bits']}-bit ranks={r['ranks']}: {r['blocks_per_s_median']:,.0f} blocks/s "
+            how = "" if r["ranks"] == 1 else f" via {r['launcher']}"
+            print(f"{r['bits']}-bit ranks={r['ranks']}{how}: {r['blocks_per_s_median']:,.0f} blocks/s "
                   f"(median of {r['trials']}; x{r['speedup_vs_first']:.2f}; same result: {r['identical_result']})")
     emit("seedlm_speed", result, args.json)
 
@@ -323,6 +362,8 @@ def main(argv=None) -> None:
     s.add_argument("--batch", type=int, default=256)
     s.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     s.add_argument("--trials", type=int, default=3)
+    s.add_argument("--launchers", nargs="+", default=["direct", "mlx.launch"], choices=["direct", "mlx.launch"],
+                   help="how ranks > 1 start: directly with the ring backend's environment, or mlx.launch")
     s.add_argument("--json", action="store_true")
     w = sub.add_parser("worker", help=argparse.SUPPRESS)
     w.add_argument("--bits", type=int, required=True)
