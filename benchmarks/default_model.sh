@@ -4,9 +4,11 @@
 #   STEPS=2000 bash benchmarks/default_model.sh [DATA_DIR] [OUT_DIR]
 #
 # DATA_DIR (default ../shared/data/gutenberg-children) holds train-*.txt.gz (training) and
-# valid.txt.gz (validation); OUT_DIR (default runs/default-model, or $OUT/default-model when $OUT is
-# set) receives tokenizer/, cache/, checkpoints/, model/ (the shippable model), summary.json,
-# eval.json and train.log. STEPS=30 makes the throughput probe (same script, same config).
+# valid.txt.gz (validation); OUT_DIR (default runs/default-model) receives tokenizer/, cache/,
+# checkpoints/, model/ (the shippable model), summary.json, eval.json, continuations.jsonl and
+# train.log. When $OUT is set, the deliverables are copied there as 5 files: default-model.tar (the
+# model directory), summary.json, eval.json, continuations.jsonl, train.log.
+# STEPS=30 makes the throughput probe (same script, same config).
 #
 # Budget: the shipped model (fp16 safetensors + tokenizer files) must stay <= 16 MB, i.e. about
 # 7.7 M parameters with the tied embedding, and train in about 8-9 minutes on one H100 (MLX CUDA).
@@ -22,7 +24,8 @@
 #   multipliers 0.5 -> 4.0 (first layer 96, last 768 wide), 2 query heads per KV head, FFN widths
 #   multiples of 32 (so the rule has room to vary at this width), qk-norm, tied embeddings.
 # - Sequence 512, 256 sequences per step (131,072 tokens): large enough for the GPU and, at the
-#   expected step counts, a few passes over the 47 M-token training set.
+#   expected step counts, a few passes over the training set (about 47 M tokens at the 3.49
+#   characters per token measured on valid.txt.gz).
 # - AdamW (0.9, 0.95), peak lr 3e-3 (small models tolerate large rates; qk-norm, z-loss 1e-4 and
 #   clipping at 1.0 keep bf16 stable), warm-up 10% of the steps (at most 300), cosine to 3e-4,
 #   weight decay 0.1 on matrices; bf16 compute with fp32 master weights and optimizer state.
@@ -33,9 +36,7 @@
 set -euo pipefail
 
 DATA=${1:-../shared/data/gutenberg-children}
-DEFAULT_OUT=runs/default-model
-if [[ -n "${OUT:-}" ]]; then DEFAULT_OUT="$OUT/default-model"; fi
-DEST=${2:-$DEFAULT_OUT}
+DEST=${2:-runs/default-model}
 STEPS=${STEPS:-2000}
 BATCH=${BATCH:-256}
 ACCUM=${ACCUM:-1}
@@ -85,3 +86,10 @@ for prompt in "Once upon a time" "The little girl looked at the" "\"Where are yo
     | python -c "import json,sys; print(json.dumps(json.load(sys.stdin)))" >> "$DEST/continuations.jsonl"
 done
 python -c "import json,sys; [print(repr(r['prompt']), '->', repr(r['text'])) for r in map(json.loads, open(sys.argv[1]))]" "$DEST/continuations.jsonl"
+
+if [[ -n "${OUT:-}" ]]; then
+  mkdir -p "$OUT"
+  tar -C "$DEST" -cf "$OUT/default-model.tar" model
+  cp "$DEST/summary.json" "$DEST/eval.json" "$DEST/continuations.jsonl" "$DEST/train.log" "$OUT/"
+  echo "== copied to $OUT: default-model.tar summary.json eval.json continuations.jsonl train.log" >&2
+fi
