@@ -43,8 +43,8 @@ Per weight matrix W of shape (out, in) (a Linear's weight), configuration (C, P)
 Modules: ``SeedLMLinear(in_features, out_features, C, P)`` and ``SeedLMEmbedding`` (only with
 ``include_embeddings``; its table is packed like a Linear weight of shape (vocab, dims)) hold
 ``seeds``, ``codes``, ``exp_base`` as parameters. ``SeedLMLinear.__call__`` uses the fused GPU
-kernels where ``seedlm_kernels.kernel_available()`` (rows <= 8: matvec; more rows: dequantise to
-fp16 per call, then matmul); otherwise a dense float32 reconstruction built once, cached (not
+kernels where ``seedlm_kernels.kernel_available(C, P)`` (rows <= 8: matvec; more rows: dequantise
+to x's dtype per call, then matmul); otherwise a dense float32 reconstruction built once, cached (not
 saved) and rebuilt if the packed arrays are replaced.
 
 Deviations and choices (see also ``seedlm_encoder``):
@@ -202,23 +202,20 @@ def reconstruct(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int, in_f
 # modules
 
 
-def _kernels():
-    """The fused-kernel module when this backend has its kernels, else None."""
+def _kernels(C: int, P: int):
+    """The fused-kernel module when this backend has kernels for (C, P), else None."""
     try:
         from . import seedlm_kernels as k
     except ImportError:
         return None
-    try:
-        return k if k.kernel_available() else None
-    except Exception:
-        return None
+    return k if k.kernel_available(C, P) else None
 
 
 class _Dense:
     """Cache of a dense reconstruction, keyed on the identity of the packed arrays (not saved)."""
 
     def __init__(self):
-        self.key, self.weight = None, None
+        self.key, self.weights = None, {}
 
 
 class _SeedLMBase(nn.Module):
@@ -235,16 +232,20 @@ class _SeedLMBase(nn.Module):
     def _packed_rows_cols(self) -> Tuple[int, int]:
         raise NotImplementedError
 
-    def dense_weight(self) -> mx.array:
-        """The float32 reconstruction, built once per set of packed arrays."""
+    def dense_weight(self, dtype=mx.float32) -> mx.array:
+        """The reconstruction (computed in float32, then cast), built once per set of packed arrays
+        and dtype."""
         key = (id(self.seeds), id(self.codes), id(self.exp_base))
         cache = self._dense_cache
         if cache.key != key:
             _, cols = self._packed_rows_cols()
-            cache.weight = reconstruct(self.seeds, self.codes, self.exp_base, self.C, self.P, cols, self.K)
-            mx.eval(cache.weight)
-            cache.key = key
-        return cache.weight
+            w = reconstruct(self.seeds, self.codes, self.exp_base, self.C, self.P, cols, self.K)
+            mx.eval(w)
+            cache.key, cache.weights = key, {mx.float32: w}
+        if dtype not in cache.weights:
+            cache.weights[dtype] = cache.weights[mx.float32].astype(dtype)
+            mx.eval(cache.weights[dtype])
+        return cache.weights[dtype]
 
     def spec(self) -> dict:
         rows, cols = self._packed_rows_cols()
@@ -294,7 +295,7 @@ class SeedLMLinear(_SeedLMBase):
         return f"in_features={self.in_features}, out_features={self.out_features}, C={self.C}, P={self.P}"
 
     def __call__(self, x: mx.array) -> mx.array:
-        k = _kernels()
+        k = _kernels(self.C, self.P)
         if k is not None:
             lead = x.shape[:-1]
             rows = math.prod(lead)
@@ -306,8 +307,7 @@ class SeedLMLinear(_SeedLMBase):
                                         self.in_features, dtype=x.dtype)
                 y = x @ W.T
         else:
-            W = self.dense_weight()
-            y = x @ (W if W.dtype == x.dtype else W.astype(x.dtype)).T
+            y = x @ self.dense_weight(x.dtype).T
         if "bias" in self:
             y = y + self.bias
         return y
@@ -344,8 +344,7 @@ class SeedLMEmbedding(_SeedLMBase):
         return rows.reshape(*ids.shape, self.dims)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        W = self.dense_weight()
-        return x @ (W if W.dtype == x.dtype else W.astype(x.dtype)).T
+        return x @ self.dense_weight(x.dtype).T
 
     def set_packed(self, seeds, codes, exp_base) -> None:
         SeedLMLinear.set_packed(self, seeds, codes, exp_base)
