@@ -45,7 +45,16 @@ DTYPE=${DTYPE:-bfloat16}
 LR=${LR:-3e-3}
 WARMUP=$(( STEPS / 10 < 300 ? STEPS / 10 : 300 ))
 EVAL_EVERY=${EVAL_EVERY:-$(( STEPS / 5 > 0 ? STEPS / 5 : 1 ))}
-MLXEFF=${MLXEFF:-"python -m mlxeff.cli.main"}
+if [[ -z "${MLXEFF:-}" ]]; then
+  if python -c "import mlxeff.cli.main" 2>/dev/null; then
+    MLXEFF="python -m mlxeff.cli.main"
+  else
+    # Not pip-installed (e.g. PYTHONPATH=repo root on the GPU machine): cli/ imports as `cli`, and
+    # the OpenBLAS re-launch (which names mlxeff.cli.main) is for CPU runs only.
+    MLXEFF="python -m cli.main"
+    export MLXEFF_NO_OPENBLAS=1
+  fi
+fi
 
 if ! ls "$DATA"/train-*.txt.gz >/dev/null 2>&1; then
   echo "error: $DATA: no train-*.txt.gz shards" >&2

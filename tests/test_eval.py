@@ -130,7 +130,9 @@ def test_cli_eval(saved_dir, tmp_path, tiny_tokenizer):
     ref = ev.perplexity(model, np.array(ids), window=32, stride=16)
     assert out["tokens"] == len(ids) - 1 == ref["tokens"]
     assert out["ppl"] == pytest.approx(ref["ppl"], rel=1e-4)
-    bad = subprocess.run([sys.executable, "-m", "mlxeff.cli.main", "eval", str(path), "--perplexity",
-                          str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert "Traceback" not in bad.stderr
+    from typer.testing import CliRunner
+
+    from mlxeff.cli.main import app
+
+    bad = CliRunner().invoke(app, ["eval", str(path), "--perplexity", str(tmp_path / "missing.txt")])
+    assert isinstance(bad.exception, MlxeffError) and "no such text file" in str(bad.exception)
