@@ -50,7 +50,8 @@ def _reexec_with_openblas() -> None:
         return
     env = dict(os.environ, MLXEFF_NO_OPENBLAS="1")
     env["LD_PRELOAD"] = ":".join(filter(None, [lib, os.environ.get("LD_PRELOAD")]))
-    argv = [sys.executable, "-m", "mlxeff.cli.main", *sys.argv[1:]]
+    # orig_argv repeats the interpreter's own flags (-P, -m ...) exactly as the user gave them.
+    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, "-m", "mlxeff.cli.main", *sys.argv[1:]])
     try:
         sys.stdout.flush()
         os.execve(sys.executable, argv, env)

@@ -217,6 +217,10 @@ def load_tokenizer(path):
 
     config = read_config(path)
     try:
+        from transformers.utils import logging as hf_logging
+
+        # transformers warns that it does not know model_type "openelm"; the tokenizer needs no model.
+        hf_logging.set_verbosity_error()
         return load_tok(path, eos_token_ids=config.get("eos_token_id"))
     except Exception as e:
         raise MlxeffError(f"cannot load the tokenizer ({e})", path) from None

@@ -116,7 +116,13 @@ def gpu_backend() -> Optional[str]:
 
 
 def read_source(filename: str) -> str:
-    return resources.files("mlxeff.metal").joinpath(filename).read_text()
+    try:
+        return resources.files("mlxeff.metal").joinpath(filename).read_text()
+    except ModuleNotFoundError:
+        # A source checkout used without installing: metal/ sits beside the mlxeff/ package.
+        from pathlib import Path
+
+        return (Path(__file__).resolve().parents[1] / "metal" / filename).read_text()
 
 
 def kernel_sources(spec: KernelSpec, backend: str) -> Tuple[str, str]:
