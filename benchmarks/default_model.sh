@@ -79,7 +79,7 @@ $MLXEFF train \
   --lr "$LR" --min-lr 3e-4 --warmup "$WARMUP" --weight-decay 0.1 --clip 1.0 --z-loss 1e-4 \
   --dtype "$DTYPE" --save-dtype float16 --seed 0 \
   --eval-every "$EVAL_EVERY" --eval-tokens 262144 --save-every 500 --log-every 10 \
-  --out "$DEST" "${RESUME[@]}" --json > "$DEST/summary.stdout.json" 2> >(tee "$DEST/train.log" >&2)
+  --out "$DEST" ${RESUME[@]+"${RESUME[@]}"} --json > "$DEST/summary.stdout.json" 2> >(tee -a "$DEST/train.log" >&2)
 echo "== train wall time: $(( $(date +%s) - start )) s" >&2
 
 echo "== eval: perplexity of $DEST/model on $DATA/valid.txt.gz" >&2

@@ -639,5 +639,11 @@ def run_training(cfg: TrainConfig, *, train_files, valid_files, out, tokenizer=N
         "save_dtype": save_dtype,
         "history": result["history"],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    previous = out / "summary.json"
+    if result["start_step"] == cfg.steps and previous.is_file():
+        # Nothing was trained now (the run was complete): keep the figures of the run that trained.
+        old = json.loads(previous.read_text())
+        for key in ("train_time_s", "wall_time_s", "tokens_per_s", "resumed_from", "device"):
+            summary[key] = old.get(key, summary[key])
+    previous.write_text(json.dumps(summary, indent=1))
     return summary
