@@ -16,14 +16,16 @@ bytes read, plus x and y, per matvec / time). The run also checks each SeedLM ke
 against the plain-MLX reference (max abs diff, and relative to max |y|).
 
 The dequantise kernel (prefill) is timed against its reference into float16, with bytes read and
-written per second. ``--sweep`` also times the 4-bit matvec on the largest size over threadgroup
-sizes and rows per threadgroup.
+written per second. ``--sweep`` also times the 4-bit one-row matvec at every size over the launch
+shapes in ``SWEEP`` (x staged in threadgroup memory or read directly, threads per threadgroup, output
+rows per threadgroup; the first GPU run's shape included) and names the fastest overall, the value
+for ``seedlm_kernels.MATVEC_DEFAULTS``.
 
 On the CPU the SeedLM columns are the reference (no kernel); timings there say nothing about the
 kernels. Results go to stdout (``--json`` for one JSON object) and, if ``$OUT`` is set, to
 ``$OUT/seedlm_kernels.json``.
 
-    python benchmarks/seedlm_kernels.py --json --sweep        # on the GPU machine, ~2 minutes
+    python benchmarks/seedlm_kernels.py --sweep               # on the GPU machine, ~3 minutes
     python benchmarks/seedlm_kernels.py --sizes 256 --trials 3  # smoke test anywhere
 """
 
@@ -178,27 +180,91 @@ def bench_dequant(n: int, args) -> list:
     return rows
 
 
+# (stage_x, threads, tile_rows) tried by --sweep; (True, 256, 8) is the first GPU run's launch shape
+SWEEP = [(True, 256, 8), (True, 128, 8), (True, 256, 4)] + [
+    (False, T, TR) for T in (32, 64, 128, 256) for TR in (2, 4, 8)] + [(False, 128, 16), (False, 64, 16)]
+
+
+def variant_name(cfg) -> str:
+    stage, T, TR = cfg
+    return f"{'staged' if stage else 'direct'}-x T={T} TR={TR}"
+
+
 def bench_sweep(n: int, args) -> list:
+    """The 4-bit matvec (one x row) at every launch shape of SWEEP, timed side by side like the
+    methods of bench_matvec (same copies, same x, rotated order); each checked against the
+    reference on the first copy."""
     C, P = CONFIGS["seedlm4"]
     m = Method("seedlm4", n, 1, seed=n)
     reps = max(args.reps, len(m.copies))
     xs = [mx.random.normal((1, n), key=mx.random.key(i)).astype(mx.float16) for i in range(reps)]
-    configs = [(T, TR) for T in (128, 256, 512) for TR in (4, 8, 16)]
+    mx.eval(xs)
+    eb = m.copies[0][2]
 
-    def run(T, TR):
-        return [sk.matvec_kernel(x, *m.copies[i % len(m.copies)][:2], m.copies[0][2], C, P, n,
-                                 threads=T, tile_rows=TR) for i, x in enumerate(xs)]
+    def run(cfg, xs=xs):
+        st, T, TR = cfg
+        return [sk.matvec_kernel(x, *m.copies[i % len(m.copies)][:2], eb, C, P, n,
+                                 threads=T, tile_rows=TR, stage_x=st) for i, x in enumerate(xs)]
 
-    for cfg in configs:
-        timed(lambda: run(*cfg))
-    times = {cfg: [] for cfg in configs}
+    want = sk.seedlm_matvec_reference(xs[0].astype(mx.float32), *m.copies[0][:2], eb, C, P, n)
+    scale = mx.abs(want).max().item()
+    diffs = {}
+    for cfg in SWEEP:
+        got = run(cfg, xs[:1])[0].astype(mx.float32)
+        diffs[cfg] = mx.abs(got - want).max().item() / scale
+        timed(lambda: run(cfg))
+        timed(lambda: run(cfg))
+    times = {cfg: [] for cfg in SWEEP}
     for t in range(args.trials):
-        for cfg in configs[t % len(configs):] + configs[: t % len(configs)]:
-            times[cfg].append(timed(lambda: run(*cfg)) / reps)
-    default = sk.matvec_plan(1, n, n, C, P, mx.float16)["ints"]
-    return [{"n": n, "threads": T, "tile_rows": TR, "median_us": statistics.median(v) * 1e6,
-             "gbps": (m.weight_bytes + 4 * n) / statistics.median(v) / 1e9,
-             "default": (T, TR) == (default["SL_T"], default["SL_TR"])} for (T, TR), v in times.items()]
+        for cfg in SWEEP[t % len(SWEEP):] + SWEEP[: t % len(SWEEP)]:
+            times[cfg].append(timed(lambda: run(cfg)) / reps)
+    d = sk.matvec_plan(1, n, n, C, P, mx.float16)["ints"]
+    default = (bool(d["SL_STAGE"]), d["SL_T"], d["SL_TR"])
+    out = []
+    for cfg, v in times.items():
+        med = statistics.median(v)
+        out.append({"n": n, "variant": variant_name(cfg), "stage_x": cfg[0], "threads": cfg[1],
+                    "tile_rows": cfg[2], "median_us": med * 1e6, "min_us": min(v) * 1e6,
+                    "gbps": (m.weight_bytes + 4 * n) / med / 1e9, "rel_err": diffs[cfg],
+                    "default": cfg == default})
+    return out
+
+
+def bench_floor(args, n: int = 256) -> dict:
+    """Per-call time of every method on an n x n weight (microseconds of work on the GPU): what
+    a call costs regardless of the weight's size -- graph, launch and host-side work."""
+    names = ["fp16", "affine4", "seedlm4"]
+    methods = [Method(name, n, 1, seed=i) for i, name in enumerate(names)]
+    for m in methods:
+        m.copies = m.copies[:1]
+    xs = [mx.random.normal((1, n), key=mx.random.key(i)).astype(mx.float16) for i in range(args.reps)]
+    mx.eval(xs)
+    for m in methods:
+        timed(lambda: m.call(xs))
+        timed(lambda: m.call(xs))
+    times = {m.name: [] for m in methods}
+    for t in range(args.trials):
+        for m in methods[t % 3:] + methods[: t % 3]:
+            times[m.name].append(timed(lambda: m.call(xs)) / len(xs))
+    return {"n": n, **{k: statistics.median(v) * 1e6 for k, v in times.items()}}
+
+
+def sweep_winner(entries: list) -> dict:
+    """The launch shape with the least total time over the swept sizes (every size counts by its
+    time relative to that size's best), among those that match the reference."""
+    ok = [e for e in entries if e["rel_err"] < 1e-3]
+    best = {}
+    for e in ok:
+        best[e["n"]] = min(best.get(e["n"], math.inf), e["median_us"])
+    score = {}
+    for e in ok:
+        key = (e["stage_x"], e["threads"], e["tile_rows"])
+        score[key] = score.get(key, 0.0) + e["median_us"] / best[e["n"]]
+    key = min(score, key=score.get)
+    return {"stage_x": key[0], "threads": key[1], "tile_rows": key[2], "variant": variant_name(key),
+            "score": score[key] / len(best),
+            "median_us": {e["n"]: e["median_us"] for e in ok
+                          if (e["stage_x"], e["threads"], e["tile_rows"]) == key}}
 
 
 def main(argv=None) -> None:
@@ -221,7 +287,9 @@ def main(argv=None) -> None:
         "dequant": [e for n in sizes for e in bench_dequant(n, args)],
     }
     if args.sweep and sk.kernel_available():
-        result["sweep"] = bench_sweep(max(sizes), args)
+        result["sweep"] = [e for n in sizes for e in bench_sweep(n, args)]
+        result["sweep_winner"] = sweep_winner(result["sweep"])
+        result["floor_us"] = bench_floor(args)
     text = json.dumps(result, indent=1)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
@@ -241,9 +309,20 @@ def main(argv=None) -> None:
     for d in result["dequant"]:
         print(f"  {d['n']} {d['config']}: kernel {d['kernel_median_us']:.1f} us ({d['kernel_gbps']:.1f} GB/s), "
               f"reference {d['reference_median_us']:.1f} us; max|dW| fp32 {d['max_abs_diff_fp32']:.3g}")
+    if "sweep" in result:
+        print("\nsweep: 4-bit matvec, 1 row of x, launch shapes (stage_x, threads, tile_rows)")
     for s in result.get("sweep", []):
-        print(f"  sweep n={s['n']} threads {s['threads']:4d} tile_rows {s['tile_rows']:3d}: "
-              f"{s['median_us']:.1f} us {s['gbps']:.1f} GB/s{'  (default)' if s['default'] else ''}")
+        print(f"  n={s['n']:5d} {s['variant']:26s} {s['median_us']:8.1f} us  {s['gbps']:7.1f} GB/s  "
+              f"rel err {s['rel_err']:.1e}{'  (default)' if s['default'] else ''}")
+    if "sweep_winner" in result:
+        w = result["sweep_winner"]
+        print(f"  fastest overall: {w['variant']} ({w['score']:.3f} x the per-size best): "
+              + ", ".join(f"{n}: {t:.1f} us" for n, t in w["median_us"].items())
+              + f"\n  -> MATVEC_DEFAULTS[1] = ({w['stage_x']}, {w['threads']}, {w['tile_rows']})")
+    if "floor_us" in result:
+        f = result["floor_us"]
+        print(f"\nper-call floor ({f['n']}x{f['n']} weight, 1 row): "
+              + ", ".join(f"{k} {v:.1f} us" for k, v in f.items() if k != "n"))
 
 
 if __name__ == "__main__":

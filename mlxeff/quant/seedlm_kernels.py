@@ -143,22 +143,40 @@ def _check(seeds, codes, C: int, P: int, in_features: int) -> Tuple[int, int]:
     return out, nb
 
 
+@lru_cache(maxsize=64)
+def _exp_base_const(value: int) -> mx.array:
+    a = mx.array([value], dtype=mx.int32)
+    mx.eval(a)
+    return a
+
+
 def _exp_base(exp_base) -> mx.array:
-    return mx.array(exp_base).astype(mx.int32).reshape(1)
+    """exp_base as the kernels read it (``exp_base[0]``), without new work per call: an int32
+    array is passed as it is; a Python int maps to one cached array per value (a fresh host array
+    per call would cost an allocation and a transfer every decode step)."""
+    if isinstance(exp_base, mx.array) and exp_base.dtype == mx.int32 and exp_base.size == 1:
+        return exp_base
+    if isinstance(exp_base, mx.array):
+        return exp_base.astype(mx.int32).reshape(1)
+    return _exp_base_const(int(exp_base))
 
 
 def _code_words(codes: mx.array) -> mx.array:
-    """The packed code bytes, flat, as uint32 words (zero-padded to a whole word)."""
+    """The packed code bytes as the kernels read them (32-bit words, ``SL_CODEW``): the uint8
+    array itself when it holds whole words (no copy, no extra graph node), else flat and
+    zero-padded to a whole word."""
+    if codes.size % 4 == 0:
+        return codes
     flat = codes.reshape(-1)
-    pad = -flat.size % 4
-    if pad:
-        flat = mx.concatenate([flat, mx.zeros((pad,), dtype=mx.uint8)])
+    flat = mx.concatenate([flat, mx.zeros((-flat.size % 4,), dtype=mx.uint8)])
     return flat.view(mx.uint32)
 
 
 def _code_words_np(codes: np.ndarray) -> np.ndarray:
-    flat = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
-    flat = np.concatenate([flat, np.zeros(-flat.size % 4, np.uint8)])
+    flat = np.ascontiguousarray(codes, dtype=np.uint8)
+    if flat.size % 4 == 0:
+        return flat  # as on the GPU: the bytes themselves, read as words by the kernel
+    flat = np.concatenate([flat.reshape(-1), np.zeros(-flat.size % 4, np.uint8)])
     return flat.view("<u4")
 
 
@@ -249,26 +267,45 @@ def _spec(kind: str, source: str, inputs: Sequence[str], outputs: Sequence[str],
                       output_names=tuple(outputs), header_file=HEADER, defines=defines)
 
 
+# Launch shape of the fused matvec when the caller names none: (stage_x, threads, tile_rows) by rows
+# of x. Chosen from `python benchmarks/seedlm_kernels.py --sweep` (benchmarks/RESULTS.md, "Kernels"),
+# which times these against the alternatives on the GPU and prints the fastest.
+MATVEC_DEFAULTS = {1: (False, 128, 8), 2: (False, 128, 8), 4: (True, 128, 4), 8: (True, 128, 2)}
+
+
+def matvec_defaults(rows: int) -> Tuple[bool, int, int]:
+    return MATVEC_DEFAULTS[next(k for k in sorted(MATVEC_DEFAULTS) if rows <= k)]
+
+
 @lru_cache(maxsize=256)  # a decode step asks for the same few plans once per layer
 def matvec_plan(rows: int, out_features: int, in_features: int, C: int, P: int, x_dtype=mx.float16,
                 backend: Optional[str] = None, threads: Optional[int] = None,
-                tile_rows: Optional[int] = None) -> dict:
+                tile_rows: Optional[int] = None, stage_x: Optional[bool] = None) -> dict:
     """Launch configuration of the fused matvec: spec, grid, threadgroup, template, outputs
-    (cached: treat the returned dict as read-only)."""
+    (cached: treat the returned dict as read-only). ``stage_x``: copy each threadgroup's x slice
+    to threadgroup memory first (rows wider than it holds are split into partial sums) rather than
+    read x from device memory; ``threads``/``tile_rows``: threads per threadgroup and output rows
+    per threadgroup. Unnamed ones come from ``MATVEC_DEFAULTS``."""
     backend = backend or gpu_backend() or "cuda"
+    d_stage, d_threads, d_tr = matvec_defaults(rows)
+    stage = d_stage if stage_x is None else bool(stage_x)
     nb = num_blocks(in_features, C)
-    cb_max = max(1, X_SLICE_BYTES[backend] // (4 * rows * C))
-    split = -(-nb // cb_max)
+    if stage:
+        cb_max = max(1, X_SLICE_BYTES[backend] // (4 * rows * C))
+        split = -(-nb // cb_max)
+    else:
+        split = 1
     cb = -(-nb // split)
-    # 256 threads for 1-2 x rows; 128 above, where a thread holds C x rows x values in registers
-    T = int(threads or min(256 if rows <= 2 else 128, max(32, _pow2_at_least(cb))))
+    # never more threads than block columns (rounded up to whole SIMD groups)
+    T = int(threads or min(d_threads, max(32, _pow2_at_least(cb))))
     if T % 32 or not 32 <= T <= 1024:
         raise ValueError(f"threads must be a multiple of 32 in [32, 1024], got {T}")
-    TR = int(tile_rows or (8 if rows <= 2 else 4 if rows <= 4 else 2))
+    TR = int(tile_rows or d_tr)
     TR = max(1, min(TR, out_features))
     tiles = -(-out_features // TR)
     ints = dict(SL_C=C, SL_P=P, SL_IN=in_features, SL_NB=nb, SL_OUT=out_features, SL_ROWS=rows,
-                SL_TR=TR, SL_T=T, SL_CB=cb, SL_SPLIT=split, **_field_defines(nb, P))
+                SL_TR=TR, SL_T=T, SL_CB=cb, SL_SPLIT=split, SL_STAGE=int(stage),
+                SL_FULL=int(in_features % C == 0), **_field_defines(nb, P))
     out_dtype = x_dtype if split == 1 else mx.float32
     spec = _spec("matvec", "seedlm_matvec.inc", ("x", "seeds", "codes", "exp_base", "tables"), ("y",),
                  ints, f"{backend}:{x_dtype}:{out_dtype}")
@@ -307,11 +344,12 @@ def dequant_plan(out_features: int, in_features: int, C: int, P: int, dtype=mx.f
 
 def matvec_kernel(x: mx.array, seeds: mx.array, codes: mx.array, exp_base, C: int, P: int,
                   in_features: int, *, threads: Optional[int] = None,
-                  tile_rows: Optional[int] = None) -> mx.array:
+                  tile_rows: Optional[int] = None, stage_x: Optional[bool] = None) -> mx.array:
     """The fused matvec kernel on 2-D ``x`` (rows <= 8); raises ``KernelUnavailable`` on the CPU."""
     out, _ = _check(seeds, codes, C, P, in_features)
     rows = x.shape[0]
-    plan = matvec_plan(rows, out, in_features, C, P, x.dtype, threads=threads, tile_rows=tile_rows)
+    plan = matvec_plan(rows, out, in_features, C, P, x.dtype, threads=threads, tile_rows=tile_rows,
+                       stage_x=stage_x)
     kernel = build(plan["spec"])
     y = kernel(inputs=[x, seeds, _code_words(codes), _exp_base(exp_base), _tables()],
                template=plan["template"], grid=plan["grid"], threadgroup=plan["threadgroup"],
@@ -334,8 +372,9 @@ def seedlm_matvec(x: mx.array, seeds: mx.array, codes: mx.array, exp_base, C: in
     rows = math.prod(lead)
     if not (kernel_available(C, P) and 1 <= rows <= MAX_ROWS and x.dtype in _FLOATS):
         return seedlm_matvec_reference(x, seeds, codes, exp_base, C, P, in_features)
-    y = matvec_kernel(x.reshape(rows, in_features), seeds, codes, exp_base, C, P, in_features)
-    return y.reshape(*lead, out)
+    x2 = x if x.ndim == 2 else x.reshape(rows, in_features)
+    y = matvec_kernel(x2, seeds, codes, exp_base, C, P, in_features)
+    return y if x.ndim == 2 else y.reshape(*lead, out)
 
 
 def seedlm_dequantize(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int, in_features: int,
