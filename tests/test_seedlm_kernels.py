@@ -280,7 +280,7 @@ def test_cuda_bodies_compile_with_nvcc(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not installed (the CUDA twins are compile-checked where it is)")
-    mv_in = lambda xd, cd=mx.uint32: [xd, mx.uint16, cd, mx.int32, mx.uint32]  # noqa: E731
+    mv_in = lambda xd, cd=mx.uint32: [xd, mx.uint16, cd, mx.int32, mx.uint32]  # noqa: E731 (uint8: CUDA passes the bytes)
     dq_in = [mx.uint16, mx.uint32, mx.int32, mx.uint32]
     units = [
         mlx_cuda_source(sk.matvec_plan(1, 8192, 8192, 8, 3, mx.float16, backend="cuda"),

@@ -9,8 +9,9 @@ Three implementations of one algorithm (DESIGN.md, "Kernels"):
 
 - ``seedlm_dequantize_reference`` / ``seedlm_matvec_reference``: plain MLX ops that step the
   register C*P times over all blocks at once. The CPU path and the oracle of the tests.
-- ``metal/seedlm_matvec.inc``: for 1..8 rows of x. A threadgroup owns a few output rows and a
-  split of each row's blocks; a thread takes one block column at a time, reads its x values once
+- ``metal/seedlm_matvec.inc``: for 1..8 rows of x. A threadgroup owns a few output rows (all of
+  their blocks, or a split of them when x is staged); a thread takes one block column at a time,
+  reads its x values once (from device memory, or from a threadgroup-memory copy of the slice)
   and walks the rows. Per block the 32 stream bits after the seed come from two lookups in a
   512-entry jump table (the LFSR is linear over GF(2)); each state becomes a float with one AND/OR
   (16 state bits under a fixed exponent give exactly 2^(23-q) + s), so a block costs about
@@ -29,13 +30,20 @@ Choices and limits:
 - The kernels accumulate in float32 and sum in a different order than the reference: the matvec
   differs from ``x @ W.T`` by a few float32 rounding errors of the terms (|dy| <~ 1e-5 of the
   output scale, tested); the dequantised weights by at most an FMA rounding.
-- Wide rows: the x slice of a threadgroup must fit its threadgroup memory (28 KiB on Metal,
-  44 KiB on CUDA); longer rows are cut into splits whose float32 partial sums MLX adds.
+- Reading x: directly from device memory (the default for 1-2 rows of x: no copy, no barrier
+  before the work, no split) or staged in threadgroup memory (the default for more rows, where a
+  thread would hold too many x values in registers); a staged slice must fit threadgroup memory
+  (28 KiB on Metal, 44 KiB on CUDA), so longer rows are cut into splits whose float32 partial sums
+  MLX adds. ``MATVEC_DEFAULTS`` (x staged or not, threads, rows per threadgroup) comes from the
+  benchmark's ``--sweep`` on an H100 (benchmarks/RESULTS.md).
+- Per call nothing is built: launch plans and compiled kernels are cached, the codes go to the
+  kernel as the uint8 array itself (read as 32-bit words), exp_base as the module's int32 array
+  (a Python int maps to one cached array).
 - Kernel configurations: K = 16, 1 <= P <= 7, P <= C <= 32, x rows <= 8 (``MAX_ROWS``); anything
   else (and the CPU) takes the reference. Seeds must be nonzero and 2^(e + exp_base) a normal
   float32; ``SeedLMLinear.validate_packed`` checks both at load, the kernels do not.
-- ``codes`` reach the kernels as 32-bit words (a free reinterpretation); a tensor whose byte count
-  is not a multiple of 4 is padded, which copies it on every call.
+- ``codes`` are read as 32-bit words; a tensor whose byte count is not a multiple of 4 is padded,
+  which copies it on every call.
 """
 
 from __future__ import annotations
@@ -150,33 +158,35 @@ def _exp_base_const(value: int) -> mx.array:
     return a
 
 
-def _exp_base(exp_base) -> mx.array:
-    """exp_base as the kernels read it (``exp_base[0]``), without new work per call: an int32
-    array is passed as it is; a Python int maps to one cached array per value (a fresh host array
-    per call would cost an allocation and a transfer every decode step)."""
-    if isinstance(exp_base, mx.array) and exp_base.dtype == mx.int32 and exp_base.size == 1:
-        return exp_base
+def _exp_base(exp_base, backend: Optional[str] = "cuda") -> mx.array:
+    """exp_base as the kernels read it (``exp_base[0]``), without new work per call on CUDA: an
+    int32 array is passed as it is; a Python int maps to one cached array per value (a fresh host
+    array per call would cost an allocation and a transfer every decode step). Metal declares a
+    0-d input as a reference, so there it becomes shape (1,)."""
     if isinstance(exp_base, mx.array):
+        if exp_base.dtype == mx.int32 and (exp_base.ndim == 1 or backend == "cuda") and exp_base.size == 1:
+            return exp_base
         return exp_base.astype(mx.int32).reshape(1)
     return _exp_base_const(int(exp_base))
 
 
-def _code_words(codes: mx.array) -> mx.array:
-    """The packed code bytes as the kernels read them (32-bit words, ``SL_CODEW``): the uint8
-    array itself when it holds whole words (no copy, no extra graph node), else flat and
-    zero-padded to a whole word."""
-    if codes.size % 4 == 0:
+def _code_words(codes: mx.array, backend: Optional[str] = "cuda") -> mx.array:
+    """The packed code bytes as the kernels read them (32-bit words, ``SL_CODEW``). On CUDA the
+    uint8 array itself when it holds whole words (no copy, no extra graph node; the kernel reads
+    the bytes as words); otherwise (and always on Metal, which puts small inputs in the constant
+    address space) flat uint32 words, zero-padded to a whole word if needed."""
+    if backend == "cuda" and codes.size % 4 == 0:
         return codes
     flat = codes.reshape(-1)
-    flat = mx.concatenate([flat, mx.zeros((-flat.size % 4,), dtype=mx.uint8)])
+    pad = -flat.size % 4
+    if pad:
+        flat = mx.concatenate([flat, mx.zeros((pad,), dtype=mx.uint8)])
     return flat.view(mx.uint32)
 
 
 def _code_words_np(codes: np.ndarray) -> np.ndarray:
-    flat = np.ascontiguousarray(codes, dtype=np.uint8)
-    if flat.size % 4 == 0:
-        return flat  # as on the GPU: the bytes themselves, read as words by the kernel
-    flat = np.concatenate([flat.reshape(-1), np.zeros(-flat.size % 4, np.uint8)])
+    flat = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1)
+    flat = np.concatenate([flat, np.zeros(-flat.size % 4, np.uint8)])
     return flat.view("<u4")
 
 
@@ -211,7 +221,7 @@ def seedlm_dequantize_reference(seeds: mx.array, codes: mx.array, exp_base, C: i
     offset = lfsr.norm_offset(K)
     scale = mx.array(lfsr.norm_scale(K), dtype=mx.float32)
     e, c = _unpack_codes(codes, nb, P)
-    coef = c.astype(mx.float32) * _pow2(e + _exp_base(exp_base)[0])[..., None]
+    coef = c.astype(mx.float32) * _pow2(e + _exp_base(exp_base, None)[0])[..., None]
     s = seeds.astype(mx.uint32)
     cols = []
     for ci in range(C):
@@ -351,7 +361,8 @@ def matvec_kernel(x: mx.array, seeds: mx.array, codes: mx.array, exp_base, C: in
     plan = matvec_plan(rows, out, in_features, C, P, x.dtype, threads=threads, tile_rows=tile_rows,
                        stage_x=stage_x)
     kernel = build(plan["spec"])
-    y = kernel(inputs=[x, seeds, _code_words(codes), _exp_base(exp_base), _tables()],
+    backend = gpu_backend()
+    y = kernel(inputs=[x, seeds, _code_words(codes, backend), _exp_base(exp_base, backend), _tables()],
                template=plan["template"], grid=plan["grid"], threadgroup=plan["threadgroup"],
                output_shapes=[plan["out_shape"]], output_dtypes=[plan["out_dtype"]])[0]
     if len(plan["out_shape"]) == 3:
@@ -385,7 +396,8 @@ def seedlm_dequantize(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int
         return seedlm_dequantize_reference(seeds, codes, exp_base, C, P, in_features, dtype)
     plan = dequant_plan(out, in_features, C, P, dtype)
     kernel = build(plan["spec"])
-    return kernel(inputs=[seeds, _code_words(codes), _exp_base(exp_base), _tables()],
+    backend = gpu_backend()
+    return kernel(inputs=[seeds, _code_words(codes, backend), _exp_base(exp_base, backend), _tables()],
                   template=plan["template"], grid=plan["grid"], threadgroup=plan["threadgroup"],
                   output_shapes=[plan["out_shape"]], output_dtypes=[plan["out_dtype"]])[0]
 
