@@ -8,7 +8,9 @@
 # checkpoints/, model/ (the shippable model), summary.json, eval.json, continuations.jsonl and
 # train.log. When $OUT is set, the deliverables are copied there as 5 files: default-model.tar (the
 # model directory), summary.json, eval.json, continuations.jsonl, train.log.
-# STEPS=30 makes the throughput probe (same script, same config).
+# STEPS=30 makes the throughput probe (same script, same config). SKIP_EVAL=1 stops after training;
+# running the script again with the same settings then skips the (complete) training, re-saves the
+# model and evaluates. An interrupted run resumes from its last checkpoint (every SAVE_EVERY steps).
 #
 # Budget: the shipped model (fp16 safetensors + tokenizer files) must stay <= 16 MB, i.e. about
 # 7.7 M parameters with the tied embedding, and train in about 8-9 minutes on one H100 (MLX CUDA).
@@ -32,7 +34,8 @@
 # - The tokenizer is trained on 40 M characters (an equal share of every shard) rather than all
 #   165 M: the merges hardly change and it takes seconds instead of minutes.
 #
-# Knobs for other machines (the defaults are the recipe): BATCH, ACCUM, SEQ, DTYPE, LR, EVAL_EVERY.
+# Knobs for other machines (the defaults are the recipe): BATCH, ACCUM, SEQ, DTYPE, LR, EVAL_EVERY,
+# SAVE_EVERY, SKIP_EVAL.
 set -euo pipefail
 
 DATA=${1:-../shared/data/gutenberg-children}
@@ -45,6 +48,19 @@ DTYPE=${DTYPE:-bfloat16}
 LR=${LR:-3e-3}
 WARMUP=$(( STEPS / 10 < 300 ? STEPS / 10 : 300 ))
 EVAL_EVERY=${EVAL_EVERY:-$(( STEPS / 5 > 0 ? STEPS / 5 : 1 ))}
+SAVE_EVERY=${SAVE_EVERY:-250}
+SKIP_EVAL=${SKIP_EVAL:-0}
+
+deliver() {  # copy whatever deliverables exist to $OUT (the GPU machine sends $OUT back)
+  [[ -n "${OUT:-}" ]] || return 0
+  mkdir -p "$OUT"
+  local sent=()
+  if [[ -f "$DEST/model/config.json" ]]; then tar -C "$DEST" -cf "$OUT/default-model.tar" model; sent+=(default-model.tar); fi
+  for f in summary.json eval.json continuations.jsonl train.log; do
+    if [[ -s "$DEST/$f" ]]; then cp "$DEST/$f" "$OUT/"; sent+=("$f"); fi
+  done
+  echo "== copied to $OUT: ${sent[*]}" >&2
+}
 if [[ -z "${MLXEFF:-}" ]]; then
   if python -c "import mlxeff.cli.main" 2>/dev/null; then
     MLXEFF="python -m mlxeff.cli.main"
@@ -78,9 +94,10 @@ $MLXEFF train \
   --seq-len "$SEQ" --batch-size "$BATCH" --accum "$ACCUM" --steps "$STEPS" \
   --lr "$LR" --min-lr 3e-4 --warmup "$WARMUP" --weight-decay 0.1 --clip 1.0 --z-loss 1e-4 \
   --dtype "$DTYPE" --save-dtype float16 --seed 0 \
-  --eval-every "$EVAL_EVERY" --eval-tokens 262144 --save-every 500 --log-every 10 \
+  --eval-every "$EVAL_EVERY" --eval-tokens 262144 --save-every "$SAVE_EVERY" --log-every 10 \
   --out "$DEST" ${RESUME[@]+"${RESUME[@]}"} --json > "$DEST/summary.stdout.json" 2> >(tee -a "$DEST/train.log" >&2)
 echo "== train wall time: $(( $(date +%s) - start )) s" >&2
+if [[ "$SKIP_EVAL" == 1 ]]; then deliver; exit 0; fi
 
 echo "== eval: perplexity of $DEST/model on $DATA/valid.txt.gz" >&2
 $MLXEFF eval "$DEST/model" --perplexity "$DATA/valid.txt.gz" --window "$SEQ" --stride $(( SEQ / 2 )) \
@@ -96,9 +113,4 @@ for prompt in "Once upon a time" "The little girl looked at the" "\"Where are yo
 done
 python -c "import json,sys; [print(repr(r['prompt']), '->', repr(r['text'])) for r in map(json.loads, open(sys.argv[1]))]" "$DEST/continuations.jsonl"
 
-if [[ -n "${OUT:-}" ]]; then
-  mkdir -p "$OUT"
-  tar -C "$DEST" -cf "$OUT/default-model.tar" model
-  cp "$DEST/summary.json" "$DEST/eval.json" "$DEST/continuations.jsonl" "$DEST/train.log" "$OUT/"
-  echo "== copied to $OUT: default-model.tar summary.json eval.json continuations.jsonl train.log" >&2
-fi
+deliver
