@@ -374,3 +374,31 @@ def test_cuda_dequantize_equals_reference(dtype, C, P, out, inf):
             ulp, tiny = {mx.float16: (2.0 ** -10, 2.0 ** -24), mx.bfloat16: (2.0 ** -7, 1e-38)}[dtype]
             g, w = np.array(got.astype(mx.float32)), np.array(want)
             assert (np.abs(g - w) <= ulp * np.abs(w) + tiny).all()
+
+
+def test_per_call_path_caches_nothing_wrong():
+    # the per-call shortcuts agree with what they shortcut
+    from mlxeff.kernels import gpu_backend
+    assert sk._backend() == gpu_backend()
+    eb = mx.array(-5, dtype=mx.int32)
+    assert sk._exp_base(eb, "cuda") is eb  # passed as it is, no new node
+    assert sk._exp_base(-5, "cuda") is sk._exp_base(-5, "metal")  # one cached array per value
+    for b in ("cuda", "metal", None):
+        assert sk._exp_base(eb, b).item() == -5 and sk._exp_base(mx.array([-5], mx.int64), b).dtype == mx.int32
+    assert sk._exp_base(eb, "metal").shape == (1,)
+    codes = mx.zeros((3, 8), dtype=mx.uint8)
+    assert sk._code_words(codes, "cuda") is codes
+    assert sk._code_words(codes, "metal").dtype == mx.uint32 and sk._code_words(codes, "metal").size == 6
+    odd = mx.arange(9, dtype=mx.uint8).reshape(3, 3)
+    w = sk._code_words(odd, "cuda")
+    assert w.dtype == mx.uint32 and w.size == 3
+    assert np.array_equal(np.array(w).view(np.uint8)[:9], np.arange(9))
+    # shape checks are cached by shape, and still raise every time
+    s = mx.zeros((4, 5), dtype=mx.uint16)
+    with pytest.raises(ValueError, match="codes"):
+        sk._check(s, mx.zeros((4, 9), dtype=mx.uint8), 8, 3, 40)
+    with pytest.raises(ValueError, match="codes"):
+        sk._check(s, mx.zeros((4, 9), dtype=mx.uint8), 8, 3, 40)
+    with pytest.raises(ValueError, match="configuration"):
+        sk._check(s, mx.zeros((4, 10), dtype=mx.uint8), 8.0, 3, 40)
+    assert sk._check(s, mx.zeros((4, 10), dtype=mx.uint8), 8, 3, 40) == (4, 5)

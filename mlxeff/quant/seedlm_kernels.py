@@ -116,10 +116,26 @@ def config_supported(C: int, P: int) -> bool:
     return 1 <= P <= MAX_P and P <= C <= MAX_C
 
 
+@lru_cache(maxsize=None)
+def _gpu_kind() -> Optional[str]:
+    # the GPU backend this process has: fixed for its lifetime, so asked once
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    return "cuda" if cuda is not None and cuda.is_available() else None
+
+
+def _backend() -> Optional[str]:
+    """``mlxeff.kernels.gpu_backend()`` for the per-call path: the default device is asked every
+    call, the backend once (a decode step calls the matvec once per linear layer, and the host
+    time of a call adds to the step)."""
+    return _gpu_kind() if mx.default_device() == mx.gpu else None
+
+
 def kernel_available(C: Optional[int] = None, P: Optional[int] = None) -> bool:
     """True when the default device has a GPU backend with these kernels (and, if given, the
     kernels cover configuration (C, P)); False on the CPU."""
-    if gpu_backend() is None:
+    if _backend() is None:
         return False
     return C is None or P is None or config_supported(int(C), int(P))
 
@@ -137,17 +153,23 @@ def codes_width(nb: int, P: int) -> int:
 
 
 def _check(seeds, codes, C: int, P: int, in_features: int) -> Tuple[int, int]:
+    return _check_shapes(tuple(seeds.shape), seeds.dtype, tuple(codes.shape), codes.dtype, C, P,
+                         in_features)
+
+
+@lru_cache(maxsize=1024, typed=True)  # shapes only: the same few per model, checked once each
+def _check_shapes(sshape, sdtype, cshape, cdtype, C: int, P: int, in_features: int) -> Tuple[int, int]:
     if not (isinstance(C, int) and isinstance(P, int) and 1 <= P <= C):
         raise ValueError(f"unknown SeedLM configuration C={C!r}, P={P!r} (need integers 1 <= P <= C)")
-    if seeds.ndim != 2 or seeds.dtype != mx.uint16:
-        raise ValueError(f"seeds must be a 2-D uint16 array, got {tuple(seeds.shape)} {seeds.dtype}")
-    out, nb = seeds.shape
+    if len(sshape) != 2 or sdtype != mx.uint16:
+        raise ValueError(f"seeds must be a 2-D uint16 array, got {sshape} {sdtype}")
+    out, nb = sshape
     if nb != num_blocks(in_features, C):
         raise ValueError(f"seeds has {nb} blocks per row; in_features={in_features} at C={C} needs "
                          f"{num_blocks(in_features, C)}")
     want = (out, codes_width(nb, P))
-    if codes.dtype != mx.uint8 or tuple(codes.shape) != want:
-        raise ValueError(f"codes must be uint8 of shape {want}, got {tuple(codes.shape)} {codes.dtype}")
+    if cdtype != mx.uint8 or cshape != want:
+        raise ValueError(f"codes must be uint8 of shape {want}, got {cshape} {cdtype}")
     return out, nb
 
 
@@ -163,8 +185,10 @@ def _exp_base(exp_base, backend: Optional[str] = "cuda") -> mx.array:
     int32 array is passed as it is; a Python int maps to one cached array per value (a fresh host
     array per call would cost an allocation and a transfer every decode step). Metal declares a
     0-d input as a reference, so there it becomes shape (1,)."""
+    if type(exp_base) is int:
+        return _exp_base_const(exp_base)
     if isinstance(exp_base, mx.array):
-        if exp_base.dtype == mx.int32 and (exp_base.ndim == 1 or backend == "cuda") and exp_base.size == 1:
+        if exp_base.dtype == mx.int32 and exp_base.size == 1 and (backend == "cuda" or exp_base.ndim == 1):
             return exp_base
         return exp_base.astype(mx.int32).reshape(1)
     return _exp_base_const(int(exp_base))
@@ -357,11 +381,21 @@ def matvec_kernel(x: mx.array, seeds: mx.array, codes: mx.array, exp_base, C: in
                   tile_rows: Optional[int] = None, stage_x: Optional[bool] = None) -> mx.array:
     """The fused matvec kernel on 2-D ``x`` (rows <= 8); raises ``KernelUnavailable`` on the CPU."""
     out, _ = _check(seeds, codes, C, P, in_features)
-    rows = x.shape[0]
-    plan = matvec_plan(rows, out, in_features, C, P, x.dtype, threads=threads, tile_rows=tile_rows,
-                       stage_x=stage_x)
-    kernel = build(plan["spec"])
-    backend = gpu_backend()
+    return _matvec_launch(x, seeds, codes, exp_base, C, P, in_features, out, _backend(), threads,
+                          tile_rows, stage_x)
+
+
+_LAUNCH: Dict[tuple, tuple] = {}
+
+
+def _matvec_launch(x, seeds, codes, exp_base, C, P, in_features, out, backend, threads=None,
+                   tile_rows=None, stage_x=None) -> mx.array:
+    key = (x.shape[0], out, in_features, C, P, x.dtype, backend, threads, tile_rows, stage_x)
+    hit = _LAUNCH.get(key)
+    if hit is None:
+        plan = matvec_plan(*key[:7], threads=threads, tile_rows=tile_rows, stage_x=stage_x)
+        hit = _LAUNCH[key] = (plan, build(plan["spec"], backend))
+    plan, kernel = hit
     y = kernel(inputs=[x, seeds, _code_words(codes, backend), _exp_base(exp_base, backend), _tables()],
                template=plan["template"], grid=plan["grid"], threadgroup=plan["threadgroup"],
                output_shapes=[plan["out_shape"]], output_dtypes=[plan["out_dtype"]])[0]
@@ -377,15 +411,19 @@ def seedlm_matvec(x: mx.array, seeds: mx.array, codes: mx.array, exp_base, C: in
     The fused kernel when the backend has it and x has at most ``MAX_ROWS`` rows of a float dtype;
     otherwise the reference."""
     out, _ = _check(seeds, codes, C, P, in_features)
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight {in_features}")
-    lead = x.shape[:-1]
-    rows = math.prod(lead)
-    if not (kernel_available(C, P) and 1 <= rows <= MAX_ROWS and x.dtype in _FLOATS):
+    shape = x.shape
+    if shape[-1] != in_features:
+        raise ValueError(f"x has {shape[-1]} features, the weight {in_features}")
+    rows = shape[0] if len(shape) == 2 else math.prod(shape[:-1])
+    backend = _backend()
+    if not (backend is not None and config_supported(C, P) and 1 <= rows <= MAX_ROWS
+            and x.dtype in _FLOATS):
         return seedlm_matvec_reference(x, seeds, codes, exp_base, C, P, in_features)
-    x2 = x if x.ndim == 2 else x.reshape(rows, in_features)
-    y = matvec_kernel(x2, seeds, codes, exp_base, C, P, in_features)
-    return y if x.ndim == 2 else y.reshape(*lead, out)
+    if len(shape) == 2:
+        return _matvec_launch(x, seeds, codes, exp_base, C, P, in_features, out, backend)
+    y = _matvec_launch(x.reshape(rows, in_features), seeds, codes, exp_base, C, P, in_features, out,
+                       backend)
+    return y.reshape(*shape[:-1], out)
 
 
 def seedlm_dequantize(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int, in_features: int,
@@ -394,9 +432,9 @@ def seedlm_dequantize(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int
     out, _ = _check(seeds, codes, C, P, in_features)
     if not (kernel_available(C, P) and dtype in _FLOATS):
         return seedlm_dequantize_reference(seeds, codes, exp_base, C, P, in_features, dtype)
-    plan = dequant_plan(out, in_features, C, P, dtype)
-    kernel = build(plan["spec"])
-    backend = gpu_backend()
+    backend = _backend()
+    plan = dequant_plan(out, in_features, C, P, dtype, backend)
+    kernel = build(plan["spec"], backend)
     return kernel(inputs=[seeds, _code_words(codes, backend), _exp_base(exp_base, backend), _tables()],
                   template=plan["template"], grid=plan["grid"], threadgroup=plan["threadgroup"],
                   output_shapes=[plan["out_shape"]], output_dtypes=[plan["out_dtype"]])[0]
