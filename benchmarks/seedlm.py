@@ -8,7 +8,12 @@
   float (as loaded, computed in float32 on the CPU), SeedLM 4- and 3-bit, and MLX affine 4- and 3-bit
   at group size 64, each with the bits per weight stored for the quantized layers (the Linear
   layers of the transformer blocks; embeddings/output head are left in float for every method).
-  ``--cache DIR`` keeps the SeedLM-encoded models there and reuses them on the next run.
+  ``--seedlm-configs`` adds other CxP configurations (e.g. 12x7 at 4.0 bpw, 8x4 at 4.5 bpw);
+  ``--noise-draws N`` adds a control: iid Gaussian noise of each method's relative error in every
+  block Linear, N draws per level (how much of a perplexity change is the error's size alone).
+  ``--cache DIR`` keeps the SeedLM-encoded models there and reuses them on the next run;
+  ``--llama2c-vocab FILE`` tokenizes with a llama2.c vocabulary (for stories260K, which ships no
+  Hugging Face tokenizer).
 
 (b) encoding speed
     python benchmarks/seedlm.py speed [--blocks 8192] [--ranks 1 2] [--trials 3] [--json]
@@ -69,22 +74,30 @@ def affine_rel_error(W: np.ndarray, bits: int, group_size: int) -> float:
     return float(mx.sqrt(mx.square(r - w).sum() / mx.square(w).sum()).item())
 
 
-def gaussian_quality(blocks: int, candidates, seed: int = 0) -> list:
+def parse_config(text: str):
+    C, P = (int(v) for v in text.lower().split("x"))
+    return C, P
+
+
+def gaussian_quality(blocks: int, candidates, extra_configs, seed: int = 0) -> list:
     from mlxeff.quant.seedlm import CONFIGS
     from mlxeff.quant.seedlm_encoder import EncoderConfig, encode_matrix
 
+    # rows of 5760 weights: a multiple of every C up to 16 used here and of 64/128 (no padding)
+    width = 5760
     rows = []
-    for bits, (C, P) in sorted(CONFIGS.items(), reverse=True):
-        # rows of 768 weights: a multiple of 8, 12 and 64, so no partial blocks or groups
-        n_rows = max(1, blocks * C // 768)
-        W = np.random.default_rng(seed).standard_normal((n_rows, 768)).astype(np.float32)
-        for k in candidates:
-            t0 = time.perf_counter()
-            enc = encode_matrix(W, C, P, config=EncoderConfig(candidates=k))
-            rows.append({"method": "seedlm", "bits": bits, "C": C, "P": P, "candidates": k,
-                         "bits_per_weight": (16 + 4 + 4 * P) / C, "blocks": W.size // C,
-                         "rel_error": float(np.sqrt(enc.sq_error / enc.sq_norm)),
-                         "seconds": time.perf_counter() - t0})
+    runs = [(C, P, k) for _, (C, P) in sorted(CONFIGS.items(), reverse=True) for k in candidates]
+    runs += [(C, P, 16) for C, P in extra_configs if (C, P, 16) not in runs]
+    for C, P, k in runs:
+        W = np.random.default_rng(seed).standard_normal((max(1, blocks * C // width), width)).astype(np.float32)
+        t0 = time.perf_counter()
+        enc = encode_matrix(W, C, P, config=EncoderConfig(candidates=k))
+        rows.append({"method": "seedlm", "C": C, "P": P, "candidates": k,
+                     "bits_per_weight": (16 + 4 + 4 * P) / C, "blocks": W.size // C,
+                     "rel_error": float(np.sqrt(enc.sq_error / enc.sq_norm)),
+                     "seconds": time.perf_counter() - t0})
+    W = np.random.default_rng(seed).standard_normal((max(1, blocks * 8 // width), width)).astype(np.float32)
+    for bits in (4, 3):
         for g in (64, 128):
             rows.append({"method": "affine", "bits": bits, "group_size": g,
                          "bits_per_weight": bits + 32 / g, "weights": W.size,
@@ -117,6 +130,69 @@ def float_linear_bits(model: nn.Module) -> dict:
             "quantized_weights": n}
 
 
+def llama2c_encode(vocab_file: Path, text: str) -> np.ndarray:
+    """Token ids of ``text`` under a llama2.c ``tokenizer.bin`` vocabulary (for models that ship no
+    Hugging Face tokenizer, e.g. shared/data/models/stories260K): each line is encoded on its own
+    the way llama2.c's ``encode`` does it (a dummy-prefix space, one piece per UTF-8 character or
+    byte fallback <0xNN> = id byte + 3, then greedy merges of the adjacent pair with the highest
+    score), lines joined with the newline piece."""
+    import struct
+
+    data = Path(vocab_file).read_bytes()
+    pos, pieces, scores = 4, [], []
+    while pos < len(data):
+        score, n = struct.unpack_from("<fi", data, pos)
+        pieces.append(data[pos + 8:pos + 8 + n].decode("utf-8", "replace"))
+        scores.append(score)
+        pos += 8 + n
+    index = {p: i for i, p in enumerate(pieces)}
+
+    def encode_line(line: str):
+        ids = []
+        for ch in " " + line:
+            if ch in index:
+                ids.append(index[ch])
+            else:
+                ids.extend(b + 3 for b in ch.encode("utf-8"))
+        while True:
+            best, at = -1e30, -1
+            for i in range(len(ids) - 1):
+                j = index.get(pieces[ids[i]] + pieces[ids[i + 1]])
+                if j is not None and scores[j] > best:
+                    best, at, merged = scores[j], i, j
+            if at < 0:
+                return ids
+            ids[at:at + 2] = [merged]
+
+    newline = index.get("\n", ord("\n") + 3)
+    out = []
+    for line in text.split("\n"):
+        if line.strip():
+            out.extend(encode_line(line))
+            out.append(newline)
+    return np.asarray(out, dtype=np.int64)
+
+
+def block_linear_error(model: nn.Module, reference: dict) -> float:
+    """Relative Frobenius error, over all Linear layers of the transformer blocks, of the model's
+    (possibly quantized) weights against ``reference`` (path -> original float32 weight)."""
+    from mlxeff.quant.seedlm import _SeedLMBase
+
+    err = ref = 0.0
+    mods = dict(model.named_modules())
+    for path, W in reference.items():
+        m = mods[path]
+        if isinstance(m, _SeedLMBase):
+            R = m.dense_weight()
+        elif isinstance(m, nn.QuantizedLinear):
+            R = mx.dequantize(m.weight, m.scales, m.biases, group_size=m.group_size, bits=m.bits)
+        else:
+            R = m.weight
+        err += float(mx.square(R.astype(mx.float32) - W).sum().item())
+        ref += float(mx.square(W).sum().item())
+    return float(np.sqrt(err / ref))
+
+
 def model_quality(args) -> list:
     import mlxeff
     from mlxeff.data import encode_text, read_text
@@ -126,9 +202,16 @@ def model_quality(args) -> list:
 
     model_dir = Path(args.model)
     tokenizer = mlxeff.io.load_tokenizer(model_dir)
-    if tokenizer is None:
-        raise SystemExit(f"{model_dir}: the model directory has no tokenizer")
-    tokens = encode_text(tokenizer, read_text(Path(args.valid)))[: args.tokens]
+    text = read_text(Path(args.valid))
+    if args.llama2c_vocab:
+        # llama2.c merges are quadratic per line: encode only about enough text
+        tokens = llama2c_encode(Path(args.llama2c_vocab), text[: args.tokens * 8])[: args.tokens]
+    elif tokenizer is None:
+        raise SystemExit(f"{model_dir}: the model directory has no tokenizer (see --llama2c-vocab)")
+    else:
+        tokens = encode_text(tokenizer, text)[: args.tokens]
+    if len(tokens) < args.tokens:
+        raise SystemExit(f"{args.valid}: only {len(tokens)} tokens, fewer than --tokens {args.tokens}")
 
     def fresh():
         m = mlxeff.io.load_model(model_dir)
@@ -147,34 +230,54 @@ def model_quality(args) -> list:
         r = perplexity(m, tokens, window=args.window, stride=args.stride)
         return r["ppl"], time.perf_counter() - t0
 
+    from mlxeff.quant.seedlm import quantizable_modules
+
     rows = []
     base, stored = fresh()
+    reference = {p: m.weight.astype(mx.float32) for p, m in quantizable_modules(base)}
+    mx.eval(reference)
     bits_row = float_linear_bits(base)
     p, dt = ppl(compute_dtype(base))
-    rows.append({"method": f"float ({stored} stored)", "bits": None, **bits_row, "ppl": p, "eval_seconds": dt})
+    rows.append({"method": f"float ({stored} stored)", **bits_row, "rel_error": 0.0, "ppl": p, "eval_seconds": dt})
     del base
-    for bits in (4, 3):
-        cache = Path(args.cache) / f"seedlm{bits}" if args.cache else None
+    variants = [("seedlm", C, P) for C, P in args.seedlm_configs] + [("affine", b, 64) for b in (4, 3)]
+    for method, a, b in variants:
         t0 = time.perf_counter()
-        if cache is not None and (cache / "config.json").is_file():
-            m, enc_s = mlxeff.io.load_model(cache), None
-        else:
+        if method == "affine":
             m, _ = fresh()
-            quantize_model(m, bits=bits, progress=not args.json)
-            enc_s = time.perf_counter() - t0
-            if cache is not None:
-                mlxeff.save(m, tokenizer, cache)
-        bits_row = quantized_bits(m)
-        p, dt = ppl(compute_dtype(m))
-        rows.append({"method": "seedlm", "bits": bits, **bits_row, "ppl": p, "eval_seconds": dt,
-                     "encode_seconds": enc_s})
+            quantize_affine(m, bits=a, group_size=b, embedding_bits=None)
+            row = {"method": f"affine {a}-bit g{b}", "C": None, "P": None}
+        else:
+            cache = Path(args.cache) / f"seedlm_C{a}_P{b}" if args.cache else None
+            enc_s = None
+            if cache is not None and (cache / "config.json").is_file():
+                m = mlxeff.io.load_model(cache)
+            else:
+                m, _ = fresh()
+                quantize_model(m, C=a, P=b, progress=not args.json)
+                enc_s = time.perf_counter() - t0
+                if cache is not None:
+                    mlxeff.save(m, tokenizer, cache, force=True)
+            row = {"method": f"seedlm C={a} P={b}", "C": a, "P": b, "encode_seconds": enc_s}
+        row.update(quantized_bits(m))
+        row["float_linear_weights_left"] = float_linear_bits(m)["quantized_weights"]
+        row["rel_error"] = block_linear_error(m, reference)
+        row["ppl"], row["eval_seconds"] = ppl(compute_dtype(m))
+        rows.append(row)
         del m
-        m, _ = fresh()
-        quantize_affine(m, bits=bits, group_size=64, embedding_bits=None)
-        bits_row = quantized_bits(m)
-        p, dt = ppl(compute_dtype(m))
-        rows.append({"method": "affine g64", "bits": bits, **bits_row, "ppl": p, "eval_seconds": dt})
-        del m
+    # control: iid Gaussian noise of the same relative error in every block Linear (several draws)
+    for r in sorted({round(x["rel_error"], 3) for x in rows[1:]}) if args.noise_draws else []:
+        for draw in range(args.noise_draws):
+            m, _ = fresh()
+            mx.random.seed(draw)
+            for path, mod in quantizable_modules(m):
+                W = reference[path]
+                n = mx.random.normal(W.shape)
+                mod.weight = (W + n * (r * mx.linalg.norm(W) / mx.linalg.norm(n))).astype(mod.weight.dtype)
+            p, dt = ppl(compute_dtype(m))
+            rows.append({"method": f"iid noise rel {r:.3f} draw {draw}", "C": None, "P": None,
+                         "bits_per_weight": None, "rel_error": r, "ppl": p, "eval_seconds": dt})
+            del m
     f = rows[0]["ppl"]
     for r in rows:
         r["ppl_increase"] = r["ppl"] - f
@@ -182,11 +285,12 @@ def model_quality(args) -> list:
 
 
 def cmd_quality(args) -> None:
-    result = {"device": device_name(), "gaussian": gaussian_quality(args.blocks, args.candidates)}
-    if not args.json:
+    result = {"device": device_name(),
+              "gaussian": gaussian_quality(args.blocks, args.candidates, args.gaussian_configs) if args.blocks else []}
+    if not args.json and result["gaussian"]:
         print(f"iid N(0,1) weights ({device_name()}):")
         for r in result["gaussian"]:
-            what = (f"SeedLM {r['bits']}-bit C={r['C']} P={r['P']} k={r['candidates']}" if r["method"] == "seedlm"
+            what = (f"SeedLM C={r['C']} P={r['P']} k={r['candidates']}" if r["method"] == "seedlm"
                     else f"affine {r['bits']}-bit g{r['group_size']}")
             print(f"  {what:<32} {r['bits_per_weight']:.3f} bpw  rel error {r['rel_error']:.4f}")
     if args.model:
@@ -199,9 +303,12 @@ def cmd_quality(args) -> None:
             print(f"{args.model}: validation perplexity on {args.tokens} tokens of {args.valid} "
                   f"(window {args.window}, stride {args.stride}):")
             for r in result["perplexity"]:
-                bpw = r["bits_per_weight"]
-                name = r["method"] + (f" {r['bits']}-bit" if r["bits"] else "")
-                print(f"  {name:<28} {bpw:.3f} bpw  ppl {r['ppl']:.4f}  (+{r['ppl_increase']:.4f})")
+                left = r.get("float_linear_weights_left")
+                note = f"  [{left:,} block-linear weights left in float]" if left else ""
+                bpw = f"{r['bits_per_weight']:.3f} bpw" if r.get("bits_per_weight") else "    -    "
+                rel = f"rel err {r['rel_error']:.4f}" if r.get("rel_error") is not None else ""
+                print(f"  {r['method']:<30} {bpw}  {rel:<15} ppl {r['ppl']:.4f}  "
+                      f"({r['ppl_increase']:+.4f}){note}")
     emit("seedlm_quality", result, args.json)
 
 
@@ -347,14 +454,24 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("quality", help="(a) relative error on Gaussian weights; perplexity of a model")
-    q.add_argument("--blocks", type=int, default=16384, help="Gaussian blocks per configuration")
-    q.add_argument("--candidates", type=int, nargs="+", default=[1, 4, 16, 64])
+    q.add_argument("--blocks", type=int, default=16384, help="Gaussian blocks per configuration (0: skip)")
+    q.add_argument("--candidates", type=int, nargs="+", default=[1, 4, 16, 64],
+                   help="candidate counts tried for the 4- and 3-bit presets (Gaussian part)")
+    q.add_argument("--gaussian-configs", type=parse_config, nargs="*",
+                   default=[(9, 4), (10, 5), (12, 7), (16, 7), (8, 4)],
+                   help="further CxP configurations for the Gaussian part (k=16)")
+    q.add_argument("--seedlm-configs", type=parse_config, nargs="+", default=[(8, 3), (12, 4)],
+                   help="SeedLM CxP configurations for the perplexity part")
     q.add_argument("--model", help="mlxeff model directory (e.g. mlxeff/assets/default)")
     q.add_argument("--valid", help="validation text file (.txt or .txt.gz)")
     q.add_argument("--tokens", type=int, default=65536, help="validation tokens to score")
     q.add_argument("--window", type=int, default=512)
     q.add_argument("--stride", type=int, default=256)
     q.add_argument("--cache", help="directory to keep/reuse the SeedLM-encoded models")
+    q.add_argument("--noise-draws", type=int, default=0,
+                   help="control: perplexity with iid Gaussian noise of each method's relative error "
+                        "added to the block Linears, this many draws per error level")
+    q.add_argument("--llama2c-vocab", help="tokenize --valid with this llama2.c tokenizer.bin instead")
     q.add_argument("--json", action="store_true")
     s = sub.add_parser("speed", help="(b) blocks/s with 1 and several ranks (mlx.launch, ring)")
     s.add_argument("--bits", type=int, nargs="+", default=[4, 3])
