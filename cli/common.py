@@ -22,3 +22,22 @@ def _default(o):
     if hasattr(o, "tolist"):
         return o.tolist()
     return str(o)
+
+
+DTYPE_HELP = ("Compute precision: auto (float32 on the CPU, where float16/bfloat16 matmuls are slow; "
+              "the stored precision on a GPU), float32, float16 or bfloat16.")
+
+
+def apply_compute_dtype(net, dtype: str) -> None:
+    """Cast the model's floating-point parameters for computing (``auto``: float32 on the CPU)."""
+    import mlx.core as mx
+
+    from mlxeff.train import DTYPES
+
+    if dtype == "auto":
+        if mx.default_device() != mx.cpu:
+            return
+        dtype = "float32"
+    if dtype not in DTYPES:
+        fail(f"--dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
+    net.set_dtype(DTYPES[dtype])

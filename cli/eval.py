@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import fail, print_json
+from .common import DTYPE_HELP, apply_compute_dtype, fail, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -26,18 +26,14 @@ def evaluate(
     stride: Optional[int] = typer.Option(None, "--stride", help="Distance between window starts "
                                          "(default window/2); each token is scored once."),
     batch_size: int = typer.Option(16, "--batch-size", help="Windows per forward pass."),
-    dtype: str = typer.Option("auto", "--dtype", help="Compute precision: auto (float32 on the "
-                              "CPU, where half-precision matmul is slow; as stored elsewhere), "
-                              "float32, float16 or bfloat16."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Print the number of scored tokens, their mean negative log-likelihood (nats), the
     perplexity and bits per byte of the text."""
-    import mlx.core as mx
 
     import mlxeff
     from mlxeff import data
-    from mlxeff.train import DTYPES
     from mlxeff.eval import perplexity
     from mlxeff.io import resolve_model_dir
 
@@ -49,12 +45,7 @@ def evaluate(
     net, tokenizer = mlxeff.load(path)
     if tokenizer is None:
         fail(f"{path}: no tokenizer files (tokenizer.json)")
-    if dtype == "auto":
-        dtype = "float32" if mx.default_device() == mx.cpu else None
-    if dtype is not None:
-        if dtype not in DTYPES:
-            fail(f"--dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
-        net.set_dtype(DTYPES[dtype])
+    apply_compute_dtype(net, dtype)
     files = data.expand_files([str(text)], "text")
     raw = data.read_text(files[0])
     tokens = data.tokenize_files(files, tokenizer)

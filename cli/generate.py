@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 import typer
 
-from .common import fail, print_json
+from .common import DTYPE_HELP, apply_compute_dtype, fail, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -26,6 +26,7 @@ def generate(
     min_p: float = typer.Option(0.0, "--min-p", help="Minimum probability relative to the top token."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
     prefill_step_size: int = typer.Option(512, "--prefill-step-size", help="Prompt chunk length."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
     # --- technique options (each technique adds its own here) ---
     kv_prediction: Optional[Path] = typer.Option(
@@ -60,6 +61,7 @@ def generate(
     net, tokenizer = mlxeff.load(path)
     if tokenizer is None:
         fail(f"{path}: no tokenizer files (tokenizer.json or tokenizer.model); convert with --tokenizer")
+    apply_compute_dtype(net, dtype)
     hooks = {"prefill": ChunkedPrefill(prefill_step_size)}
     # --- technique hooks (each technique sets hooks["prefill"|"decode"|"attention"] here) ---
     if kv_prediction is not None:

@@ -507,7 +507,7 @@ def build_args(shape: dict, vocab_size: int, seq_len: int):
             num_gqa_groups=shape["gqa_groups"], ffn_dim_divisor=shape["ffn_divisor"],
             vocab_size=vocab_size,
         )
-    args.max_context_length = max(seq_len, 2048)
+    args.max_context_length = seq_len  # the context the model is trained on
     args.bos_token_id, args.eos_token_id = 1, 2
     return args
 
