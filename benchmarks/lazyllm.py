@@ -6,11 +6,13 @@ Side by side in one run, for several keep schedules:
   first token's logits, with the cache fully evaluated; plain = the engine's ``ChunkedPrefill``
   (same chunk size). Warm-up, then ``--trials`` interleaved trials; medians and ratios.
 - **Quality**, per prompt length in ``--quality-lengths`` (by default the model's trained context and
-  2048): next-token agreement with plain generation over the first 32 greedy tokens (position-wise,
-  free-running, and teacher-forced on plain's tokens), the perplexity of the text's real
-  continuation (teacher-forced through the decode strategy), a planted-fact retrieval test (an
-  invented password early in the prompt, asked for at its end), and the percent of prompt
-  tokens computed (prefill, and with the revivals of decoding).
+  2048), against plain generation from the same prompt: *next-token agreement* over plain's first
+  32 greedy tokens (lazy decoding teacher-forced on plain's tokens: does it predict the same next
+  token at each of the 32 steps), *greedy agreement* (both generate 32 tokens freely: position-wise
+  match, and the matching prefix), the perplexity of the text's real continuation (teacher-forced
+  through the decode strategy), a planted-fact retrieval test within the trained context (an
+  invented password early in the prompt, asked for at its end), the percent of prompt tokens
+  computed (by the prefill, and after the revivals of decoding) and the decode time per token.
 
 The default model is the embedded one (``mlxeff/assets/default``); ``--model DIR`` takes another
 mlxeff directory; ``--random`` builds random weights in the default model's shape (speed only; text
@@ -25,11 +27,9 @@ measurement, the quality figures there describe an extrapolating model and are f
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
@@ -46,7 +46,7 @@ from mlxeff.generate import ChunkedPrefill, DecodeStrategy  # noqa: E402
 from mlxeff.techniques.lazyllm import LazyDecode, LazyPrefill, LazySchedule  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
-DEFAULT_SCHEDULES = "0.8:0.5:4,0.7:0.4:4,0.6:0.3:4,0.5:0.2:4,0.4:0.1:4"
+DEFAULT_SCHEDULES = "0.9:0.7,0.8:0.5,0.8:0.5:4:0,0.7:0.4,0.6:0.3,0.5:0.2"
 
 
 # ---- model and text ----------------------------------------------------------------------------
@@ -70,22 +70,18 @@ def load_model(args):
     return model, tok, str(path)
 
 
-def book_text(max_chars: int = 3_000_000) -> str:
+def text_tokens(tokenizer, vocab: int, rng, max_chars: int = 4_000_000) -> np.ndarray:
+    """Token ids of the held-out books, raw as in training (the books' line breaks and spacing
+    matter: collapsing them multiplies this model's perplexity tenfold); random ids without a
+    tokenizer."""
+    if tokenizer is None:
+        return rng.integers(3, vocab, max_chars // 4)
+    from mlxeff.data import encode_text, read_text
+
     path = DATA / "gutenberg-children" / "valid.txt.gz"
     if not path.exists():
         raise SystemExit(f"error: {path}: not found (the held-out books supply the prompts)")
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        text = f.read(max_chars)
-    # Paragraphs as the model saw them in training: single spaces inside, blank lines between.
-    paras = [re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", text)]
-    return "\n\n".join(p for p in paras if p)
-
-
-def text_tokens(tokenizer, vocab: int, n: int, rng) -> np.ndarray:
-    if tokenizer is None:
-        return rng.integers(3, vocab, n)
-    ids = tokenizer.encode(book_text(), add_special_tokens=False)
-    return np.array(ids, dtype=np.int64)
+    return encode_text(tokenizer, read_text(path)[:max_chars])
 
 
 def windows(tokens: np.ndarray, length: int, count: int, cont: int, rng):
@@ -101,15 +97,19 @@ def windows(tokens: np.ndarray, length: int, count: int, cont: int, rng):
 # ---- variants ----------------------------------------------------------------------------------
 
 def parse_schedules(spec: str):
+    """``KEEP_START:KEEP_END[:STAGES[:RECENT[:START:END]]]`` items, comma-separated."""
     out = {}
     for item in filter(None, spec.split(",")):
         parts = item.split(":")
-        if len(parts) not in (2, 3, 5):
-            raise SystemExit(f"error: --schedules: {item!r} is not KEEP_START:KEEP_END[:STAGES[:START:END]]")
+        if len(parts) not in (2, 3, 4, 6):
+            raise SystemExit(f"error: --schedules: {item!r} is not "
+                             "KEEP_START:KEEP_END[:STAGES[:RECENT[:START:END]]]")
         ks, ke = float(parts[0]), float(parts[1])
         stages = int(parts[2]) if len(parts) > 2 else 4
-        lo, hi = (float(parts[3]), float(parts[4])) if len(parts) == 5 else (0.3, 0.9)
-        out[f"lazy {ks:g}->{ke:g} x{stages} @{lo:g}-{hi:g}"] = LazySchedule(ks, ke, lo, hi, stages)
+        recent = int(parts[3]) if len(parts) > 3 else 32
+        lo, hi = (float(parts[4]), float(parts[5])) if len(parts) == 6 else (0.3, 0.9)
+        name = f"lazy {ks:g}->{ke:g} x{stages} r{recent}" + (f" @{lo:g}-{hi:g}" if len(parts) == 6 else "")
+        out[name] = LazySchedule(ks, ke, lo, hi, stages, recent)
     return out
 
 
@@ -236,9 +236,9 @@ def quality(model, tokenizer, variants, pairs, planted, n_greedy):
     out = {}
     for name, p in per.items():
         out[name] = dict(
-            agreement_32=statistics.mean(p["agree"]),
-            prefix_agreement_32=statistics.mean(p["prefix"]),
-            teacher_forced_agreement_32=statistics.mean(p["forced"]),
+            greedy_agreement_32=statistics.mean(p["agree"]),
+            greedy_prefix_agreement_32=statistics.mean(p["prefix"]),
+            next_token_agreement_32=statistics.mean(p["forced"]),
             continuation_ppl=math.exp(sum(p["nll"]) / max(p["ntok"], 1)),
             percent_computed_prefill=statistics.mean(p["pct_prefill"]),
             percent_computed_after_decode=statistics.mean(p["pct_after"]),
@@ -255,7 +255,8 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="mlxeff model directory (default: the embedded model)")
     ap.add_argument("--random", action="store_true", help="random weights in the default model's shape")
     ap.add_argument("--schedules", default=DEFAULT_SCHEDULES,
-                    help="comma list of KEEP_START:KEEP_END[:STAGES[:START:END]] (default %(default)s)")
+                    help="comma list of KEEP_START:KEEP_END[:STAGES[:RECENT[:START:END]]] (defaults: 4 "
+                    "stages, 32 recent positions, pruning from 0.3 to 0.9 of the depth; default %(default)s)")
     ap.add_argument("--lengths", default="1024,2048,4096", help="TTFT prompt lengths")
     ap.add_argument("--quality-lengths", default=None,
                     help="quality prompt lengths (default: the trained context and 2048)")
@@ -290,8 +291,7 @@ def main(argv=None):
     lengths = [int(x) for x in args.lengths.split(",") if x]
     qlengths = ([int(x) for x in args.quality_lengths.split(",") if x] if args.quality_lengths
                 else sorted({ctx, 2048}))
-    need = max(lengths + qlengths) * 3 + 10 * (max(qlengths) + args.continuation) * max(args.items, 1)
-    tokens = text_tokens(tokenizer, model.args.vocab_size, need, rng)
+    tokens = text_tokens(tokenizer, model.args.vocab_size, rng)
     blas = "openblas" if "openblas" in os.environ.get("LD_PRELOAD", "") else "bundled"
     result = dict(model=desc, layers=L, max_context_length=ctx, device=str(mx.default_device()),
                   dtype=str(model.transformer.norm.weight.dtype),
@@ -320,21 +320,22 @@ def main(argv=None):
     if not args.skip_quality:
         for n in qlengths:
             pairs = windows(tokens, n, args.items, args.continuation, rng)
+            # Retrieval needs a model that can copy from its context; only within the trained context.
             planted = (planted_items(tokenizer, tokens, n, args.planted, rng)
-                       if tokenizer is not None and args.planted else [])
+                       if tokenizer is not None and args.planted and n <= ctx else [])
             q = quality(model, tokenizer, variants, pairs, planted, args.greedy)
             q["_extrapolating"] = n > ctx
             result["quality"][str(n)] = q
             log(f"\nQuality, {n}-token prompts ({args.items} texts, {len(planted)} planted facts)"
                 f"{' - beyond the trained context: RoPE extrapolates' if n > ctx else ''}:")
-            log(f"  {'':32s} {'agree32':>8s} {'prefix':>7s} {'forced':>7s} {'cont.ppl':>9s} "
+            log(f"  {'':32s} {'next-tok':>8s} {'greedy':>7s} {'prefix':>7s} {'cont.ppl':>9s} "
                 f"{'%prefill':>8s} {'%+decode':>8s} {'planted':>8s} {'ms/tok':>7s}")
             for name, r in q.items():
                 if name.startswith("_"):
                     continue
                 pf = "-" if r["planted_fact_accuracy"] is None else f"{r['planted_fact_accuracy']:.2f}"
-                log(f"  {name:32s} {r['agreement_32']:8.3f} {r['prefix_agreement_32']:7.3f} "
-                    f"{r['teacher_forced_agreement_32']:7.3f} {r['continuation_ppl']:9.2f} "
+                log(f"  {name:32s} {r['next_token_agreement_32']:8.3f} {r['greedy_agreement_32']:7.3f} "
+                    f"{r['greedy_prefix_agreement_32']:7.3f} {r['continuation_ppl']:9.2f} "
                     f"{r['percent_computed_prefill']:8.1f} {r['percent_computed_after_decode']:8.1f} {pf:>8s} "
                     f"{r['greedy_decode_ms_per_token']:7.1f}")
 

@@ -35,7 +35,7 @@ def prompt_ids(n, seed=0):
     return mx.array(np.random.default_rng(seed).integers(0, VOCAB, n).astype(np.uint32))
 
 
-AGGRESSIVE = lz.LazySchedule(keep_start=0.5, keep_end=0.2, start=0.25, end=0.9, stages=3)
+AGGRESSIVE = lz.LazySchedule(keep_start=0.5, keep_end=0.2, start=0.25, end=0.9, stages=3, recent=0)
 
 
 # ---- exactness: keep ratio 1.0 ---------------------------------------------------------------
@@ -119,6 +119,7 @@ def test_schedule_layers_and_keeps():
     assert lz.keep_count(0.3, 10) == 3 and lz.keep_count(0.01, 10) == 1 and lz.keep_count(1.0, 7) == 7
     # the prefill's share of computed (token, layer) pairs: 2 full layers, then 6/5/4/3 of 10
     assert lz.computed_fraction(10, 8, s.stages_for(8)) == pytest.approx((20 + 6 + 6 + 5 + 4 + 4 + 3) / 80)
+    assert lz.computed_fraction(10, 8, s.stages_for(8), recent=5) == pytest.approx((20 + 6 + 6 + 5 + 5 + 5 + 5) / 80)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -128,6 +129,7 @@ def test_schedule_layers_and_keeps():
     (dict(keep_start=0.3, keep_end=0.5), "must not grow"),
     (dict(start=0.9, end=0.3), "pruning range"),
     (dict(stages=0), "positive"),
+    (dict(recent=-1), "non-negative"),
 ])
 def test_bad_schedules(kwargs, match):
     with pytest.raises(lz.ScheduleError, match=match) as info:
@@ -195,7 +197,8 @@ def dense_reference(model, tokens, cache, marks):
 @pytest.mark.parametrize("schedule,step", [
     (AGGRESSIVE, 512),
     (AGGRESSIVE, 16),  # stages in chunks
-    (lz.LazySchedule(keep_start=0.7, keep_end=0.4, stages=2), 512),
+    (lz.LazySchedule(keep_start=0.7, keep_end=0.4, stages=2, recent=8), 512),
+    (lz.LazySchedule(keep_start=0.5, keep_end=0.2, stages=3, recent=30), 32),
 ])
 def test_pruned_prefill_and_decode_equal_dense_reference(model, schedule, step):
     N, T = 120, 6
@@ -214,24 +217,26 @@ def test_pruned_prefill_and_decode_equal_dense_reference(model, schedule, step):
         active = prefill_sets[l - 1]
         q, k = captured[l - 1]
         imp = np.array(lz.last_token_importance(q[:, :, N - 1:N], k[:, :, mx.array(active)], model.layers[l - 1].attn.scale))
-        imp[active == N - 1] = np.inf
-        keep = min(lz.keep_count(stages[l], N), active.size)
+        recent = max(1, schedule.recent)
+        imp[active >= N - recent] = np.inf
+        keep = min(max(lz.keep_count(stages[l], N), recent), active.size)
         expected = np.sort(active[np.argsort(-imp)[:keep]])
         assert np.array_equal(np.sort(prefill_sets[l]), expected)
     assert cache.revived > 0  # the decode steps did revive pruned tokens
 
 
-def test_invariants(model):
+@pytest.mark.parametrize("schedule", [AGGRESSIVE, lz.LazySchedule(0.6, 0.2, stages=4, recent=16)])
+def test_invariants(model, schedule):
     N = 100
     prompt = prompt_ids(N, seed=4)
     feed = [int(x) for x in prompt_ids(8, seed=5)]
-    logits, cache, marks = run_lazy(model, prompt, AGGRESSIVE, feed)
+    logits, cache, marks = run_lazy(model, prompt, schedule, feed)
     L = len(cache)
     # after prefill: the active set shrinks with depth and matches the schedule's arithmetic
     prefill_counts = marks[0]
     assert all(a >= b for a, b in zip(prefill_counts, prefill_counts[1:]))
     assert prefill_counts[-1] < N
-    fraction = lz.computed_fraction(N, L, cache.stages)
+    fraction = lz.computed_fraction(N, L, cache.stages, cache.schedule.recent)
     assert sum(prefill_counts) == pytest.approx(fraction * N * L)
     sets = [np.array(c.positions) for c in cache]
     depth = cache.depth
@@ -246,6 +251,7 @@ def test_invariants(model):
             assert aux.hidden.shape[1] == aux.positions.size
     assert all(cache.aux[l] is None or l in cache.stages for l in range(L))
     assert depth[N - 1] == L and np.all(depth[N:] == L)  # last prompt token and generated ones
+    assert np.all(depth[N - schedule.recent:N] == L)  # the recent window is never pruned
     stats = cache.stats()
     assert 0 < stats["percent_computed"] <= 100
     prompt_entries = sum(int(np.count_nonzero(s < N)) for s in sets)

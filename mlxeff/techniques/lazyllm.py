@@ -76,13 +76,15 @@ class ScheduleError(MlxeffError, ValueError):
 @dataclass(frozen=True)
 class LazySchedule:
     """Progressive pruning: ``stages`` pruning layers from ``start`` to ``end`` (fractions of the
-    depth), keeping ``keep_start`` ... ``keep_end`` of the context."""
+    depth), keeping ``keep_start`` ... ``keep_end`` of the context, always including the last
+    ``recent`` prompt positions (0: only the last one, the paper's rule)."""
 
     keep_start: float = 0.6
     keep_end: float = 0.3
     start: float = 0.3
     end: float = 0.9
     stages: int = 4
+    recent: int = 32
 
     def __post_init__(self):
         for name in ("keep_start", "keep_end"):
@@ -97,6 +99,8 @@ class LazySchedule:
             raise ScheduleError(f"the pruning range {self.start}..{self.end} must satisfy 0 <= start <= end <= 1")
         if not isinstance(self.stages, int) or self.stages < 1:
             raise ScheduleError(f"stages must be a positive integer, got {self.stages}")
+        if not isinstance(self.recent, int) or self.recent < 0:
+            raise ScheduleError(f"recent must be a non-negative integer, got {self.recent}")
 
     @classmethod
     def full(cls) -> "LazySchedule":
@@ -153,13 +157,13 @@ def keep_count(ratio: float, n: int) -> int:
     return max(1, min(n, math.ceil(round(ratio * n, 6))))
 
 
-def computed_fraction(num_tokens: int, num_layers: int, stages: Dict[int, float]) -> float:
-    """Fraction of (token, layer) pairs a prefill computes under ``stages`` (the last token is
-    always among the kept ones)."""
+def computed_fraction(num_tokens: int, num_layers: int, stages: Dict[int, float], recent: int = 0) -> float:
+    """Fraction of (token, layer) pairs a prefill computes under ``stages`` (the last token and
+    the ``recent`` last positions are always among the kept ones)."""
     active, total = num_tokens, 0
     for layer in range(num_layers):
         if layer in stages:
-            active = min(active, keep_count(stages[layer], num_tokens))
+            active = min(active, max(keep_count(stages[layer], num_tokens), min(recent, num_tokens)))
         total += active
     return total / (num_tokens * num_layers)
 
@@ -346,11 +350,13 @@ def lazy_prefill(model: nn.Module, prompt: mx.array, cache: LazyCache, step_size
     positions = mx.arange(N, dtype=mx.int32)
     contiguous = True
     importance = None
+    # The recent positions are the last active rows at every stage: they are never pruned.
+    recent = min(N, max(1, cache.schedule.recent))
     bounds = [0] + sorted(cache.stages) + [L]
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        if importance is not None:  # prune at layer lo; the last token is always kept
-            keep = keep_count(cache.stages[lo], N)
-            order = mx.argsort(-importance.at[-1].add(mx.inf))
+        if importance is not None:  # prune at layer lo; the recent positions are always kept
+            keep = max(keep_count(cache.stages[lo], N), recent)
+            order = mx.argsort(-importance.at[-recent:].add(mx.inf))
             kept, pruned = mx.sort(order[:keep]), mx.sort(order[keep:])
             cache._pending_aux[lo] = (mx.take(positions, pruned), mx.take(h, pruned, axis=1))
             h, positions = mx.take(h, kept, axis=1), mx.take(positions, kept)
@@ -370,7 +376,7 @@ def lazy_prefill(model: nn.Module, prompt: mx.array, cache: LazyCache, step_size
                 mx.clear_cache()
         for l in range(lo, hi):
             cache.computed[l] += n
-        if hi < L and keep_count(cache.stages[hi], N) < n:
+        if hi < L and max(keep_count(cache.stages[hi], N), recent) < n:
             importance = last_token_importance(q, keys, layers[hi - 1].attn.scale)
         h = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
     return model.logits(model.transformer.norm(h[:, -1:]))[:, -1, :]
