@@ -46,6 +46,9 @@ def generate(
     lazy_stages: Optional[int] = typer.Option(
         None, "--lazy-stages", help="LazyLLM number of pruning layers (default 4, or as many as fit "
         "in the range; implies --lazy)."),
+    lazy_recent: Optional[int] = typer.Option(
+        None, "--lazy-recent", help="LazyLLM: the last N prompt tokens are never pruned (default 32; "
+        "0 keeps only the last token, the paper's rule; implies --lazy)."),
 ):
     """Generate text from PROMPT, streaming it, then print prompt and generation speed,
     peak memory and time to first token (as mlx_lm.generate does)."""
@@ -69,7 +72,7 @@ def generate(
 
         kvp_dir = resolve_dir(kv_prediction, path)
         hooks["prefill"] = KVPrediction.load(kvp_dir, base=net).prefill(prefill_step_size)
-    if lazy or lazy_keep or lazy_range or lazy_stages is not None:
+    if lazy or lazy_keep or lazy_range or lazy_stages is not None or lazy_recent is not None:
         from mlxeff.techniques.lazyllm import LazySchedule, ScheduleError, lazy_hooks, max_stages
 
         if kv_prediction is not None:
@@ -79,6 +82,8 @@ def generate(
             kw.update(keep_start=lazy_keep[0], keep_end=lazy_keep[1])
         if lazy_range:
             kw.update(start=lazy_range[0], end=lazy_range[1])
+        if lazy_recent is not None:
+            kw.update(recent=lazy_recent)
         try:
             if lazy_stages is None:  # the default count, or as many as fit in a shallow model
                 rng = LazySchedule(**kw)

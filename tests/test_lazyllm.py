@@ -307,6 +307,7 @@ def test_cli_lazy(saved_dir):
         [], ["--lazy-keep", 1, 1],
         ["--lazy-keep", 0.8, 0.5, "--lazy-range", 0.3, 0.9, "--lazy-stages", 2],
         ["--lazy"],  # 4 stages do not fit in 4 layers: as many as fit (3)
+        ["--lazy-recent", 0, "--lazy-keep", 0.5, 0.2],
     )]
     for code, out, err in runs:
         assert code == 0, err
@@ -321,6 +322,7 @@ def test_cli_lazy(saved_dir):
     (["--lazy-stages", 9], "9 stages but the model has only 4 layers"),
     (["--lazy-stages", 4], "4 stages do not fit in layers 1..3"),
     (["--lazy-range", 0.9, 0.2], "pruning range 0.9..0.2"),
+    (["--lazy-recent", -3], "recent must be a non-negative integer, got -3"),
 ])
 def test_cli_lazy_bad_input(saved_dir, args, needle):
     path, _ = saved_dir
