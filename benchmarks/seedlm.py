@@ -9,8 +9,9 @@
   at group size 64, each with the bits per weight stored for the quantized layers (the Linear
   layers of the transformer blocks; embeddings/output head are left in float for every method).
   ``--seedlm-configs`` adds other CxP configurations (e.g. 12x7 at 4.0 bpw, 8x4 at 4.5 bpw);
-  ``--noise-draws N`` adds a control: iid Gaussian noise of each method's relative error in every
-  block Linear, N draws per level (how much of a perplexity change is the error's size alone).
+  ``--noise-draws N`` adds a control: Gaussian noise with each method's relative error in every
+  8-weight block of every block Linear, N draws per level (how much a perplexity change varies
+  between error patterns of one size).
   ``--cache DIR`` keeps the SeedLM-encoded models there and reuses them on the next run;
   ``--llama2c-vocab FILE`` tokenizes with a llama2.c vocabulary (for stories260K, which ships no
   Hugging Face tokenizer).
@@ -193,6 +194,19 @@ def block_linear_error(model: nn.Module, reference: dict) -> float:
     return float(np.sqrt(err / ref))
 
 
+def blockwise_noise(W: mx.array, r: float, block: int = 8) -> mx.array:
+    """W plus iid Gaussian noise scaled so that every block of ``block`` consecutive weights of a
+    row has relative error exactly r (as a block quantizer's error follows the block's size)."""
+    out, inp = W.shape
+    pad = -inp % block
+    Wp = mx.pad(W, [(0, 0), (0, pad)]).reshape(out, -1, block)
+    valid = (mx.arange(inp + pad) < inp).reshape(1, -1, block)
+    n = mx.random.normal(Wp.shape) * valid
+    wn = mx.sqrt(mx.square(Wp).sum(-1, keepdims=True))
+    nn_ = mx.sqrt(mx.square(n).sum(-1, keepdims=True))
+    return (Wp + n * (r * wn / mx.maximum(nn_, 1e-30))).reshape(out, -1)[:, :inp]
+
+
 def model_quality(args) -> list:
     import mlxeff
     from mlxeff.data import encode_text, read_text
@@ -265,17 +279,15 @@ def model_quality(args) -> list:
         row["ppl"], row["eval_seconds"] = ppl(compute_dtype(m))
         rows.append(row)
         del m
-    # control: iid Gaussian noise of the same relative error in every block Linear (several draws)
+    # control: Gaussian noise of the same relative error in every 8-weight block (several draws)
     for r in sorted({round(x["rel_error"], 3) for x in rows[1:]}) if args.noise_draws else []:
         for draw in range(args.noise_draws):
             m, _ = fresh()
             mx.random.seed(draw)
             for path, mod in quantizable_modules(m):
-                W = reference[path]
-                n = mx.random.normal(W.shape)
-                mod.weight = (W + n * (r * mx.linalg.norm(W) / mx.linalg.norm(n))).astype(mod.weight.dtype)
+                mod.weight = blockwise_noise(reference[path], r).astype(mod.weight.dtype)
             p, dt = ppl(compute_dtype(m))
-            rows.append({"method": f"iid noise rel {r:.3f} draw {draw}", "C": None, "P": None,
+            rows.append({"method": f"noise rel {r:.3f} draw {draw}", "C": None, "P": None,
                          "bits_per_weight": None, "rel_error": r, "ppl": p, "eval_seconds": dt})
             del m
     f = rows[0]["ppl"]
@@ -469,8 +481,8 @@ def main(argv=None) -> None:
     q.add_argument("--stride", type=int, default=256)
     q.add_argument("--cache", help="directory to keep/reuse the SeedLM-encoded models")
     q.add_argument("--noise-draws", type=int, default=0,
-                   help="control: perplexity with iid Gaussian noise of each method's relative error "
-                        "added to the block Linears, this many draws per error level")
+                   help="control: perplexity with Gaussian noise of each method's relative error in "
+                        "every 8-weight block of the block Linears, this many draws per error level")
     q.add_argument("--llama2c-vocab", help="tokenize --valid with this llama2.c tokenizer.bin instead")
     q.add_argument("--json", action="store_true")
     s = sub.add_parser("speed", help="(b) blocks/s with 1 and several ranks (mlx.launch, ring)")

@@ -46,8 +46,8 @@ Deviations and open choices resolved:
 - Seeds are ranked by the unquantised residual and only the best ``candidates`` (default 16) are
   quantised. One candidate is not enough: the seed with the smallest unquantised residual is often
   an ill-conditioned basis whose large, cancelling coefficients do not survive 4-bit rounding
-  (iid Gaussian, 4-bit: relative error 0.50 with 1 candidate, 0.120 with 4, 0.1196 with 16 and
-  with 64; benchmarks/seedlm.py quality).
+  (iid Gaussian, 4-bit: relative error 1.06 with 1 candidate -- worse than storing zeros --, 0.120
+  with 4, 0.1196 with 16 and with 64; benchmarks/seedlm.py quality).
 - The paper's exponent is ``floor(log2(max|t|))`` style; we use DESIGN.md's rule with e +- 1 and a
   per-tensor base, because the literal rule wastes part of the 4-bit code range.
 - The paper quantises by rounding; we refit the integer codes over the 2^P floor/ceil patterns.
