@@ -215,7 +215,7 @@ def run_kv_training(cfg, *, base_dir, aux_spec: str, train_files, valid_files, o
     model = KVPredictionModel(base, aux, predictor)
     n_base = base.args.num_transformer_layers
     lam = loss_cfg.resolved_kv_weight(n_base)
-    if cfg.seq_len + 1 > base.args.max_context_length:
+    if cfg.seq_len > base.args.max_context_length:
         say(f"note: --seq-len {cfg.seq_len} exceeds the base's max_context_length "
             f"{base.args.max_context_length}")
 
