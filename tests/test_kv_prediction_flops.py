@@ -4,7 +4,7 @@ import pytest
 
 from mlxeff.models import openelm_config
 from mlxeff.techniques import kv_prediction as kvp
-from mlxeff.techniques.kv_prediction_flops import causal_attention_macs, prompt_flops
+from mlxeff.techniques.kv_prediction_flops import PAPER_TABLE, causal_attention_macs, prompt_flops
 
 PAPER = [  # base, auxiliary, reduction (arXiv 2410.08391, Table 1)
     ("1_1B", "450M", 2.36), ("1_1B", "270M", 3.98),
@@ -28,6 +28,10 @@ def test_paper_reductions(base_name, aux_name, want, tokens):
     aux, lmap = aux_and_map(base, aux_name)
     got = prompt_flops(base, aux, lmap, tokens, "paper").reduction
     assert round(got, 2) == want, (base_name, aux_name, got)
+
+
+def test_the_printed_table_is_the_papers():
+    assert PAPER_TABLE == PAPER
 
 
 def test_exact_convention_counts_more_and_depends_on_length():

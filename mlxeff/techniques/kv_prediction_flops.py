@@ -104,3 +104,37 @@ def prompt_flops(base: ModelArgs, aux: ModelArgs, layer_map: Sequence[int], prom
     else:
         raise ValueError(f"unknown convention {convention!r} (paper or exact)")
     return PromptFlops(float(b), float(k), convention, T)
+
+
+PAPER_TABLE = [  # (base, auxiliary: OpenELM size or kept fraction, published reduction)
+    ("1_1B", "450M", 2.36), ("1_1B", "270M", 3.98),
+    ("1_1B", 0.75, 1.34), ("1_1B", 0.5, 1.93), ("1_1B", 0.25, 3.60),
+    ("3B", "1_1B", 2.81), ("3B", 0.75, 1.34), ("3B", 0.5, 1.97), ("3B", 0.25, 3.84),
+]
+
+
+def paper_setting(base_name: str, aux) -> tuple:
+    """(base args, auxiliary args, layer map) of one row of the paper's table."""
+    from ..models import openelm_config
+    from . import kv_prediction as kvp
+
+    base = openelm_config(base_name)
+    if isinstance(aux, float):
+        layers = kvp.select_layers(base.num_transformer_layers, aux)
+        return base, kvp.subset_args(base, layers), kvp.pruned_layer_map(
+            layers, base.num_transformer_layers)
+    a = openelm_config(aux)
+    return base, a, kvp.contiguous_layer_map(a.num_transformer_layers, base.num_transformer_layers)
+
+
+if __name__ == "__main__":  # python -m mlxeff.techniques.kv_prediction_flops [TOKENS]
+    import sys
+
+    T = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
+    print(f"prompt {T} tokens | paper | ours (paper convention) | exact convention")
+    for b, a, want in PAPER_TABLE:
+        base, aux, lmap = paper_setting(b, a)
+        name = f"LP-{a:.2f}" if isinstance(a, float) else f"C-{a}"
+        got = prompt_flops(base, aux, lmap, T, "paper").reduction
+        exact = prompt_flops(base, aux, lmap, T, "exact").reduction
+        print(f"OpenELM-{b} {name:8s} | {want:.2f}x | {got:.2f}x ({got:.4f}) | {exact:.2f}x")
