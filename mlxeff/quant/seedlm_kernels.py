@@ -304,7 +304,7 @@ def _spec(kind: str, source: str, inputs: Sequence[str], outputs: Sequence[str],
 # Launch shape of the fused matvec when the caller names none: (stage_x, threads, tile_rows) by rows
 # of x. Chosen from `python benchmarks/seedlm_kernels.py --sweep` (benchmarks/RESULTS.md, "Kernels"),
 # which times these against the alternatives on the GPU and prints the fastest.
-MATVEC_DEFAULTS = {1: (False, 128, 8), 2: (False, 128, 8), 4: (True, 128, 4), 8: (True, 128, 2)}
+MATVEC_DEFAULTS = {1: (False, 64, 16), 2: (False, 64, 16), 4: (True, 128, 4), 8: (True, 128, 2)}
 
 
 def matvec_defaults(rows: int) -> Tuple[bool, int, int]:
