@@ -82,7 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--cont", type=int, default=32, help="continuation tokens scored/generated")
     p.add_argument("--items", type=int, default=64, help="held-out text items for ppl/agreement")
     p.add_argument("--lambada", type=Path, default=DATA / "eval" / "lambada_openai.jsonl.gz")
-    p.add_argument("--lambada-items", type=int, default=500)
+    p.add_argument("--lambada-items", type=int, default=1000)
+    p.add_argument("--table-length", type=int, default=1024,
+                   help="prompt length whose TTFT goes into the accuracy-vs-TTFT table")
     p.add_argument("--skip-ttft", action="store_true")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -266,6 +268,14 @@ def main(argv=None):
         for m, q in result["quality"].items():
             print(f"{m:16s}{q['ppl']:10.3f}{q['ppl_base']:10.3f}{q['agree']:8.3f}"
                   f"{q.get('lambada_acc', float('nan')):9.3f}{q.get('lambada_logprob', float('nan')):8.3f}")
+    T = args.table_length
+    if "ttft" in result and "quality" in result and T in result["ttft"]:
+        print(f"\naccuracy vs TTFT ({T}-token prompts)")
+        print(f"{'method':16s}{'TTFT ms':>10s}{'speedup':>9s}{'ppl':>9s}{'agree':>8s}{'lambada':>9s}")
+        for m, q in result["quality"].items():
+            r = result["ttft"][T][m]
+            print(f"{m:16s}{r['median_s'] * 1e3:10.1f}{r['speedup']:8.2f}x{q['ppl']:9.3f}"
+                  f"{q['agree']:8.3f}{q.get('lambada_acc', float('nan')):9.3f}")
 
 
 if __name__ == "__main__":
