@@ -16,6 +16,16 @@ from mlxeff.quant import seedlm_encoder as E
 SMALL = E.EncoderConfig(batch=128)
 
 
+@pytest.fixture
+def on_cpu():
+    """float32 matmuls in exact IEEE arithmetic for the comparisons with float64 brute force (a GPU
+    backend may use reduced-precision matmul inputs)."""
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(device)
+
+
 def dense(enc: E.EncodedMatrix, C, P, in_features):
     """Independent reconstruction: step the register for every block (no cycle table, no MLX)."""
     out, nb = enc.seeds.shape
@@ -56,7 +66,7 @@ def test_gaussian_relative_error(bits, C, P, n_blocks, bound):
     assert enc.exps.max() == 15  # the largest exponent sits at the top of the tensor's range
 
 
-def test_topk_matches_brute_force():
+def test_topk_matches_brute_force(on_cpu):
     C, P = 8, 3
     rng = np.random.default_rng(2)
     W = rng.standard_normal((6, C)).astype(np.float32)
