@@ -70,8 +70,10 @@ def generate(
     if kv_prediction is not None:
         from mlxeff.techniques.kv_prediction import KVPrediction, resolve_dir
 
-        kvp_dir = resolve_dir(kv_prediction, path)
-        hooks["prefill"] = KVPrediction.load(kvp_dir, base=net).prefill(prefill_step_size)
+        kvp = KVPrediction.load(resolve_dir(kv_prediction, path), base=net)
+        apply_compute_dtype(kvp.auxiliary, dtype)
+        apply_compute_dtype(kvp.predictor, dtype)
+        hooks["prefill"] = kvp.prefill(prefill_step_size)
     if lazy or lazy_keep or lazy_range or lazy_stages is not None or lazy_recent is not None:
         from mlxeff.techniques.lazyllm import LazySchedule, ScheduleError, lazy_hooks, max_stages
 
