@@ -173,3 +173,37 @@ def write_hf_openelm(model, directory, *, fmt="safetensors", shard=False):
     else:
         mx.save_safetensors(str(directory / "model.safetensors"), weights)
     return directory
+
+
+METAL_CHECK = SHARED / "tools" / "metal-check"
+
+
+def metal_check_unavailable() -> str:
+    """Why shared/tools/metal-check cannot run here, or '' when it can (it needs clang++ >= 17)."""
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    if not (METAL_CHECK / "metal_check.py").exists():
+        return f"metal-check not found at {METAL_CHECK}"
+    names = [os.environ.get("METAL_CHECK_CXX"), "clang++-19", "clang++-18", "clang++-17", "clang++"]
+    for name in filter(None, names):
+        exe = shutil.which(name)
+        if exe:
+            out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+            m = re.search(r"version (\d+)", out)
+            if m and int(m.group(1)) >= 17:
+                return ""
+    return "metal-check needs clang++ >= 17 (apt-get install -y clang-19)"
+
+
+def use_metal_check() -> None:
+    """Skip the calling test when metal-check cannot run; otherwise make it importable."""
+    import sys
+
+    why = metal_check_unavailable()
+    if why:
+        pytest.skip(why)
+    if str(METAL_CHECK) not in sys.path:
+        sys.path.insert(0, str(METAL_CHECK))

@@ -3,21 +3,18 @@ the CPU by metal-check) and the CUDA twin (on an NVIDIA GPU) equal the reference
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
 import subprocess
-import sys
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import SHARED
+from conftest import use_metal_check
+
 from mlxeff.kernels import kernel_sources
 from mlxeff.techniques import pruned_attention as pa
 
-METAL_CHECK = SHARED / "tools" / "metal-check"
 
 
 def _case(B=2, H=8, KVH=2, Lq=3, S=96, D=64, n=40, seed=0, dtype=mx.float32, per_batch=True):
@@ -116,28 +113,9 @@ def test_launch_config_splits():
 
 # ---- the Metal body, executed on the CPU ---------------------------------------------------
 
-def _clang_ok() -> str:
-    """Why metal-check cannot run here, or '' when it can."""
-    if not (METAL_CHECK / "metal_check.py").exists():
-        return f"metal-check not found at {METAL_CHECK}"
-    names = [os.environ.get("METAL_CHECK_CXX")] + ["clang++-19", "clang++-18", "clang++-17", "clang++"]
-    for name in filter(None, names):
-        exe = shutil.which(name)
-        if exe is None:
-            continue
-        out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
-        m = re.search(r"version (\d+)", out)
-        if m and int(m.group(1)) >= 17:
-            return ""
-    return "metal-check needs clang++ >= 17 (apt-get install -y clang-19)"
-
-
 @pytest.fixture(scope="module")
 def metal_check():
-    why = _clang_ok()
-    if why:
-        pytest.skip(why)
-    sys.path.insert(0, str(METAL_CHECK))
+    use_metal_check()
     return pa.pruned_attention_metal_check
 
 

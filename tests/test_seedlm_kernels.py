@@ -6,22 +6,19 @@ table), codes packed here by hand from the documented layout, float64 arithmetic
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
+from conftest import use_metal_check
+
 from mlxeff.kernels import kernel_sources
 from mlxeff.quant import lfsr
 from mlxeff.quant import seedlm_kernels as sk
 
-METAL_CHECK = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "metal-check"
 
 
 # ---- packed tensors and the oracle ------------------------------------------------------------
@@ -172,27 +169,9 @@ def test_launch_plans():
 
 # ---- the Metal bodies, executed on the CPU ----------------------------------------------------
 
-def _clang_ok() -> str:
-    if not (METAL_CHECK / "metal_check.py").exists():
-        return f"metal-check not found at {METAL_CHECK}"
-    names = [os.environ.get("METAL_CHECK_CXX"), "clang++-19", "clang++-18", "clang++-17", "clang++"]
-    for name in filter(None, names):
-        exe = shutil.which(name)
-        if exe:
-            m = re.search(r"version (\d+)", subprocess.run([exe, "--version"], capture_output=True,
-                                                           text=True).stdout)
-            if m and int(m.group(1)) >= 17:
-                return ""
-    return "metal-check needs clang++ >= 17 (apt-get install -y clang-19)"
-
-
 @pytest.fixture(scope="module")
 def metal_check():
-    why = _clang_ok()
-    if why:
-        pytest.skip(why)
-    if str(METAL_CHECK) not in sys.path:
-        sys.path.insert(0, str(METAL_CHECK))
+    use_metal_check()
     return sk
 
 
