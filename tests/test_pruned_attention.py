@@ -74,12 +74,27 @@ def test_reference_shared_index_and_all_slots():
     np.testing.assert_allclose(np.array(full), np.array(dense), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_every_slot_equals_reference(per_batch):
+    """index=None (every slot, causal by position): the dispatcher's CPU path (SDPA with a mask)
+    equals the reference over arange(S)."""
+    q, k, v, _, qpos, kpos = _case(B=2, H=6, KVH=3, Lq=4, S=50, n=10)
+    if not per_batch:
+        qpos, kpos = qpos[0], kpos[0]
+    every = mx.arange(k.shape[2], dtype=mx.int32)
+    ref = pa.pruned_attention_reference(q, k, v, every, scale=0.2, q_positions=qpos, k_positions=kpos)
+    got = pa.pruned_attention(q, k, v, None, scale=0.2, q_positions=qpos, k_positions=kpos)
+    np.testing.assert_allclose(np.array(got), np.array(ref), rtol=1e-5, atol=1e-5)
+
+
 def test_row_without_visible_key_is_zero():
     q, k, v, idx, _, _ = _case(B=1, H=2, KVH=1, Lq=2, S=8, n=4, per_batch=False)
     kpos = mx.arange(10, 18, dtype=mx.int32)
     qpos = mx.array([5, 17], dtype=mx.int32)  # the first query precedes every key
     out = np.array(pa.pruned_attention_reference(q, k, v, idx, scale=0.5, q_positions=qpos, k_positions=kpos))
     assert np.all(out[:, :, 0] == 0) and np.all(np.isfinite(out)) and np.any(out[:, :, 1] != 0)
+    every = np.array(pa.pruned_attention(q, k, v, None, scale=0.5, q_positions=qpos, k_positions=kpos))
+    assert np.all(every[:, :, 0] == 0) and np.all(np.isfinite(every))
 
 
 def test_bad_shapes_raise():

@@ -313,8 +313,7 @@ def _layer(layer, h: mx.array, positions: mx.array, cache: LayerCache, *, offset
         q, k = rope_at(q, positions, attn.rope), rope_at(k, positions, attn.rope)
     keys, values = cache.update(k, v, positions)
     if mode == "positions":
-        index = mx.arange(keys.shape[2], dtype=mx.int32)
-        out = pruned_attention(q, keys, values, index, scale=attn.scale, q_positions=positions,
+        out = pruned_attention(q, keys, values, None, scale=attn.scale, q_positions=positions,
                                k_positions=cache.positions)
     else:
         mask = create_attention_mask(h, cache) if mode == "causal" else None

@@ -260,22 +260,37 @@ def pruned_attention(
     q: mx.array,
     k: mx.array,
     v: mx.array,
-    index: mx.array,
+    index: Optional[mx.array],
     *,
     scale: float,
     q_positions: Optional[mx.array] = None,
     k_positions: Optional[mx.array] = None,
     n_splits: Optional[int] = None,
 ) -> mx.array:
-    """Attention of ``q`` (B, H, Lq, D) over the cache slots ``index`` ((n,) or (B, n)) of ``k``
-    and ``v`` (B, KVH, S, D). With ``q_positions`` ((Lq,) or (B, Lq)) and ``k_positions`` ((S,) or
-    (B, S)) a key is visible to a query only at a position <= the query's. The custom kernel runs
-    on Metal/CUDA GPUs; elsewhere (and for unsupported head sizes) the plain-MLX reference."""
+    """Attention of ``q`` (B, H, Lq, D) over the cache slots ``index`` ((n,) or (B, n); None: every
+    slot) of ``k`` and ``v`` (B, KVH, S, D). With ``q_positions`` ((Lq,) or (B, Lq)) and
+    ``k_positions`` ((S,) or (B, S)) a key is visible to a query only at a position <= the query's.
+    The custom kernel runs on Metal/CUDA GPUs; elsewhere (and for unsupported head sizes) plain MLX:
+    the reference, or for every slot ``mx.fast.scaled_dot_product_attention`` with a boolean mask
+    (no gathered copy)."""
     if gpu_backend() is not None and kernel_supported(q.shape[-1]):
+        if index is None:
+            index = mx.arange(k.shape[2], dtype=mx.int32)
         return pruned_attention_kernel(
             q, k, v, index, scale=scale, q_positions=q_positions, k_positions=k_positions,
             n_splits=n_splits,
         )
+    if index is None:
+        _check(q, k, v, mx.zeros((1,), mx.int32), q_positions, k_positions)
+        mask = None
+        if q_positions is not None:
+            qp = q_positions.reshape(-1, 1, q.shape[2], 1) if q_positions.ndim == 2 else q_positions[:, None]
+            kp = k_positions.reshape(-1, 1, 1, k.shape[2]) if k_positions.ndim == 2 else k_positions[None]
+            mask = kp <= qp
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        if mask is not None:  # a row that sees no key yields zeros, as the reference and kernel do
+            out = mx.where(mx.any(mask, axis=-1, keepdims=True), out, 0.0).astype(q.dtype)
+        return out
     return pruned_attention_reference(
         q, k, v, index, scale=scale, q_positions=q_positions, k_positions=k_positions
     )
