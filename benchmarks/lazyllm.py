@@ -47,7 +47,7 @@ from mlxeff.generate import ChunkedPrefill, DecodeStrategy  # noqa: E402
 from mlxeff.techniques.lazyllm import LazyDecode, LazyPrefill, LazySchedule  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
-DEFAULT_SCHEDULES = "0.9:0.7,0.8:0.5,0.8:0.5:4:0,0.7:0.4,0.6:0.3,0.5:0.2"
+DEFAULT_SCHEDULES = "1:0.9,0.9:0.7,0.8:0.5,0.8:0.5:4:0,0.7:0.4,0.6:0.3,0.5:0.2"
 
 
 # ---- model and text ----------------------------------------------------------------------------

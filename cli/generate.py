@@ -36,7 +36,7 @@ def generate(
     lazy: bool = typer.Option(
         False, "--lazy", help="LazyLLM (arXiv 2407.14057): prune prompt tokens progressively with "
         "depth by the last token's attention, reviving them while decoding (default schedule: keep "
-        "0.6 -> 0.3 of the tokens over 4 stages in 30%-90% of the depth)."),
+        "0.8 -> 0.5 of the tokens over 4 stages in 30%-90% of the depth, never the last 32)."),
     lazy_keep: Optional[Tuple[float, float]] = typer.Option(
         None, "--lazy-keep", metavar="START END", help="LazyLLM keep ratios in (0, 1] at the first "
         "and the last pruning layer, START >= END (implies --lazy)."),

@@ -85,8 +85,8 @@ class LazySchedule:
     depth), keeping ``keep_start`` ... ``keep_end`` of the context, always including the last
     ``recent`` prompt positions (0: only the last one, the paper's rule)."""
 
-    keep_start: float = 0.6
-    keep_end: float = 0.3
+    keep_start: float = 0.8
+    keep_end: float = 0.5
     start: float = 0.3
     end: float = 0.9
     stages: int = 4
