@@ -8,6 +8,9 @@
   float (as loaded, computed in float32 on the CPU), SeedLM 4- and 3-bit, and MLX affine 4- and 3-bit
   at group size 64, each with the bits per weight stored for the quantized layers (the Linear
   layers of the transformer blocks; embeddings/output head are left in float for every method).
+  MLX's affine quantization skips a Linear whose input width the group size does not divide; the
+  rows "g64 (g32 where 64 does not divide)" quantize every block Linear, as SeedLM does, and are
+  the like-for-like comparison. ``--seedlm-configs`` with no value skips SeedLM.
   ``--seedlm-configs`` adds other CxP configurations (e.g. 12x7 at 4.0 bpw, 8x4 at 4.5 bpw);
   ``--noise-draws N`` adds a control: Gaussian noise with each method's relative error in every
   8-weight block of every block Linear, N draws per level (how much a perplexity change varies
@@ -211,7 +214,8 @@ def model_quality(args) -> list:
     import mlxeff
     from mlxeff.data import encode_text, read_text
     from mlxeff.eval import perplexity
-    from mlxeff.quant.affine import quantize_affine
+    from mlxeff.quant import apply_quantization_spec
+    from mlxeff.quant.affine import affine_spec, quantize_affine
     from mlxeff.quant.seedlm import quantize_model
 
     model_dir = Path(args.model)
@@ -254,13 +258,22 @@ def model_quality(args) -> list:
     p, dt = ppl(compute_dtype(base))
     rows.append({"method": f"float ({stored} stored)", **bits_row, "rel_error": 0.0, "ppl": p, "eval_seconds": dt})
     del base
-    variants = [("seedlm", C, P) for C, P in args.seedlm_configs] + [("affine", b, 64) for b in (4, 3)]
+    variants = [("seedlm", C, P) for C, P in args.seedlm_configs]
+    variants += [("affine", b, 64) for b in (4, 3)] + [("affine-all", b, 64) for b in (4, 3)]
     for method, a, b in variants:
         t0 = time.perf_counter()
         if method == "affine":
             m, _ = fresh()
             quantize_affine(m, bits=a, group_size=b, embedding_bits=None)
             row = {"method": f"affine {a}-bit g{b}", "C": None, "P": None}
+        elif method == "affine-all":
+            # MLX quantizes a Linear only when the group size divides its input width; layers that
+            # g64 leaves in float get g32 here, so that every block Linear is quantized, as SeedLM's are.
+            m, _ = fresh()
+            spec = {**affine_spec(m, a, 32, None), **affine_spec(m, a, b, None)}
+            apply_quantization_spec(m, spec)
+            mx.eval(m.parameters())
+            row = {"method": f"affine {a}-bit g{b} (g32 where {b} does not divide)", "C": None, "P": None}
         else:
             cache = Path(args.cache) / f"seedlm_C{a}_P{b}" if args.cache else None
             enc_s = None
@@ -472,8 +485,8 @@ def main(argv=None) -> None:
     q.add_argument("--gaussian-configs", type=parse_config, nargs="*",
                    default=[(9, 4), (10, 5), (12, 7), (16, 7), (8, 4)],
                    help="further CxP configurations for the Gaussian part (k=16)")
-    q.add_argument("--seedlm-configs", type=parse_config, nargs="+", default=[(8, 3), (12, 4)],
-                   help="SeedLM CxP configurations for the perplexity part")
+    q.add_argument("--seedlm-configs", type=parse_config, nargs="*", default=[(8, 3), (12, 4)],
+                   help="SeedLM CxP configurations for the perplexity part (none: affine only)")
     q.add_argument("--model", help="mlxeff model directory (e.g. mlxeff/assets/default)")
     q.add_argument("--valid", help="validation text file (.txt or .txt.gz)")
     q.add_argument("--tokens", type=int, default=65536, help="validation tokens to score")

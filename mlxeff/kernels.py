@@ -23,6 +23,7 @@ Metal bodies are also executed on the CPU in the tests through ``shared/tools/me
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -125,11 +126,19 @@ def read_source(filename: str) -> str:
         return (Path(__file__).resolve().parents[1] / "metal" / filename).read_text()
 
 
+def compact_source(text: str) -> str:
+    """``text`` without ``//`` comments, indentation and blank lines. MLX hashes a custom kernel's
+    whole source on every call, so a shorter source is a cheaper call (measured on CUDA: ~2 us per
+    call for 12 kB). The kernel bodies use ``//`` only for comments."""
+    lines = (re.sub(r"//.*", "", line).strip() for line in text.splitlines())
+    return "".join(line + "\n" for line in lines if line)
+
+
 def kernel_sources(spec: KernelSpec, backend: str) -> Tuple[str, str]:
     """The (header, body) that ``build`` passes to MLX for ``backend``."""
     defines = "".join(f"#define {k} {v}\n" for k, v in spec.defines)
-    header = read_source(spec.header_file) if spec.header_file else ""
-    body = read_source(spec.source_file)
+    header = compact_source(read_source(spec.header_file)) if spec.header_file else ""
+    body = compact_source(read_source(spec.source_file))
     if backend == "metal":
         return header, METAL_PRELUDE + defines + body
     if backend == "cuda":

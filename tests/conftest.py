@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import mlx.core as mx
+# MLX's CUDA backend computes float32 matmuls in TF32 (10-bit mantissa) unless told otherwise; the
+# tests compare float32 paths with tolerances of 1e-5, so they ask for full float32 before MLX loads.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+import mlx.core as mx  # noqa: E402
 import pytest
 
 from mlxeff.models import Model, layerwise_config

@@ -137,6 +137,7 @@ def metal_check():
 @pytest.mark.parametrize("case,n_splits", [
     (dict(B=1, H=8, KVH=2, Lq=1, S=96, n=40), 1),  # decode, single kernel
     (dict(B=1, H=8, KVH=2, Lq=1, S=96, n=40), 3),  # decode, partial + combine (ragged splits)
+    (dict(B=2, H=8, KVH=2, Lq=1, S=96, n=40, per_batch=False), 2),  # one (n,) index for the batch
     (dict(B=2, H=6, KVH=1, Lq=3, S=80, n=37, D=32), 2),  # GQA prefill chunk, two row blocks
     (dict(B=1, H=20, KVH=5, Lq=1, S=200, n=50, D=128), None),  # default split count
     (dict(B=1, H=4, KVH=2, Lq=2, S=120, n=70, warps=2, unroll=3), 2),  # other launch shapes
@@ -234,8 +235,9 @@ def _cuda():
     (dict(B=1, H=16, KVH=4, Lq=1, S=4096, n=1024), 1),
     (dict(B=2, H=8, KVH=2, Lq=4, S=512, n=130, D=128), 5),
     (dict(B=3, H=6, KVH=1, Lq=7, S=300, n=77, D=32), None),
+    (dict(B=3, H=6, KVH=1, Lq=7, S=300, n=77, D=32, per_batch=False), 3),
     (dict(B=1, H=16, KVH=4, Lq=1, S=4096, n=1024, warps=16, unroll=8), 8),
-    (dict(B=1, H=12, KVH=3, Lq=2, S=999, n=333, warps=32, unroll=2), None),
+    (dict(B=1, H=12, KVH=3, Lq=2, S=999, n=333, warps=16, unroll=2), None),
 ])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_kernel_equals_reference(dtype, case, n_splits, causal):

@@ -38,8 +38,10 @@ from ..kernels import KernelSpec, build, gpu_backend
 
 WARPS = 4  # SIMD groups per threadgroup of the walk (default)
 UNROLL = 4  # keys in flight per SIMD group (default)
+MAX_WARPS = 16
 MAX_ROWS = 8  # query rows (GQA heads x queries) per threadgroup
-TARGET_GROUPS = 256  # enough threadgroups to cover a large GPU about twice
+TARGET_GROUPS = 128  # about one threadgroup per SM of a large GPU
+MIN_ROUNDS = 4  # unrolled rounds of keys per SIMD group and split, at least
 
 _INPUTS = ("q", "k", "v", "index", "qpos", "kpos", "scale")
 
@@ -66,19 +68,24 @@ COMBINE_SPEC = KernelSpec(
 )
 
 
+def _batch_shape_ok(x: Optional[mx.array], batch: int, name: str) -> None:
+    if x is not None and (x.ndim not in (1, 2) or (x.ndim == 2 and x.shape[0] not in (1, batch))):
+        raise ValueError(f"{name} must have shape (n,) or ({batch}, n), got {tuple(x.shape)}")
+
+
 def _as_batched(x: Optional[mx.array], batch: int, name: str) -> Optional[mx.array]:
     if x is None:
         return None
+    _batch_shape_ok(x, batch, name)
     if x.ndim == 1:
         x = x[None]
-    if x.ndim != 2 or x.shape[0] not in (1, batch):
-        raise ValueError(f"{name} must have shape (n,) or ({batch}, n), got {tuple(x.shape)}")
     if x.dtype != mx.int32:
         x = x.astype(mx.int32)
     return x if x.shape[0] == batch else mx.broadcast_to(x, (batch, x.shape[1]))
 
 
-def _check(q, k, v, index, q_positions, k_positions):
+def _validate(q, k, v, index, q_positions, k_positions) -> None:
+    """Shape checks only (no array ops: the kernel path calls this once per layer and step)."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError("q, k and v must have shape (B, heads, length, head_dim)")
     B, H, Lq, D = q.shape
@@ -88,14 +95,19 @@ def _check(q, k, v, index, q_positions, k_positions):
         raise ValueError(f"{H} query heads do not split into groups of {k.shape[1]} KV heads")
     if (q_positions is None) != (k_positions is None):
         raise ValueError("give both q_positions and k_positions (causal by position) or neither")
-    idx = _as_batched(index, B, "index")
-    qpos = _as_batched(q_positions, B, "q_positions")
-    kpos = _as_batched(k_positions, B, "k_positions")
-    if qpos is not None and qpos.shape[1] != Lq:
-        raise ValueError(f"q_positions has {qpos.shape[1]} entries for {Lq} queries")
-    if kpos is not None and kpos.shape[1] != k.shape[2]:
-        raise ValueError(f"k_positions has {kpos.shape[1]} entries for {k.shape[2]} cache slots")
-    return idx, qpos, kpos
+    for x, name in ((index, "index"), (q_positions, "q_positions"), (k_positions, "k_positions")):
+        _batch_shape_ok(x, B, name)
+    if q_positions is not None and q_positions.shape[-1] != Lq:
+        raise ValueError(f"q_positions has {q_positions.shape[-1]} entries for {Lq} queries")
+    if k_positions is not None and k_positions.shape[-1] != k.shape[2]:
+        raise ValueError(f"k_positions has {k_positions.shape[-1]} entries for {k.shape[2]} cache slots")
+
+
+def _check(q, k, v, index, q_positions, k_positions):
+    _validate(q, k, v, index, q_positions, k_positions)
+    B = q.shape[0]
+    return (_as_batched(index, B, "index"), _as_batched(q_positions, B, "q_positions"),
+            _as_batched(k_positions, B, "k_positions"))
 
 
 def pruned_attention_reference(
@@ -139,9 +151,10 @@ def kernel_supported(head_dim: int) -> bool:
 
 
 def default_splits(n: int, groups: int, warps: int = WARPS, unroll: int = UNROLL) -> int:
-    """Split the index list until about ``TARGET_GROUPS`` threadgroups run, but never below one
-    unrolled round of keys per SIMD group: a decode step is latency-bound, not compute-bound."""
-    most = max(1, math.ceil(n / (warps * unroll)))
+    """Split the index list until about ``TARGET_GROUPS`` threadgroups run, but give every SIMD
+    group at least ``MIN_ROUNDS`` unrolled rounds of keys: more, smaller splits cost more in the
+    merge (partials written, read and freed) than their extra parallelism returns."""
+    most = max(1, math.ceil(n / (warps * unroll * MIN_ROUNDS)))
     return max(1, min(most, math.ceil(TARGET_GROUPS / max(groups, 1)), 128))
 
 
@@ -153,8 +166,10 @@ def launch_config(q_shape, k_shape, n: int, n_splits: Optional[int] = None,
     rows = (H // KVH) * Lq
     rows_per_group = min(MAX_ROWS, rows)
     row_blocks = math.ceil(rows / rows_per_group)
-    if not 1 <= warps <= 32 or not 1 <= unroll <= 16:
-        raise ValueError(f"warps must be in 1..32 and unroll in 1..16, got {warps}, {unroll}")
+    # 16 SIMD groups at most: with 32 (1024 threads) the walk needs more registers than a CUDA
+    # block has, and the launch fails (measured on an H100).
+    if not 1 <= warps <= MAX_WARPS or not 1 <= unroll <= 16:
+        raise ValueError(f"warps must be in 1..{MAX_WARPS} and unroll in 1..16, got {warps}, {unroll}")
     groups = B * KVH * row_blocks
     splits = default_splits(n, groups, warps, unroll) if n_splits is None else int(n_splits)
     if splits < 1:
@@ -179,40 +194,63 @@ def _constant(value, dtype) -> mx.array:
 
 
 def kernel_inputs(q, k, v, index, scale, q_positions=None, k_positions=None):
-    """The seven kernel inputs (dummy positions when not causal) and ``causal``."""
-    idx, qpos, kpos = _check(q, k, v, index, q_positions, k_positions)
-    causal = qpos is not None
-    dummy = _constant(0, mx.int32)
-    ins = [q, k, v, idx, qpos if causal else dummy, kpos if causal else dummy,
-           _constant(float(scale), mx.float32)]
-    return ins, causal
+    """The seven kernel inputs (dummy positions when not causal) and ``causal``. ``index`` goes in
+    as given, (n,) or (B, n) (the kernel reads either): no reshape or broadcast op per call."""
+    _validate(q, k, v, index, q_positions, k_positions)
+    if index.dtype != mx.int32:
+        index = index.astype(mx.int32)
+    causal = q_positions is not None
+    if causal:
+        B = q.shape[0]
+        qpos = _as_batched(q_positions, B, "q_positions")
+        kpos = _as_batched(k_positions, B, "k_positions")
+    else:
+        qpos = kpos = _constant(0, mx.int32)
+    return [q, k, v, index, qpos, kpos, _constant(float(scale), mx.float32)], causal
 
 
-def _launch(ins, causal: bool, q_shape, dtype, n_splits, call, warps=WARPS, unroll=UNROLL):
-    """The kernel sequence for one call; ``call(spec, **launch)`` runs one kernel and returns its
-    outputs (MLX on a GPU, or metal-check on the CPU in the tests)."""
+def _plan(q_shape, k_shape, n: int, dtype, causal: bool, n_splits, warps: int, unroll: int) -> list:
+    """The kernel launches of one call, as (spec, keyword arguments) pairs; cached per signature,
+    since a decode step calls this once per layer and Python time is a large part of such a call."""
+    key = (tuple(q_shape), tuple(k_shape), n, dtype, causal, n_splits, warps, unroll)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
     B, H, Lq, D = q_shape
     if not kernel_supported(D):
         raise ValueError(f"the pruned-attention kernel needs head_dim % 32 == 0 and <= 256, got {D}")
-    n = ins[3].shape[1]
-    cfg = launch_config(q_shape, ins[1].shape, n, n_splits, warps, unroll)
+    cfg = launch_config(q_shape, k_shape, n, n_splits, warps, unroll)
     ints = cfg["ints"]
-    template = [("T", dtype), *ints.items(), ("CAUSAL", causal)]
-    walk = dict(template=template, grid=cfg["grid"], threadgroup=cfg["threadgroup"])
+    walk = dict(template=[("T", dtype), *ints.items(), ("CAUSAL", causal)], grid=cfg["grid"],
+                threadgroup=cfg["threadgroup"])
     if ints["NSPLIT"] == 1:
-        return call(SINGLE_SPEC, inputs=ins, output_shapes=[tuple(q_shape)], output_dtypes=[dtype],
-                    **walk)[0]
-    rows = B * H * Lq
-    part_acc, part_ml = call(
-        PARTIAL_SPEC, inputs=ins, output_shapes=[(rows, ints["NSPLIT"], D), (rows, ints["NSPLIT"], 2)],
-        output_dtypes=[mx.float32, mx.float32], **walk,
-    )
-    return call(
-        COMBINE_SPEC, inputs=[part_acc, part_ml],
-        template=[("T", dtype), ("D", D), ("NSPLIT", ints["NSPLIT"])],
-        grid=(D * rows, 1, 1), threadgroup=(D, 1, 1), output_shapes=[tuple(q_shape)],
-        output_dtypes=[dtype],
-    )[0]
+        plan = [(SINGLE_SPEC, dict(output_shapes=[tuple(q_shape)], output_dtypes=[dtype], **walk))]
+    else:
+        rows = B * H * Lq
+        plan = [
+            (PARTIAL_SPEC, dict(output_shapes=[(rows, ints["NSPLIT"], D), (rows, ints["NSPLIT"], 2)],
+                                output_dtypes=[mx.float32, mx.float32], **walk)),
+            (COMBINE_SPEC, dict(template=[("T", dtype), ("D", D), ("NSPLIT", ints["NSPLIT"])],
+                                grid=(D * rows, 1, 1), threadgroup=(D, 1, 1),
+                                output_shapes=[tuple(q_shape)], output_dtypes=[dtype])),
+        ]
+    if len(_PLANS) > 512:  # LazyLLM's index length changes every step: keep the cache bounded
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+_PLANS: dict = {}
+
+
+def _launch(ins, causal: bool, q_shape, dtype, n_splits, call, warps=WARPS, unroll=UNROLL):
+    """The kernel sequence for one call; ``call(spec, inputs=..., **launch)`` runs one kernel and
+    returns its outputs (MLX on a GPU, or metal-check on the CPU in the tests)."""
+    plan = _plan(q_shape, ins[1].shape, ins[3].shape[-1], dtype, causal, n_splits, warps, unroll)
+    outs = ins
+    for spec, kw in plan:
+        outs = call(spec, inputs=outs if spec is not COMBINE_SPEC else outs[:2], **kw)
+    return outs[0]
 
 
 def pruned_attention_kernel(
@@ -281,7 +319,7 @@ def pruned_attention(
             n_splits=n_splits,
         )
     if index is None:
-        _check(q, k, v, mx.zeros((1,), mx.int32), q_positions, k_positions)
+        _validate(q, k, v, None, q_positions, k_positions)
         mask = None
         if q_positions is not None:
             qp = q_positions.reshape(-1, 1, q.shape[2], 1) if q_positions.ndim == 2 else q_positions[:, None]
