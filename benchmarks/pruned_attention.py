@@ -10,11 +10,12 @@ over a gathered copy of the selected rows. Shapes:
   heads per KV head), each layer with its own cache;
 - ``default``: every layer of the model in ``--model`` (default: the embedded model), if present.
 
-Each timed call evaluates ``--reps`` independent steps in one graph (distinct queries, so nothing is
-shared), after a warm-up; dense and pruned alternate within every trial. Each shape also reports
-where a step's time goes: Python building the graph, MLX encoding the kernels, and the whole. On a GPU the kernel runs;
-on the CPU the "pruned" column is the plain-MLX reference (gather + softmax). The run also checks
-the kernel's output against the reference. ``--sweep`` times every split count of the kernel too.
+Each timed call builds and evaluates ``--reps`` independent steps in one graph (distinct queries, so
+nothing is shared; Python's graph building is inside the time), after a warm-up; dense and pruned
+alternate within every trial. Each shape also reports where a step's time goes: Python building
+the graph, MLX encoding the kernels, and the whole. On a GPU the kernel runs; on the CPU the
+"pruned" column is the plain-MLX reference (gather + softmax). The run also checks the kernel's
+output against the reference. ``--sweep`` times other launch shapes of the kernel too.
 
     python benchmarks/pruned_attention.py [--json] [--sweep]
 """
@@ -68,7 +69,7 @@ SWEEP = [(4, 4, s) for s in (1, 4, 8, 16, 32, 64, 128)] + [
 ] + [(16, 8, 2), (8, 4, 1), (16, 4, 1), (16, 2, 1), (8, 4, 8), (8, 2, 16)]
 
 
-def variants(use_kernel: bool, n_splits=None, warps=pa.WARPS, unroll=pa.UNROLL):
+def variants(use_kernel: bool, n_splits=None, warps=None, unroll=None):
     def dense(L, q):
         return mx.fast.scaled_dot_product_attention(q, L["k"], L["v"], scale=L["scale"])
 
@@ -86,8 +87,9 @@ def variants(use_kernel: bool, n_splits=None, warps=pa.WARPS, unroll=pa.UNROLL):
 
 
 def time_step(fn, layers, reps):
-    outs = [fn(L, L["qs"][r]) for r in range(reps) for L in layers]
+    """Seconds per step, building the graph in Python included (a decode loop pays it per layer)."""
     tic = time.perf_counter()
+    outs = [fn(L, L["qs"][r]) for r in range(reps) for L in layers]
     mx.eval(outs)
     return (time.perf_counter() - tic) / reps
 

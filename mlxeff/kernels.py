@@ -116,6 +116,20 @@ def gpu_backend() -> Optional[str]:
     return None
 
 
+_TYPE_NAMES = {
+    "cuda": {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16"},
+    "metal": {mx.float32: "float", mx.float16: "half", mx.bfloat16: "bfloat16_t"},
+}
+
+
+def type_name(dtype, backend: str) -> str:
+    """The kernel-language name of a floating dtype (for a ``#define`` in place of a template)."""
+    try:
+        return _TYPE_NAMES[backend][dtype]
+    except KeyError:
+        raise ValueError(f"no {backend} type for {dtype}") from None
+
+
 def read_source(filename: str) -> str:
     try:
         return resources.files("mlxeff.metal").joinpath(filename).read_text()

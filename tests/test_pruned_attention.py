@@ -121,8 +121,13 @@ def test_launch_config_splits():
     cfg = pa.launch_config((1, 20, 1, 64), (1, 5, 4096, 64), 1024)
     assert cfg["grid"][0] % cfg["threadgroup"][0] == 0  # whole threadgroups: CUDA does not trim
     assert cfg["ints"]["ROWS"] == 4 and cfg["grid"][1] == 1 and cfg["grid"][2] == 5
-    assert 1 < cfg["ints"]["NSPLIT"] <= 1024 // (pa.WARPS * pa.UNROLL)
-    assert cfg["ints"]["WARPS"] == pa.WARPS and cfg["ints"]["UNROLL"] == pa.UNROLL
+    assert cfg["ints"]["NSPLIT"] == 1  # 1024 keys: one walk, no merge
+    assert (cfg["ints"]["WARPS"], cfg["ints"]["UNROLL"]) == pa.default_launch(4, 64)
+    assert cfg["threadgroup"][0] == 32 * cfg["ints"]["WARPS"] <= 32 * pa.MAX_WARPS
+    long = pa.launch_config((1, 20, 1, 64), (1, 5, 65536, 64), 16384)["ints"]["NSPLIT"]
+    assert 1 < long and 16384 / long <= pa.KEYS_PER_SPLIT
+    with pytest.raises(ValueError, match="warps"):
+        pa.launch_config((1, 20, 1, 64), (1, 5, 4096, 64), 1024, warps=32)
     assert pa.launch_config((1, 4, 1, 64), (1, 4, 64, 64), 8)["ints"]["NSPLIT"] == 1
 
 
@@ -202,19 +207,18 @@ def test_cuda_body_compiles_with_nvcc(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not installed (the CUDA twin is compile-checked where it is)")
-    walk_in = [(mx.float16, 4)] * 3 + [(mx.int32, 2)] * 3 + [(mx.float32, 1)]
+    ints = dict(D=64, ROWS=4, WARPS=4, UNROLL=4, NSPLIT=16)
     units = [
         mlx_cuda_translation_unit(
-            pa.PARTIAL_SPEC, walk_in, [mx.float32, mx.float32],
-            [("T", mx.float16), ("D", 64), ("ROWS", 4), ("WARPS", 4), ("UNROLL", 4), ("NSPLIT", 16),
-             ("CAUSAL", True)], name="partial"),
+            pa.specialise(pa.PARTIAL_SPEC, "cuda", mx.float16, True, 0.125, **ints),
+            [(mx.float16, 4)] * 3 + [(mx.int32, 2)] * 3, [mx.float32, mx.float32], [], name="partial"),
         mlx_cuda_translation_unit(
-            pa.SINGLE_SPEC, [(mx.bfloat16, 4)] * 3 + walk_in[3:], [mx.bfloat16],
-            [("T", mx.bfloat16), ("D", 128), ("ROWS", 8), ("WARPS", 8), ("UNROLL", 2), ("NSPLIT", 1),
-             ("CAUSAL", False)], name="single"),
+            pa.specialise(pa.SINGLE_SPEC, "cuda", mx.bfloat16, False, 0.088,
+                          D=128, ROWS=8, WARPS=8, UNROLL=2, NSPLIT=1),
+            [(mx.bfloat16, 4)] * 3 + [(mx.int32, 1)], [mx.bfloat16], [], name="single"),
         mlx_cuda_translation_unit(
-            pa.COMBINE_SPEC, [(mx.float32, 3), (mx.float32, 3)], [mx.float32],
-            [("T", mx.float32), ("D", 64), ("NSPLIT", 16)], name="combine"),
+            pa.specialise(pa.COMBINE_SPEC, "cuda", mx.float32, D=64, NSPLIT=16),
+            [(mx.float32, 3), (mx.float32, 3)], [mx.float32], [], name="combine"),
     ]
     for i, unit in enumerate(units):
         src = tmp_path / f"unit{i}.cu"

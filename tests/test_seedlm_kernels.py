@@ -352,11 +352,13 @@ def test_cuda_dequantize_equals_reference(dtype, C, P, out, inf):
     assert got.dtype == dtype and got.shape == (out, inf)
     if dtype == mx.float32:
         assert rel_err(np.array(got), np.array(want)) < 1e-6
-    else:  # one rounding of the target dtype apart at most (the kernel may fuse a multiply-add);
+    else:  # one rounding of the target dtype apart at most, plus the float32 difference of two
+        # summation orders: a weight is a sum of P products that can cancel, so that part is
+        # bounded by the weights' scale (1e-5 of the largest), not by the weight itself;
         # float16's subnormal spacing 2^-24 bounds the tiny weights
         ulp, tiny = {mx.float16: (2.0 ** -10, 2.0 ** -24), mx.bfloat16: (2.0 ** -7, 1e-38)}[dtype]
         g, w = np.array(got.astype(mx.float32)), np.array(want)
-        assert (np.abs(g - w) <= ulp * np.abs(w) + tiny).all()
+        assert (np.abs(g - w) <= ulp * np.abs(w) + tiny + 1e-5 * np.abs(w).max()).all()
 
 
 def test_per_call_path_caches_nothing_wrong():

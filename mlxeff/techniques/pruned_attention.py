@@ -29,21 +29,22 @@ to the reference otherwise; accumulation is in float32 whatever the input dtype.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from dataclasses import replace
 from typing import Optional
 
 import mlx.core as mx
 
-from ..kernels import KernelSpec, build, gpu_backend
+from ..kernels import KernelSpec, KernelUnavailable, build, gpu_backend, type_name
 
-WARPS = 4  # SIMD groups per threadgroup of the walk (default)
-UNROLL = 4  # keys in flight per SIMD group (default)
-MAX_WARPS = 16
+MAX_WARPS = 16  # SIMD groups per threadgroup of the walk, at most
 MAX_ROWS = 8  # query rows (GQA heads x queries) per threadgroup
+KEYS_PER_SPLIT = 2048  # split the index list beyond this many keys
 TARGET_GROUPS = 128  # about one threadgroup per SM of a large GPU
-MIN_ROUNDS = 4  # unrolled rounds of keys per SIMD group and split, at least
 
-_INPUTS = ("q", "k", "v", "index", "qpos", "kpos", "scale")
+_INPUTS = ("q", "k", "v", "index")
+_CAUSAL_INPUTS = _INPUTS + ("qpos", "kpos")
 
 PARTIAL_SPEC = KernelSpec(
     name="pruned_attention_partial",
@@ -66,6 +67,19 @@ COMBINE_SPEC = KernelSpec(
     output_names=("out",),
     defines=(("PA_KERNEL", "3"),),
 )
+
+
+def specialise(spec: KernelSpec, backend: str, dtype, causal: bool = False, scale: float = 1.0,
+               **ints) -> KernelSpec:
+    """``spec`` with its compile-time constants (``T``, the ints, ``CAUSAL``, ``PA_SCALE``) written
+    into the source as ``#define``s, under a name unique to them. Template arguments would do the
+    same, but MLX converts and hashes them on every call (~4 us per call for eight, measured on
+    CUDA), and a decode step calls this kernel once per layer."""
+    values = (("T", type_name(dtype, backend)), *((k, str(int(v))) for k, v in ints.items()),
+              ("CAUSAL", "1" if causal else "0"), ("PA_SCALE", f"{float(scale)!r}f"))
+    tag = hashlib.sha1(repr(values).encode()).hexdigest()[:16]
+    inputs = spec.input_names if spec is COMBINE_SPEC or not causal else _CAUSAL_INPUTS
+    return replace(spec, name=f"{spec.name}_{tag}", input_names=inputs, defines=spec.defines + values)
 
 
 def _batch_shape_ok(x: Optional[mx.array], batch: int, name: str) -> None:
@@ -150,28 +164,36 @@ def kernel_supported(head_dim: int) -> bool:
     return head_dim % 32 == 0 and head_dim <= 256
 
 
-def default_splits(n: int, groups: int, warps: int = WARPS, unroll: int = UNROLL) -> int:
-    """Split the index list until about ``TARGET_GROUPS`` threadgroups run, but give every SIMD
-    group at least ``MIN_ROUNDS`` unrolled rounds of keys: more, smaller splits cost more in the
-    merge (partials written, read and freed) than their extra parallelism returns."""
-    most = max(1, math.ceil(n / (warps * unroll * MIN_ROUNDS)))
-    return max(1, min(most, math.ceil(TARGET_GROUPS / max(groups, 1)), 128))
+def default_launch(rows_per_group: int, head_dim: int) -> tuple:
+    """(warps, unroll) of the walk: 16 SIMD groups of 2 keys in flight when a row block's registers
+    allow it (the fastest decode shape measured on an H100: one threadgroup walking 1024 keys beat
+    every split into partials plus a merge), else 4 of 4."""
+    return (16, 2) if rows_per_group * head_dim <= 512 else (4, 4)
+
+
+def default_splits(n: int, groups: int) -> int:
+    """One split (a single kernel, no merge) up to ``KEYS_PER_SPLIT`` keys; beyond, enough splits to
+    keep each under it, up to about ``TARGET_GROUPS`` threadgroups in all."""
+    return max(1, min(math.ceil(n / KEYS_PER_SPLIT), math.ceil(TARGET_GROUPS / max(groups, 1)), 128))
 
 
 def launch_config(q_shape, k_shape, n: int, n_splits: Optional[int] = None,
-                  warps: int = WARPS, unroll: int = UNROLL) -> dict:
-    """Grid, threadgroup and template ints of the walk (shared by the GPU call and metal-check)."""
+                  warps: Optional[int] = None, unroll: Optional[int] = None) -> dict:
+    """Grid, threadgroup and compile-time ints of the walk (shared by the GPU call and metal-check).
+    ``warps``/``unroll`` default to ``default_launch``, ``n_splits`` to ``default_splits``."""
     B, H, Lq, D = q_shape
     KVH = k_shape[1]
     rows = (H // KVH) * Lq
     rows_per_group = min(MAX_ROWS, rows)
     row_blocks = math.ceil(rows / rows_per_group)
+    dw, du = default_launch(rows_per_group, D)
+    warps, unroll = warps or dw, unroll or du
     # 16 SIMD groups at most: with 32 (1024 threads) the walk needs more registers than a CUDA
     # block has, and the launch fails (measured on an H100).
     if not 1 <= warps <= MAX_WARPS or not 1 <= unroll <= 16:
         raise ValueError(f"warps must be in 1..{MAX_WARPS} and unroll in 1..16, got {warps}, {unroll}")
     groups = B * KVH * row_blocks
-    splits = default_splits(n, groups, warps, unroll) if n_splits is None else int(n_splits)
+    splits = default_splits(n, groups) if n_splits is None else int(n_splits)
     if splits < 1:
         raise ValueError(f"n_splits must be >= 1, got {n_splits}")
     return dict(
@@ -181,38 +203,25 @@ def launch_config(q_shape, k_shape, n: int, n_splits: Optional[int] = None,
     )
 
 
-_CONSTANTS: dict = {}
-
-
-def _constant(value, dtype) -> mx.array:
-    """A cached one-element array (no allocation or fill kernel per call)."""
-    key = (value, dtype)
-    if key not in _CONSTANTS:
-        _CONSTANTS[key] = mx.array([value], dtype)
-        mx.eval(_CONSTANTS[key])
-    return _CONSTANTS[key]
-
-
-def kernel_inputs(q, k, v, index, scale, q_positions=None, k_positions=None):
-    """The seven kernel inputs (dummy positions when not causal) and ``causal``. ``index`` goes in
-    as given, (n,) or (B, n) (the kernel reads either): no reshape or broadcast op per call."""
+def kernel_inputs(q, k, v, index, q_positions=None, k_positions=None):
+    """The walk's inputs, (q, k, v, index[, qpos, kpos]), and ``causal``. ``index`` goes in as
+    given, (n,) or (B, n) (the kernel reads either): no reshape or broadcast op per call."""
     _validate(q, k, v, index, q_positions, k_positions)
     if index.dtype != mx.int32:
         index = index.astype(mx.int32)
-    causal = q_positions is not None
-    if causal:
-        B = q.shape[0]
-        qpos = _as_batched(q_positions, B, "q_positions")
-        kpos = _as_batched(k_positions, B, "k_positions")
-    else:
-        qpos = kpos = _constant(0, mx.int32)
-    return [q, k, v, index, qpos, kpos, _constant(float(scale), mx.float32)], causal
+    if q_positions is None:
+        return [q, k, v, index], False
+    B = q.shape[0]
+    return [q, k, v, index, _as_batched(q_positions, B, "q_positions"),
+            _as_batched(k_positions, B, "k_positions")], True
 
 
-def _plan(q_shape, k_shape, n: int, dtype, causal: bool, n_splits, warps: int, unroll: int) -> list:
-    """The kernel launches of one call, as (spec, keyword arguments) pairs; cached per signature,
-    since a decode step calls this once per layer and Python time is a large part of such a call."""
-    key = (tuple(q_shape), tuple(k_shape), n, dtype, causal, n_splits, warps, unroll)
+def _plan(q_shape, k_shape, n: int, dtype, causal: bool, scale: float, n_splits, warps, unroll,
+          backend: str) -> list:
+    """The kernel launches of one call, as (specialised spec, keyword arguments) pairs; cached per
+    signature, since a decode step calls this once per layer and Python time is a large part of
+    such a call."""
+    key = (tuple(q_shape), tuple(k_shape), n, dtype, causal, scale, n_splits, warps, unroll, backend)
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
@@ -221,18 +230,19 @@ def _plan(q_shape, k_shape, n: int, dtype, causal: bool, n_splits, warps: int, u
         raise ValueError(f"the pruned-attention kernel needs head_dim % 32 == 0 and <= 256, got {D}")
     cfg = launch_config(q_shape, k_shape, n, n_splits, warps, unroll)
     ints = cfg["ints"]
-    walk = dict(template=[("T", dtype), *ints.items(), ("CAUSAL", causal)], grid=cfg["grid"],
-                threadgroup=cfg["threadgroup"])
+    walk = dict(grid=cfg["grid"], threadgroup=cfg["threadgroup"])
     if ints["NSPLIT"] == 1:
-        plan = [(SINGLE_SPEC, dict(output_shapes=[tuple(q_shape)], output_dtypes=[dtype], **walk))]
+        plan = [(specialise(SINGLE_SPEC, backend, dtype, causal, scale, **ints),
+                 dict(output_shapes=[tuple(q_shape)], output_dtypes=[dtype], **walk))]
     else:
         rows = B * H * Lq
         plan = [
-            (PARTIAL_SPEC, dict(output_shapes=[(rows, ints["NSPLIT"], D), (rows, ints["NSPLIT"], 2)],
-                                output_dtypes=[mx.float32, mx.float32], **walk)),
-            (COMBINE_SPEC, dict(template=[("T", dtype), ("D", D), ("NSPLIT", ints["NSPLIT"])],
-                                grid=(D * rows, 1, 1), threadgroup=(D, 1, 1),
-                                output_shapes=[tuple(q_shape)], output_dtypes=[dtype])),
+            (specialise(PARTIAL_SPEC, backend, dtype, causal, scale, **ints),
+             dict(output_shapes=[(rows, ints["NSPLIT"], D), (rows, ints["NSPLIT"], 2)],
+                  output_dtypes=[mx.float32, mx.float32], **walk)),
+            (specialise(COMBINE_SPEC, backend, dtype, D=D, NSPLIT=ints["NSPLIT"]),
+             dict(grid=(D * rows, 1, 1), threadgroup=(D, 1, 1), output_shapes=[tuple(q_shape)],
+                  output_dtypes=[dtype])),
         ]
     if len(_PLANS) > 512:  # LazyLLM's index length changes every step: keep the cache bounded
         _PLANS.clear()
@@ -243,13 +253,14 @@ def _plan(q_shape, k_shape, n: int, dtype, causal: bool, n_splits, warps: int, u
 _PLANS: dict = {}
 
 
-def _launch(ins, causal: bool, q_shape, dtype, n_splits, call, warps=WARPS, unroll=UNROLL):
+def _launch(ins, causal: bool, q_shape, dtype, scale, n_splits, call, warps, unroll, backend):
     """The kernel sequence for one call; ``call(spec, inputs=..., **launch)`` runs one kernel and
     returns its outputs (MLX on a GPU, or metal-check on the CPU in the tests)."""
-    plan = _plan(q_shape, ins[1].shape, ins[3].shape[-1], dtype, causal, n_splits, warps, unroll)
+    plan = _plan(q_shape, ins[1].shape, ins[3].shape[-1], dtype, causal, scale, n_splits, warps,
+                 unroll, backend)
     outs = ins
     for spec, kw in plan:
-        outs = call(spec, inputs=outs if spec is not COMBINE_SPEC else outs[:2], **kw)
+        outs = call(spec, inputs=outs, **kw)  # the combine takes the walk's two outputs
     return outs[0]
 
 
@@ -263,19 +274,34 @@ def pruned_attention_kernel(
     q_positions: Optional[mx.array] = None,
     k_positions: Optional[mx.array] = None,
     n_splits: Optional[int] = None,
-    warps: int = WARPS,
-    unroll: int = UNROLL,
+    warps: Optional[int] = None,
+    unroll: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> mx.array:
     """The custom kernel (Metal or CUDA); raises ``KernelUnavailable`` without a GPU backend.
     ``n_splits``, ``warps`` and ``unroll`` tune the launch (the defaults suit a decode step)."""
-    ins, causal = kernel_inputs(q, k, v, index, scale, q_positions, k_positions)
-    return _launch(ins, causal, q.shape, q.dtype, n_splits,
-                   lambda spec, **kw: build(spec, backend)(**kw), warps, unroll)
+    backend = backend or gpu_backend()
+    if backend is None:
+        raise KernelUnavailable("pruned attention: no GPU backend on this device (use the reference)")
+    ins, causal = kernel_inputs(q, k, v, index, q_positions, k_positions)
+    return _launch(ins, causal, q.shape, q.dtype, scale, n_splits,
+                   lambda spec, **kw: _kernel(spec, backend)(**kw), warps, unroll, backend)
+
+
+_KERNELS: dict = {}
+
+
+def _kernel(spec: KernelSpec, backend: str):
+    """``build(spec, backend)`` looked up by the specialised name (unique per constants; a string's
+    hash is cached, a dataclass's is recomputed on every lookup)."""
+    fn = _KERNELS.get((spec.name, backend))
+    if fn is None:
+        fn = _KERNELS[(spec.name, backend)] = build(spec, backend)
+    return fn
 
 
 def pruned_attention_metal_check(q, k, v, index, *, scale, q_positions=None, k_positions=None,
-                                 n_splits=None, warps=WARPS, unroll=UNROLL):
+                                 n_splits=None, warps=None, unroll=None):
     """The Metal body executed on the CPU by shared/tools/metal-check (tests only; numpy out)."""
     import numpy as np
 
@@ -284,14 +310,12 @@ def pruned_attention_metal_check(q, k, v, index, *, scale, q_positions=None, k_p
     def np_dtype(d):
         return {mx.float32: np.float32, mx.float16: np.float16, mx.int32: np.int32}[d]
 
-    def call(spec, inputs, template, output_dtypes, **kw):
+    def call(spec, inputs, output_dtypes, **kw):
         ins = [np.asarray(x) for x in inputs]
-        template = [(n, np_dtype(v) if isinstance(v, mx.Dtype) else v) for n, v in template]
-        return metal_check_run(spec, ins, template=template,
-                               output_dtypes=[np_dtype(d) for d in output_dtypes], **kw)
+        return metal_check_run(spec, ins, output_dtypes=[np_dtype(d) for d in output_dtypes], **kw)
 
-    ins, causal = kernel_inputs(q, k, v, index, scale, q_positions, k_positions)
-    return _launch(ins, causal, q.shape, q.dtype, n_splits, call, warps, unroll)
+    ins, causal = kernel_inputs(q, k, v, index, q_positions, k_positions)
+    return _launch(ins, causal, q.shape, q.dtype, scale, n_splits, call, warps, unroll, "metal")
 
 
 def pruned_attention(
