@@ -188,6 +188,7 @@ def metal_check():
     (5, 2, 9, 23, 8, {"stage_x": False}),
     (9, 7, 5, 40, 2, {"stage_x": True, "threads": 64}),
     (8, 3, 40, 512, 1, {"stage_x": False, "threads": 32, "tile_rows": 16}),  # several columns a thread
+    (8, 3, 40, 512, 3, {"stage_x": False, "threads": 32, "tile_rows": 16}),  # more outputs than threads
 ])
 def test_metal_matvec_body_equals_reference(metal_check, C, P, out, inf, rows, kw):
     seeds, codes, eb, _, _ = make_packed(out, inf, C, P, seed=C * 10 + P)
