@@ -64,7 +64,21 @@ def model_config_dict(model: Model, mlxeff_extra: Optional[Dict[str, Any]] = Non
     section.update(getattr(model, "mlxeff_meta", None) or {})
     section.update(mlxeff_extra or {})
     config["mlxeff"] = section
+    mlx_lm_quantization = _mlx_lm_quantization(section["quantization"])
+    if mlx_lm_quantization:
+        config["quantization"] = mlx_lm_quantization
     return config
+
+
+def _mlx_lm_quantization(specs: Dict[str, dict]) -> Optional[dict]:
+    """mlx-lm's ``quantization`` entry (defaults plus one entry per layer) when every quantized
+    layer is affine, so that ``mlx_lm.load`` reads the directory too; None otherwise (SeedLM
+    layers are mlxeff's own). mlxeff itself reads only its ``mlxeff.quantization`` section."""
+    if not specs or any(s.get("method") != "affine" for s in specs.values()):
+        return None
+    layers = {p: {"group_size": s["group_size"], "bits": s["bits"]} for p, s in specs.items()}
+    common = max(layers.values(), key=list(layers.values()).count)
+    return {**common, **layers}
 
 
 def write_weights(weights: Dict[str, mx.array], directory: Path) -> None:

@@ -31,6 +31,38 @@ def test_loads_in_mlx_lm_with_equal_logits(saved_dir):
     np.testing.assert_allclose(np.array(ref(x)), np.array(model(x)), atol=1e-5)
 
 
+@pytest.mark.parametrize("embedding_bits", [8, None])
+def test_affine_quantized_loads_in_mlx_lm_with_equal_logits(tmp_path, embedding_bits):
+    from mlx_lm.utils import load_model
+
+    from mlxeff.quant.affine import quantize_affine
+
+    model = make_model()
+    quantize_affine(model, bits=4, group_size=32, embedding_bits=embedding_bits)
+    mlxeff.save(model, None, tmp_path / "q")
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["quantization"]["bits"] == 4 and cfg["quantization"]["group_size"] == 32
+    ref, _ = load_model(tmp_path / "q")  # mlx-lm's loader without a tokenizer
+    kinds = {type(m).__name__ for _, m in ref.named_modules()}
+    assert "QuantizedLinear" in kinds and ("QuantizedEmbedding" in kinds) == (embedding_bits is not None)
+    ours, _ = mlxeff.load(tmp_path / "q")
+    x = mx.array([[1, 4, 9, 16, 25, 36]])
+    np.testing.assert_allclose(np.array(ref(x)), np.array(ours(x)), atol=1e-5)
+    np.testing.assert_allclose(np.array(ours(x)), np.array(model(x)), atol=1e-6)
+
+
+def test_seedlm_directory_has_no_mlx_lm_quantization(tmp_path):
+    import mlxeff.io as io
+
+    assert io._mlx_lm_quantization({"a": {"method": "seedlm", "C": 8, "P": 3}}) is None
+    assert io._mlx_lm_quantization({}) is None
+    mixed = io._mlx_lm_quantization({"a": {"method": "affine", "bits": 4, "group_size": 64},
+                                     "b": {"method": "affine", "bits": 4, "group_size": 64},
+                                     "c": {"method": "affine", "bits": 8, "group_size": 64}})
+    assert mixed == {"bits": 4, "group_size": 64, "a": {"bits": 4, "group_size": 64},
+                     "b": {"bits": 4, "group_size": 64}, "c": {"bits": 8, "group_size": 64}}
+
+
 def test_sharded_save(tmp_path, monkeypatch, tiny_tokenizer):
     import mlxeff.io as io
 
