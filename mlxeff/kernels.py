@@ -108,6 +108,13 @@ def gpu_backend() -> Optional[str]:
     """``"metal"``, ``"cuda"`` or None (CPU default device, or no GPU backend)."""
     if mx.default_device() != mx.gpu:
         return None
+    return _gpu_kind()
+
+
+@lru_cache(maxsize=None)
+def _gpu_kind() -> Optional[str]:
+    # Which GPU backend this MLX build has does not change while the process runs; asking MLX
+    # costs a microsecond or so, and kernels ask once per call.
     if mx.metal.is_available():
         return "metal"
     cuda = getattr(mx, "cuda", None)
