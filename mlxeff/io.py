@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -77,8 +78,8 @@ def _mlx_lm_quantization(specs: Dict[str, dict]) -> Optional[dict]:
     if not specs or any(s.get("method") != "affine" for s in specs.values()):
         return None
     layers = {p: {"group_size": s["group_size"], "bits": s["bits"]} for p, s in specs.items()}
-    common = max(layers.values(), key=list(layers.values()).count)
-    return {**common, **layers}
+    (group_size, bits), _ = Counter((s["group_size"], s["bits"]) for s in layers.values()).most_common(1)[0]
+    return {"group_size": group_size, "bits": bits, **layers}
 
 
 def write_weights(weights: Dict[str, mx.array], directory: Path) -> None:

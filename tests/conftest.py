@@ -185,7 +185,6 @@ METAL_CHECK = SHARED / "tools" / "metal-check"
 
 def metal_check_unavailable() -> str:
     """Why shared/tools/metal-check cannot run here, or '' when it can (it needs clang++ >= 17)."""
-    import os
     import re
     import shutil
     import subprocess

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import replace
+from functools import partial
 from typing import Optional
 
 import mlx.core as mx
@@ -73,8 +74,8 @@ def specialise(spec: KernelSpec, backend: str, dtype, causal: bool = False, scal
                **ints) -> KernelSpec:
     """``spec`` with its compile-time constants (``T``, the ints, ``CAUSAL``, ``PA_SCALE``) written
     into the source as ``#define``s, under a name unique to them. Template arguments would do the
-    same, but MLX converts and hashes them on every call (~4 us per call for eight, measured on
-    CUDA), and a decode step calls this kernel once per layer."""
+    same, but MLX formats them into the kernel's name and source on every call (~4 us per call for
+    eight, measured on CUDA), and a decode step calls this kernel once per layer."""
     values = (("T", type_name(dtype, backend)), *((k, str(int(v))) for k, v in ints.items()),
               ("CAUSAL", "1" if causal else "0"), ("PA_SCALE", f"{float(scale)!r}f"))
     tag = hashlib.sha1(repr(values).encode()).hexdigest()[:16]
@@ -258,9 +259,14 @@ def _launch(ins, causal: bool, q_shape, dtype, scale, n_splits, call, warps, unr
     returns its outputs (MLX on a GPU, or metal-check on the CPU in the tests)."""
     plan = _plan(q_shape, ins[1].shape, ins[3].shape[-1], dtype, causal, scale, n_splits, warps,
                  unroll, backend)
-    outs = ins
-    for spec, kw in plan:
-        outs = call(spec, inputs=outs, **kw)  # the combine takes the walk's two outputs
+    return _chain([(partial(call, spec), kw) for spec, kw in plan], ins)
+
+
+def _chain(steps, outs) -> mx.array:
+    """Run (kernel, launch keywords) steps, each on the previous one's outputs (the combine takes
+    the walk's two); the last one's output."""
+    for run, kw in steps:
+        outs = run(inputs=outs, **kw)
     return outs[0]
 
 
@@ -296,10 +302,7 @@ def pruned_attention_kernel(
             if len(_FAST) > 512:
                 _FAST.clear()
             _FAST[key] = launches
-        outs = [q, k, v, index]
-        for kernel, kw in launches:
-            outs = kernel(inputs=outs, **kw)
-        return outs[0]
+        return _chain(launches, [q, k, v, index])
     ins, causal = kernel_inputs(q, k, v, index, q_positions, k_positions)
     return _launch(ins, causal, q.shape, q.dtype, scale, n_splits,
                    lambda spec, **kw: _kernel(spec, backend)(**kw), warps, unroll, backend)
