@@ -8,16 +8,22 @@ over a gathered copy of the selected rows. Shapes:
 - ``layer``: one attention layer with OpenELM-270M's widest GQA layout (20 query, 5 KV heads, d=64);
 - ``step``: a whole decode step's attention of OpenELM-270M (16 layers, 12-20 query heads, 4 query
   heads per KV head), each layer with its own cache;
-- ``default``: every layer of the model in ``--model`` (default: the embedded model), if present.
+- ``default``: every layer of the model in ``--model`` (default: the embedded model), if present;
+- ``3b``: a whole decode step's attention of OpenELM-3B (36 layers, 12-24 query heads, d=128).
+
+``--batch`` sets the sequences per step (each with its own cache and selection): at batch 1 a step
+over these small models is bound by host work (Python and MLX's kernel encoding); larger batches
+show the kernels' own GPU time.
 
 Each timed call builds and evaluates ``--reps`` independent steps in one graph (distinct queries, so
 nothing is shared; Python's graph building is inside the time), after a warm-up; dense and pruned
-alternate within every trial. Each shape also reports where a step's time goes: Python building
+alternate within every trial. ``--compiled`` adds both with the whole step under ``mx.compile``
+(what a decode loop that compiles its step pays). Each shape also reports where a step's time goes: Python building
 the graph, MLX encoding the kernels, and the whole. On a GPU the kernel runs; on the CPU the
 "pruned" column is the plain-MLX reference (gather + softmax). The run also checks the kernel's
 output against the reference. ``--sweep`` times other launch shapes of the kernel too.
 
-    python benchmarks/pruned_attention.py [--json] [--sweep]
+    python benchmarks/pruned_attention.py [--batch B] [--shapes layer,step,default,3b] [--json] [--sweep]
 """
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,9 +46,10 @@ from mlxeff.techniques import pruned_attention as pa  # noqa: E402
 
 
 def layouts(args):
-    out = {"layer": [(20, 5, 64)]}
-    cfg = openelm_config("270M")
-    out["step"] = list(zip(cfg.num_query_heads, cfg.num_kv_heads, [cfg.head_dim] * len(cfg.num_kv_heads)))
+    def heads(cfg):
+        return list(zip(cfg.num_query_heads, cfg.num_kv_heads, [cfg.head_dim] * len(cfg.num_kv_heads)))
+
+    out = {"layer": [(20, 5, 64)], "step": heads(openelm_config("270M")), "3b": heads(openelm_config("3B"))}
     model_dir = Path(args.model) if args.model else Path(__file__).resolve().parents[1] / "mlxeff/assets/default"
     if (model_dir / "config.json").is_file():
         params = json.loads((model_dir / "config.json").read_text())
@@ -52,13 +58,20 @@ def layouts(args):
     return out
 
 
-def make_layers(heads, context, n_sel, reps, dtype, rng):
+def make_layers(heads, batch, context, n_sel, reps, dtype, seed):
+    """Per layer: a K/V cache of ``context`` slots per sequence, ``reps`` queries and a sorted random
+    selection of ``n_sel`` slots ((n,) at batch 1, else one row per sequence). Drawn with MLX on the
+    default device (an OpenELM-3B cache at batch 16 is gigabytes)."""
+    key = mx.random.key(seed)
     layers = []
     for H, KVH, D in heads:
-        k = mx.array(rng.normal(size=(1, KVH, context, D)).astype(np.float32)).astype(dtype)
-        v = mx.array(rng.normal(size=(1, KVH, context, D)).astype(np.float32)).astype(dtype)
-        qs = [mx.array(rng.normal(size=(1, H, 1, D)).astype(np.float32)).astype(dtype) for _ in range(reps)]
-        idx = mx.array(np.sort(rng.permutation(context)[:n_sel]).astype(np.int32))
+        key, kk, kv, kq, ki = mx.random.split(key, 5)
+        k = mx.random.normal((batch, KVH, context, D), key=kk).astype(dtype)
+        v = mx.random.normal((batch, KVH, context, D), key=kv).astype(dtype)
+        qs = [q.astype(dtype) for q in mx.split(mx.random.normal((reps * batch, H, 1, D), key=kq), reps)]
+        order = mx.argsort(mx.random.uniform(shape=(batch, context), key=ki), axis=1)[:, :n_sel]
+        idx = mx.sort(order, axis=1).astype(mx.int32)
+        idx = idx[0] if batch == 1 else idx
         mx.eval(k, v, qs, idx)
         layers.append(dict(k=k, v=v, qs=qs, idx=idx, scale=D**-0.5))
     return layers
@@ -74,7 +87,8 @@ def variants(use_kernel: bool, n_splits=None, warps=None, unroll=None):
         return mx.fast.scaled_dot_product_attention(q, L["k"], L["v"], scale=L["scale"])
 
     def gathered(L, q):
-        kg, vg = mx.take(L["k"], L["idx"], axis=2), mx.take(L["v"], L["idx"], axis=2)
+        idx = L["idx"].reshape(-1, 1, L["idx"].shape[-1], 1)
+        kg, vg = mx.take_along_axis(L["k"], idx, axis=2), mx.take_along_axis(L["v"], idx, axis=2)
         return mx.fast.scaled_dot_product_attention(q, kg, vg, scale=L["scale"])
 
     def pruned(L, q):
@@ -86,20 +100,31 @@ def variants(use_kernel: bool, n_splits=None, warps=None, unroll=None):
     return {"dense_all": dense, "sdpa_gathered": gathered, "pruned": pruned}
 
 
-def time_step(fn, layers, reps):
+def eager(fn, layers):
+    """A decode step as a loop calls it: ``fn`` once per layer, graph built in Python each time."""
+    return lambda r: [fn(L, L["qs"][r]) for L in layers]
+
+
+def compiled(fn, layers):
+    """The same step under ``mx.compile`` (traced once; caches and selections are constants)."""
+    step = mx.compile(lambda *qs: [fn(L, q) for L, q in zip(layers, qs)])
+    return lambda r: step(*[L["qs"][r] for L in layers])
+
+
+def time_step(step, reps):
     """Seconds per step, building the graph in Python included (a decode loop pays it per layer)."""
     tic = time.perf_counter()
-    outs = [fn(L, L["qs"][r]) for r in range(reps) for L in layers]
+    outs = [step(r) for r in range(reps)]
     mx.eval(outs)
     return (time.perf_counter() - tic) / reps
 
 
-def time_phases(fn, layers, reps):
+def time_phases(step, reps):
     """Per step: Python building the graph, MLX encoding it (``async_eval`` returns once every
     kernel is queued), and the whole (until the GPU is done). When encoding is most of the whole,
     the call is bound by host work, not by the GPU."""
     t0 = time.perf_counter()
-    outs = [fn(L, L["qs"][r]) for r in range(reps) for L in layers]
+    outs = [step(r) for r in range(reps)]
     t1 = time.perf_counter()
     mx.async_eval(outs)
     t2 = time.perf_counter()
@@ -108,26 +133,26 @@ def time_phases(fn, layers, reps):
     return {"build": (t1 - t0) / reps, "encode": (t2 - t1) / reps, "total": (t3 - t0) / reps}
 
 
-def bench(layers, fns, reps, warmup, trials):
+def bench(steps, reps, warmup, trials):
     for _ in range(warmup):
-        for fn in fns.values():
-            time_step(fn, layers, reps)
-    times = {name: [] for name in fns}
+        for step in steps.values():
+            time_step(step, reps)
+    times = {name: [] for name in steps}
     for _ in range(trials):
-        for name, fn in fns.items():  # interleaved: every trial times every variant
+        for name, step in steps.items():  # interleaved: every trial times every variant
             try:
-                times[name].append(time_step(fn, layers, reps))
+                times[name].append(time_step(step, reps))
             except (RuntimeError, ValueError) as e:  # e.g. a launch shape the GPU refuses
                 times[name] = str(e).splitlines()[0][:160]
-                fns = {k: f for k, f in fns.items() if k != name}
+                steps = {k: f for k, f in steps.items() if k != name}
                 break
     return {name: statistics.median(t) if isinstance(t, list) else t for name, t in times.items()}
 
 
-def phases(layers, fns, reps, trials):
+def phases(steps, reps, trials):
     out = {}
-    for name, fn in fns.items():
-        runs = [time_phases(fn, layers, reps) for _ in range(trials)]
+    for name, step in steps.items():
+        runs = [time_phases(step, reps) for _ in range(trials)]
         out[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     return out
 
@@ -135,54 +160,64 @@ def phases(layers, fns, reps, trials):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--context", type=int, default=4096, help="cached positions (default 4096)")
+    ap.add_argument("--batch", type=int, default=1, help="sequences per decode step (default 1)")
     ap.add_argument("--keep", type=float, default=0.25, help="fraction selected (default 0.25)")
     ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                     help="default: float16 on a GPU, float32 on the CPU")
     ap.add_argument("--reps", type=int, default=20, help="decode steps per timed graph")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--trials", type=int, default=10)
-    ap.add_argument("--shapes", default="layer,step,default", help="comma list of layer,step,default")
+    ap.add_argument("--shapes", default="layer,step,default", help="comma list of layer,step,default,3b")
     ap.add_argument("--model", default=None, help="model directory for the 'default' shape")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also time dense and pruned with the whole step under mx.compile")
     ap.add_argument("--sweep", action="store_true", help="also time every kernel split count")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     if not 0 < args.keep <= 1:
         ap.error("--keep must be in (0, 1]")
+    if args.batch < 1:
+        ap.error("--batch must be >= 1")
 
     backend = gpu_backend()
     use_kernel = backend is not None
     dtype = getattr(mx, args.dtype or ("float16" if use_kernel else "float32"))
     n_sel = max(1, round(args.keep * args.context))
-    rng = np.random.default_rng(0)
     result = dict(device=str(mx.default_device()), backend=backend or "cpu", mlx=mx.__version__,
-                  dtype=str(dtype), context=args.context, selected=n_sel, reps=args.reps,
+                  dtype=str(dtype), batch=args.batch, context=args.context, selected=n_sel, reps=args.reps,
                   trials=args.trials, pruned_impl="kernel" if use_kernel else "reference", shapes={})
     all_layouts = layouts(args)
     for name in args.shapes.split(","):
         if name not in all_layouts:
             continue
         heads = all_layouts[name]
-        layers = make_layers(heads, args.context, n_sel, args.reps, dtype, rng)
+        layers = make_layers(heads, args.batch, args.context, n_sel, args.reps, dtype, seed=0)
         # Correctness in the same run: kernel (or reference) vs reference on the first layer.
         L = layers[0]
         ref = pa.pruned_attention_reference(L["qs"][0], L["k"], L["v"], L["idx"], scale=L["scale"])
         got = variants(use_kernel)["pruned"](L, L["qs"][0])
         err = float(mx.max(mx.abs(got.astype(mx.float32) - ref.astype(mx.float32))))
-        med = bench(layers, variants(use_kernel), args.reps, args.warmup, args.trials)
+        fns = variants(use_kernel)
+        steps = {name: eager(fn, layers) for name, fn in fns.items()}
+        if args.compiled:
+            steps.update({f"{name}_compiled": compiled(fns[name], layers) for name in ("dense_all", "pruned")})
+        med = bench(steps, args.reps, args.warmup, args.trials)
         entry = dict(layers=len(heads), heads=heads, max_abs_err_vs_reference=err,
                      seconds_per_step=med,
                      speedup_vs_dense=med["dense_all"] / med["pruned"],
                      speedup_vs_gathered=med["sdpa_gathered"] / med["pruned"])
-        entry["phases_seconds_per_step"] = phases(layers, variants(use_kernel), args.reps, args.trials)
+        if args.compiled:
+            entry["speedup_vs_dense_compiled"] = med["dense_all_compiled"] / med["pruned_compiled"]
+        entry["phases_seconds_per_step"] = phases(steps, args.reps, args.trials)
         if args.sweep and use_kernel:
             H, KVH, D = heads[0]
-            cfg = pa.launch_config((1, H, 1, D), (1, KVH, args.context, D), n_sel)
+            cfg = pa.launch_config((args.batch, H, 1, D), (args.batch, KVH, args.context, D), n_sel)
             entry["default_launch_first_layer"] = cfg["ints"]
-            sweep = {"dense_all": variants(True)["dense_all"]}
+            sweep = {"dense_all": eager(fns["dense_all"], layers)}
             for w, u, s in SWEEP:
                 if s is None or s <= n_sel:
-                    sweep[f"warps{w}_unroll{u}_splits{s or 'auto'}"] = variants(True, s, w, u)["pruned"]
-            entry["sweep_seconds_per_step"] = bench(layers, sweep, args.reps, 1, max(3, args.trials // 2))
+                    sweep[f"warps{w}_unroll{u}_splits{s or 'auto'}"] = eager(variants(True, s, w, u)["pruned"], layers)
+            entry["sweep_seconds_per_step"] = bench(sweep, args.reps, 1, max(3, args.trials // 2))
         result["shapes"][name] = entry
 
     if args.json:
@@ -190,15 +225,18 @@ def main(argv=None):
         print(text)
     else:
         print(f"{result['device']} ({result['backend']}), MLX {result['mlx']}, {result['dtype']}, "
-              f"{n_sel} of {args.context} positions selected, pruned = {result['pruned_impl']}")
+              f"batch {args.batch}, {n_sel} of {args.context} positions selected, pruned = {result['pruned_impl']}")
         for name, e in result["shapes"].items():
             s = e["seconds_per_step"]
             print(f"  {name:8s} ({e['layers']} layer{'s' if e['layers'] > 1 else ''}): "
                   f"dense {s['dense_all'] * 1e6:9.1f} us  gathered+sdpa {s['sdpa_gathered'] * 1e6:9.1f} us  "
                   f"pruned {s['pruned'] * 1e6:9.1f} us  -> {e['speedup_vs_dense']:.2f}x vs dense, "
                   f"{e['speedup_vs_gathered']:.2f}x vs gathered (max err {e['max_abs_err_vs_reference']:.2e})")
+            if "speedup_vs_dense_compiled" in e:
+                print(f"      compiled step: dense {s['dense_all_compiled'] * 1e6:9.1f} us  pruned "
+                      f"{s['pruned_compiled'] * 1e6:9.1f} us  -> {e['speedup_vs_dense_compiled']:.2f}x")
             for k, p in e["phases_seconds_per_step"].items():
-                print(f"      {k:14s} python build {p['build'] * 1e6:7.1f} us  encode {p['encode'] * 1e6:7.1f} us"
+                print(f"      {k:18s} python build {p['build'] * 1e6:7.1f} us  encode {p['encode'] * 1e6:7.1f} us"
                       f"  until done {p['total'] * 1e6:7.1f} us")
             for k, t in e.get("sweep_seconds_per_step", {}).items():
                 print(f"      {k:28s} " + (f"{t * 1e6:9.1f} us" if isinstance(t, float) else t))

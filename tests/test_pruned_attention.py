@@ -256,3 +256,19 @@ def test_cuda_kernel_equals_reference(dtype, case, n_splits, causal):
         assert got.dtype == dtype and got.shape == q.shape
         tol = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 2e-2}[dtype]
         np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(ref), atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend and an NVIDIA GPU")
+@pytest.mark.parametrize("n_splits", [None, 4])
+def test_cuda_repeated_calls_equal_reference(n_splits):
+    # the decode fast path: the same shapes again and again (cached launches, then a compiled graph)
+    pa._FAST.clear()
+    with mx.stream(mx.gpu):
+        _, k, v, idx, _, _ = _case(B=1, H=8, KVH=2, Lq=1, S=512, n=200, dtype=mx.float16, per_batch=False)
+        for i in range(pa.COMPILE_AFTER + 3):
+            q = mx.random.normal((1, 8, 1, 64), key=mx.random.key(i)).astype(mx.float16)
+            got = pa.pruned_attention_kernel(q, k, v, idx, scale=0.125, n_splits=n_splits)
+            ref = pa.pruned_attention_reference(q, k, v, idx, scale=0.125)
+            np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(ref.astype(mx.float32)),
+                                       atol=3e-3, rtol=3e-3)
+    assert [entry[2] is not None for entry in pa._FAST.values()] == [True]  # the compiled graph ran

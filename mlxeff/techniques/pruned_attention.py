@@ -293,21 +293,36 @@ def pruned_attention_kernel(
         # The decode path: a call with the shapes of an earlier one needs no checks and no plan
         # lookup, only the launches (Python time is a large part of such a call).
         key = (q.shape, k.shape, v.shape, index.shape, q.dtype, scale, n_splits, warps, unroll, backend)
-        launches = _FAST.get(key)
-        if launches is None:
+        entry = _FAST.get(key)
+        if entry is None:
             _validate(q, k, v, index, None, None)
             plan = _plan(q.shape, k.shape, index.shape[-1], q.dtype, False, scale, n_splits, warps,
                          unroll, backend)
             launches = [(_kernel(spec, backend), kw) for spec, kw in plan]
             if len(_FAST) > 512:
                 _FAST.clear()
-            _FAST[key] = launches
-        return _chain(launches, [q, k, v, index])
+            entry = _FAST[key] = [launches, 0, None]
+        if entry[2] is not None:
+            return entry[2](q, k, v, index)
+        entry[1] += 1
+        if entry[1] >= COMPILE_AFTER:
+            # A shape that keeps coming back (every layer of every decode step of a fixed-size
+            # selection) runs as a compiled graph: MLX replays the traced kernel nodes instead of
+            # rebuilding each kernel's source and arguments per call. A shape seen once or twice
+            # (LazyLLM's index grows every step) is not worth a trace. MLX keys a compiled graph
+            # by the default stream too, so a later call on another stream traces again.
+            entry[2] = mx.compile(partial(_chain_inputs, entry[0]))
+        return _chain(entry[0], [q, k, v, index])
     ins, causal = kernel_inputs(q, k, v, index, q_positions, k_positions)
     return _launch(ins, causal, q.shape, q.dtype, scale, n_splits,
                    lambda spec, **kw: _kernel(spec, backend)(**kw), warps, unroll, backend)
 
 
+def _chain_inputs(launches, q, k, v, index):
+    return _chain(launches, [q, k, v, index])
+
+
+COMPILE_AFTER = 3  # calls with one shape before its launches run as a compiled graph
 _FAST: dict = {}
 _KERNELS: dict = {}
 
