@@ -33,6 +33,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -157,6 +158,32 @@ def phases(steps, reps, trials):
     return out
 
 
+def kernel_time(steps, reps, trials):
+    """GPU time per step: the summed durations of the CUDA kernels a step launched, as CUPTI records
+    them (through PyTorch's profiler), host time excluded. Kernels of one stream run one after
+    another, so the sum is the time the GPU spent on the step."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        raise SystemExit("--kernel-time needs PyTorch installed (its profiler reads CUPTI's kernel records)")
+    out = {}
+    for name, step in steps.items():
+        mx.eval(step(0))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(trials):
+                mx.eval([step(r) for r in range(reps)])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(path)
+            events = json.loads(Path(path).read_text())["traceEvents"]
+        kernels = [e for e in events if e.get("cat") == "kernel"]
+        n = trials * reps
+        out[name] = dict(seconds_per_step=sum(e["dur"] for e in kernels) * 1e-6 / n,
+                         kernels_per_step=len(kernels) / n,
+                         kernel_names=sorted({e["name"][:80] for e in kernels}))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--context", type=int, default=4096, help="cached positions (default 4096)")
@@ -171,6 +198,8 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="model directory for the 'default' shape")
     ap.add_argument("--compiled", action="store_true",
                     help="also time dense and pruned with the whole step under mx.compile")
+    ap.add_argument("--kernel-time", action="store_true",
+                    help="also report GPU kernel time per step (CUDA only; needs PyTorch's profiler)")
     ap.add_argument("--sweep", action="store_true", help="also time every kernel split count")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
@@ -209,6 +238,14 @@ def main(argv=None):
         if args.compiled:
             entry["speedup_vs_dense_compiled"] = med["dense_all_compiled"] / med["pruned_compiled"]
         entry["phases_seconds_per_step"] = phases(steps, args.reps, args.trials)
+        if args.kernel_time and backend == "cuda":
+            timed = dict(steps)
+            for splits in (2, 4, 8, 16):
+                if splits <= n_sel:
+                    timed[f"pruned_splits{splits}"] = eager(variants(True, splits)["pruned"], layers)
+            entry["gpu_kernel_time"] = kernel_time(timed, args.reps, max(2, args.trials // 4))
+            g = entry["gpu_kernel_time"]
+            entry["gpu_kernel_speedup_vs_dense"] = g["dense_all"]["seconds_per_step"] / g["pruned"]["seconds_per_step"]
         if args.sweep and use_kernel:
             H, KVH, D = heads[0]
             cfg = pa.launch_config((args.batch, H, 1, D), (args.batch, KVH, args.context, D), n_sel)
@@ -238,6 +275,11 @@ def main(argv=None):
             for k, p in e["phases_seconds_per_step"].items():
                 print(f"      {k:18s} python build {p['build'] * 1e6:7.1f} us  encode {p['encode'] * 1e6:7.1f} us"
                       f"  until done {p['total'] * 1e6:7.1f} us")
+            if "gpu_kernel_speedup_vs_dense" in e:
+                print(f"      GPU kernel time: pruned {e['gpu_kernel_speedup_vs_dense']:.2f}x faster than dense")
+            for k, g in e.get("gpu_kernel_time", {}).items():
+                print(f"      GPU kernels {k:18s} {g['seconds_per_step'] * 1e6:9.1f} us "
+                      f"({g['kernels_per_step']:.1f} kernels per step)")
             for k, t in e.get("sweep_seconds_per_step", {}).items():
                 print(f"      {k:28s} " + (f"{t * 1e6:9.1f} us" if isinstance(t, float) else t))
     out_dir = os.environ.get("OUT")
