@@ -78,7 +78,8 @@ def make_layers(heads, batch, context, n_sel, reps, dtype, seed):
     return layers
 
 
-SWEEP = [(w, u, s) for w in (2, 4, 8, 16) for u in (2, 4, 8) for s in (1, 4, 8, 16, 32, 64)]
+# (warps, unroll, splits); a few, since each is a kernel MLX compiles at its first call
+SWEEP = [(16, 2, s) for s in (1, 4, 8, 16, 32)] + [(4, 4, 16), (4, 4, 32), (8, 2, 16), (8, 4, 16), (16, 4, 16)]
 
 
 def variants(use_kernel: bool, n_splits=None, warps=None, unroll=None):
@@ -160,30 +161,41 @@ def kernel_time(steps, reps, trials):
     """GPU time per step: the summed durations of the CUDA kernels a step launched, as CUPTI records
     them (through PyTorch's profiler), host time excluded. Run with ``MLX_USE_CUDA_GRAPHS=0``: MLX
     then launches kernels one after another on its stream, so each duration is the kernel's alone
-    (inside a CUDA graph, independent kernels overlap and their durations include the sharing)."""
+    (inside a CUDA graph, independent kernels overlap and their durations include the sharing).
+    One profiling session for all variants; a kernel belongs to the variant whose (blocking)
+    evaluation was running when it started."""
     try:
-        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler import ProfilerActivity, profile, record_function
     except ImportError:
         raise SystemExit("--kernel-time needs PyTorch installed (its profiler reads CUPTI's kernel records)")
-    out = {}
+    out, ok = {}, {}
     for name, step in steps.items():
         try:
             mx.eval(step(0))
+            ok[name] = step
         except (RuntimeError, ValueError) as e:  # a launch shape the GPU refuses
             out[name] = dict(error=str(e).splitlines()[0][:160])
-            continue
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(trials):
-                mx.eval([step(r) for r in range(reps)])
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "trace.json")
-            prof.export_chrome_trace(path)
-            events = json.loads(Path(path).read_text())["traceEvents"]
-        kernels = [e for e in events if e.get("cat") == "kernel"]
-        n = trials * reps
-        out[name] = dict(seconds_per_step=sum(e["dur"] for e in kernels) * 1e-6 / n,
-                         kernels_per_step=len(kernels) / n,
-                         kernel_names=sorted({e["name"][:80] for e in kernels}))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for name, step in ok.items():
+            with record_function(f"variant:{name}"):
+                for _ in range(trials):
+                    mx.eval([step(r) for r in range(reps)])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        events = json.loads(Path(path).read_text())["traceEvents"]
+    spans = [(e["ts"], e["ts"] + e["dur"], e["name"][len("variant:"):]) for e in events
+             if e.get("ph") == "X" and str(e.get("name", "")).startswith("variant:") and e.get("cat") != "kernel"]
+    kernels = {name: [] for name in ok}
+    for e in events:
+        if e.get("cat") == "kernel":
+            owner = next((n for t0, t1, n in spans if t0 <= e["ts"] <= t1), None)
+            if owner in kernels:
+                kernels[owner].append(e)
+    n = trials * reps
+    for name, ks in kernels.items():
+        out[name] = dict(seconds_per_step=sum(e["dur"] for e in ks) * 1e-6 / n, kernels_per_step=len(ks) / n,
+                         kernel_names=sorted({e["name"][:80] for e in ks}))
     return out
 
 
@@ -243,11 +255,7 @@ def main(argv=None):
             entry["speedup_vs_dense_compiled"] = med["dense_all_compiled"] / med["pruned_compiled"]
         entry["phases_seconds_per_step"] = phases(steps, args.reps, args.trials)
         if args.kernel_time and backend == "cuda":
-            timed = dict(steps)
-            for splits in (2, 4, 8, 16):
-                if splits <= n_sel:
-                    timed[f"pruned_splits{splits}"] = eager(variants(True, splits)["pruned"], layers)
-            entry["gpu_kernel_time"] = kernel_time(timed, args.reps, max(2, args.trials // 4))
+            entry["gpu_kernel_time"] = kernel_time(steps, args.reps, max(2, args.trials // 4))
             g = entry["gpu_kernel_time"]
             entry["gpu_kernel_speedup_vs_dense"] = g["dense_all"]["seconds_per_step"] / g["pruned"]["seconds_per_step"]
         if args.sweep and use_kernel:
@@ -258,8 +266,9 @@ def main(argv=None):
             for w, u, s in SWEEP:
                 if s is None or s <= n_sel:
                     sweep[f"warps{w}_unroll{u}_splits{s or 'auto'}"] = eager(variants(True, s, w, u)["pruned"], layers)
-            entry["sweep_seconds_per_step"] = bench(sweep, args.reps, 1, max(3, args.trials // 2))
-            if args.kernel_time and backend == "cuda":
+            if not args.kernel_time:
+                entry["sweep_seconds_per_step"] = bench(sweep, args.reps, 1, max(3, args.trials // 2))
+            elif backend == "cuda":
                 entry["sweep_gpu_kernel_time"] = {k: g["seconds_per_step"] for k, g in
                                                   kernel_time(sweep, args.reps, 2).items() if "error" not in g}
         result["shapes"][name] = entry
@@ -289,10 +298,10 @@ def main(argv=None):
                     continue
                 print(f"      GPU kernels {k:18s} {g['seconds_per_step'] * 1e6:9.1f} us "
                       f"({g['kernels_per_step']:.1f} kernels per step)")
-            gk = e.get("sweep_gpu_kernel_time", {})
             for k, t in e.get("sweep_seconds_per_step", {}).items():
-                print(f"      {k:28s} " + (f"{t * 1e6:9.1f} us" if isinstance(t, float) else t)
-                      + (f"   GPU kernels {gk[k] * 1e6:9.1f} us" if k in gk else ""))
+                print(f"      {k:28s} " + (f"{t * 1e6:9.1f} us" if isinstance(t, float) else t))
+            for k, t in e.get("sweep_gpu_kernel_time", {}).items():
+                print(f"      {k:28s} GPU kernels {t * 1e6:9.1f} us")
     out_dir = os.environ.get("OUT")
     if out_dir:
         Path(out_dir, "pruned_attention.json").write_text(json.dumps(result, indent=2))

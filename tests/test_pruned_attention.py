@@ -3,6 +3,7 @@ the CPU by metal-check) and the CUDA twin (on an NVIDIA GPU) equal the reference
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 
@@ -121,11 +122,16 @@ def test_launch_config_splits():
     cfg = pa.launch_config((1, 20, 1, 64), (1, 5, 4096, 64), 1024)
     assert cfg["grid"][0] % cfg["threadgroup"][0] == 0  # whole threadgroups: CUDA does not trim
     assert cfg["ints"]["ROWS"] == 4 and cfg["grid"][1] == 1 and cfg["grid"][2] == 5
-    assert cfg["ints"]["NSPLIT"] == 1  # 1024 keys: one walk, no merge
+    # 1024 keys over 5 KV heads: 16 splits of 64 keys (80 threadgroups) and a merge
+    assert cfg["ints"]["NSPLIT"] == 1024 // pa.KEYS_PER_SPLIT == 16
+    assert cfg["grid"][0] == 16 * cfg["threadgroup"][0]
+    # a batch whose KV heads fill the GPU: fewer splits; enough of them: one walk, no merge
+    assert pa.launch_config((8, 20, 1, 64), (8, 5, 4096, 64), 1024)["ints"]["NSPLIT"] == 4
+    assert pa.launch_config((32, 20, 1, 64), (32, 5, 4096, 64), 1024)["ints"]["NSPLIT"] == 1
     assert (cfg["ints"]["WARPS"], cfg["ints"]["UNROLL"]) == pa.default_launch(4, 64)
     assert cfg["threadgroup"][0] == 32 * cfg["ints"]["WARPS"] <= 32 * pa.MAX_WARPS
     long = pa.launch_config((1, 20, 1, 64), (1, 5, 65536, 64), 16384)["ints"]["NSPLIT"]
-    assert 1 < long and 16384 / long <= pa.KEYS_PER_SPLIT
+    assert long == math.ceil(pa.TARGET_GROUPS / 5)  # capped by the threadgroup target
     with pytest.raises(ValueError, match="warps"):
         pa.launch_config((1, 20, 1, 64), (1, 5, 4096, 64), 1024, warps=32)
     assert pa.launch_config((1, 4, 1, 64), (1, 4, 64, 64), 8)["ints"]["NSPLIT"] == 1

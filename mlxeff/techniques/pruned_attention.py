@@ -41,7 +41,7 @@ from ..kernels import KernelSpec, KernelUnavailable, build, gpu_backend, type_na
 
 MAX_WARPS = 16  # SIMD groups per threadgroup of the walk, at most
 MAX_ROWS = 8  # query rows (GQA heads x queries) per threadgroup
-KEYS_PER_SPLIT = 2048  # split the index list beyond this many keys
+KEYS_PER_SPLIT = 64  # keys per split while threadgroups are fewer than TARGET_GROUPS
 TARGET_GROUPS = 128  # about one threadgroup per SM of a large GPU
 
 _INPUTS = ("q", "k", "v", "index")
@@ -167,14 +167,17 @@ def kernel_supported(head_dim: int) -> bool:
 
 def default_launch(rows_per_group: int, head_dim: int) -> tuple:
     """(warps, unroll) of the walk: 16 SIMD groups of 2 keys in flight when a row block's registers
-    allow it (the fastest decode shape measured on an H100: one threadgroup walking 1024 keys beat
-    every split into partials plus a merge), else 4 of 4."""
+    allow it, else 4 of 4."""
     return (16, 2) if rows_per_group * head_dim <= 512 else (4, 4)
 
 
 def default_splits(n: int, groups: int) -> int:
-    """One split (a single kernel, no merge) up to ``KEYS_PER_SPLIT`` keys; beyond, enough splits to
-    keep each under it, up to about ``TARGET_GROUPS`` threadgroups in all."""
+    """Enough splits for ``KEYS_PER_SPLIT`` keys each, but no more than about ``TARGET_GROUPS``
+    threadgroups in all; one split (a single kernel, no merge) when the batch x KV heads alone fill
+    the GPU. A decode step's walk is bound by memory latency, not bandwidth: one threadgroup per KV
+    head walking 1024 keys took 44.9 us of GPU time on an H100, 16 splits of 64 keys plus the merge
+    7.6 us (dense SDPA over all 4096 slots: 17.4 us; ``benchmarks/pruned_attention.py
+    --kernel-time``, RESULTS.md)."""
     return max(1, min(math.ceil(n / KEYS_PER_SPLIT), math.ceil(TARGET_GROUPS / max(groups, 1)), 128))
 
 
