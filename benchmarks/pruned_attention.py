@@ -18,7 +18,10 @@ show the kernels' own GPU time.
 Each timed call builds and evaluates ``--reps`` independent steps in one graph (distinct queries, so
 nothing is shared; Python's graph building is inside the time), after a warm-up; dense and pruned
 alternate within every trial. ``--compiled`` adds both with the whole step under ``mx.compile``
-(what a decode loop that compiles its step pays). Each shape also reports where a step's time goes: Python building
+(what a decode loop that compiles its step pays). Independent steps can overlap on the GPU (MLX's
+CUDA graphs run independent kernels side by side), which hides a latency-bound kernel; a real
+step's layers depend on each other. ``--kernel-time`` therefore also reports the GPU time of each
+variant's kernels (CUDA; run it with ``MLX_USE_CUDA_GRAPHS=0`` so kernels run one at a time). Each shape also reports where a step's time goes: Python building
 the graph, MLX encoding the kernels, and the whole. On a GPU the kernel runs; on the CPU the
 "pruned" column is the plain-MLX reference (gather + softmax). The run also checks the kernel's
 output against the reference. ``--sweep`` times other launch shapes of the kernel too.
