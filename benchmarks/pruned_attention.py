@@ -218,7 +218,7 @@ def main(argv=None):
                     help="also time dense and pruned with the whole step under mx.compile")
     ap.add_argument("--kernel-time", action="store_true",
                     help="also report GPU kernel time per step (CUDA only; needs PyTorch's profiler)")
-    ap.add_argument("--sweep", action="store_true", help="also time every kernel split count")
+    ap.add_argument("--sweep", action="store_true", help="also time a few other launch shapes (SIMD groups, keys in flight, splits)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     if not 0 < args.keep <= 1:
