@@ -9,7 +9,8 @@ over a gathered copy of the selected rows. Shapes:
 - ``step``: a whole decode step's attention of OpenELM-270M (16 layers, 12-20 query heads, 4 query
   heads per KV head), each layer with its own cache;
 - ``default``: every layer of the model in ``--model`` (default: the embedded model), if present;
-- ``3b``: a whole decode step's attention of OpenELM-3B (36 layers, 12-24 query heads, d=128).
+- ``3b``: a whole decode step's attention of OpenELM-3B (36 layers, 12-24 query heads, d=128);
+- ``layer128``: OpenELM-3B's widest layer alone (24 query, 6 KV heads, d=128).
 
 ``--batch`` sets the sequences per step (each with its own cache and selection): at batch 1 a step
 over these small models is bound by host work (Python and MLX's kernel encoding); larger batches
@@ -53,7 +54,8 @@ def layouts(args):
     def heads(cfg):
         return list(zip(cfg.num_query_heads, cfg.num_kv_heads, [cfg.head_dim] * len(cfg.num_kv_heads)))
 
-    out = {"layer": [(20, 5, 64)], "step": heads(openelm_config("270M")), "3b": heads(openelm_config("3B"))}
+    out = {"layer": [(20, 5, 64)], "step": heads(openelm_config("270M")), "3b": heads(openelm_config("3B")),
+           "layer128": [(24, 6, 128)]}
     model_dir = Path(args.model) if args.model else Path(__file__).resolve().parents[1] / "mlxeff/assets/default"
     if (model_dir / "config.json").is_file():
         params = json.loads((model_dir / "config.json").read_text())
@@ -83,6 +85,16 @@ def make_layers(heads, batch, context, n_sel, reps, dtype, seed):
 
 # (warps, unroll, splits); a few, since each is a kernel MLX compiles at its first call
 SWEEP = [(16, 2, s) for s in (1, 4, 8, 16, 32)] + [(4, 4, 16), (4, 4, 32), (8, 2, 16), (8, 4, 16), (16, 4, 16)]
+
+
+def parse_launches(text: str) -> list:
+    try:
+        out = [tuple(int(x) for x in item.split(":")) for item in text.split(",") if item]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WARPS:UNROLL:SPLITS,..., got {text!r}")
+    if not out or any(len(t) != 3 for t in out):
+        raise argparse.ArgumentTypeError(f"expected WARPS:UNROLL:SPLITS,..., got {text!r}")
+    return [(w, u, s or None) for w, u, s in out]
 
 
 def variants(use_kernel: bool, n_splits=None, warps=None, unroll=None):
@@ -212,13 +224,16 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=20, help="decode steps per timed graph")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--trials", type=int, default=10)
-    ap.add_argument("--shapes", default="layer,step,default", help="comma list of layer,step,default,3b")
+    ap.add_argument("--shapes", default="layer,step,default", help="comma list of layer,step,default,3b,layer128")
     ap.add_argument("--model", default=None, help="model directory for the 'default' shape")
     ap.add_argument("--compiled", action="store_true",
                     help="also time dense and pruned with the whole step under mx.compile")
     ap.add_argument("--kernel-time", action="store_true",
                     help="also report GPU kernel time per step (CUDA only; needs PyTorch's profiler)")
     ap.add_argument("--sweep", action="store_true", help="also time a few other launch shapes (SIMD groups, keys in flight, splits)")
+    ap.add_argument("--launches", type=parse_launches, default=None,
+                    help="with --sweep: the launch shapes to time, as WARPS:UNROLL:SPLITS,... "
+                         "(SPLITS 0: the default split count)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     if not 0 < args.keep <= 1:
@@ -266,7 +281,7 @@ def main(argv=None):
             cfg = pa.launch_config((args.batch, H, 1, D), (args.batch, KVH, args.context, D), n_sel)
             entry["default_launch_first_layer"] = cfg["ints"]
             sweep = {"dense_all": eager(fns["dense_all"], layers)}
-            for w, u, s in SWEEP:
+            for w, u, s in args.launches or SWEEP:
                 if s is None or s <= n_sel:
                     sweep[f"warps{w}_unroll{u}_splits{s or 'auto'}"] = eager(variants(True, s, w, u)["pruned"], layers)
             if not args.kernel_time:
