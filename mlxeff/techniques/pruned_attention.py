@@ -174,10 +174,11 @@ def default_launch(rows_per_group: int, head_dim: int) -> tuple:
 def default_splits(n: int, groups: int) -> int:
     """Enough splits for ``KEYS_PER_SPLIT`` keys each, but no more than about ``TARGET_GROUPS``
     threadgroups in all; one split (a single kernel, no merge) when the batch x KV heads alone fill
-    the GPU. A decode step's walk is bound by memory latency, not bandwidth: one threadgroup per KV
-    head walking 1024 keys took 44.9 us of GPU time on an H100, 16 splits of 64 keys plus the merge
-    7.6 us (dense SDPA over all 4096 slots: 17.4 us; ``benchmarks/pruned_attention.py
-    --kernel-time``, RESULTS.md)."""
+    the GPU. One threadgroup per KV head walking all keys is bound by latency, not bandwidth (its
+    SIMD groups' serial chains of per-key reductions; more keys in flight do not help): for 1024
+    keys it took 44.8 us of GPU time on an H100, 16 parts of 64 keys plus the merge 7.6 us (dense
+    SDPA over all 4096 slots: 20.9 us; ``benchmarks/pruned_attention.py --kernel-time --sweep``,
+    RESULTS.md)."""
     return max(1, min(math.ceil(n / KEYS_PER_SPLIT), math.ceil(TARGET_GROUPS / max(groups, 1)), 128))
 
 
