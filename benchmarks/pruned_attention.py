@@ -115,15 +115,51 @@ def variants(use_kernel: bool, n_splits=None, warps=None, unroll=None):
     return {"dense_all": dense, "sdpa_gathered": gathered, "pruned": pruned}
 
 
-def eager(fn, layers):
-    """A decode step as a loop calls it: ``fn`` once per layer, graph built in Python each time."""
-    return lambda r: [fn(L, L["qs"][r]) for L in layers]
+def _link(q, prev):
+    """``q`` made to depend on ``prev`` (an earlier layer's output) through one add."""
+    return q if prev is None else q + prev[:, :1, :, :1]
 
 
-def compiled(fn, layers):
+def eager(fn, layers, chained=False):
+    """A decode step as a loop calls it: ``fn`` once per layer, graph built in Python each time.
+    ``chained``: each layer's query depends on the previous layer's output, and each step's first
+    layer on the previous step's last, as in real decoding (nothing can overlap on the GPU)."""
+    if not chained:
+        return lambda r: [fn(L, L["qs"][r]) for L in layers]
+    last = [None]
+
+    def step(r):
+        outs = []
+        for L in layers:
+            last[0] = fn(L, _link(L["qs"][r], last[0]))
+            outs.append(last[0])
+        return outs
+
+    return step
+
+
+def compiled(fn, layers, chained=False):
     """The same step under ``mx.compile`` (traced once; caches and selections are constants)."""
-    step = mx.compile(lambda *qs: [fn(L, q) for L, q in zip(layers, qs)])
-    return lambda r: step(*[L["qs"][r] for L in layers])
+    if not chained:
+        step = mx.compile(lambda *qs: [fn(L, q) for L, q in zip(layers, qs)])
+        return lambda r: step(*[L["qs"][r] for L in layers])
+
+    def chain(prev, *qs):
+        outs = []
+        for L, q in zip(layers, qs):
+            prev = fn(L, _link(q, prev))
+            outs.append(prev)
+        return outs
+
+    step = mx.compile(chain)
+    last = [mx.zeros_like(layers[-1]["qs"][0])]
+
+    def run(r):
+        outs = step(last[0], *[L["qs"][r] for L in layers])
+        last[0] = outs[-1]
+        return outs
+
+    return run
 
 
 def time_step(step, reps):
@@ -226,6 +262,9 @@ def main(argv=None):
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--shapes", default="layer,step,default", help="comma list of layer,step,default,3b,layer128")
     ap.add_argument("--model", default=None, help="model directory for the 'default' shape")
+    ap.add_argument("--chained", action="store_true",
+                    help="one dependency chain through every layer and step, as in real decoding "
+                         "(default: independent steps, which the GPU may overlap)")
     ap.add_argument("--compiled", action="store_true",
                     help="also time dense and pruned with the whole step under mx.compile")
     ap.add_argument("--kernel-time", action="store_true",
@@ -247,7 +286,8 @@ def main(argv=None):
     n_sel = max(1, round(args.keep * args.context))
     result = dict(device=str(mx.default_device()), backend=backend or "cpu", mlx=mx.__version__,
                   mlx_use_cuda_graphs=os.environ.get("MLX_USE_CUDA_GRAPHS", "1 (default)"),
-                  dtype=str(dtype), batch=args.batch, context=args.context, selected=n_sel, reps=args.reps,
+                  dtype=str(dtype), batch=args.batch, chained=args.chained, context=args.context,
+                  selected=n_sel, reps=args.reps,
                   trials=args.trials, pruned_impl="kernel" if use_kernel else "reference", shapes={})
     all_layouts = layouts(args)
     for name in args.shapes.split(","):
@@ -261,9 +301,10 @@ def main(argv=None):
         got = variants(use_kernel)["pruned"](L, L["qs"][0])
         err = float(mx.max(mx.abs(got.astype(mx.float32) - ref.astype(mx.float32))))
         fns = variants(use_kernel)
-        steps = {name: eager(fn, layers) for name, fn in fns.items()}
+        steps = {name: eager(fn, layers, args.chained) for name, fn in fns.items()}
         if args.compiled:
-            steps.update({f"{name}_compiled": compiled(fns[name], layers) for name in ("dense_all", "pruned")})
+            steps.update({f"{name}_compiled": compiled(fns[name], layers, args.chained)
+                          for name in ("dense_all", "pruned")})
         med = bench(steps, args.reps, args.warmup, args.trials)
         entry = dict(layers=len(heads), heads=heads, max_abs_err_vs_reference=err,
                      seconds_per_step=med,
@@ -280,10 +321,11 @@ def main(argv=None):
             H, KVH, D = heads[0]
             cfg = pa.launch_config((args.batch, H, 1, D), (args.batch, KVH, args.context, D), n_sel)
             entry["default_launch_first_layer"] = cfg["ints"]
-            sweep = {"dense_all": eager(fns["dense_all"], layers)}
+            sweep = {"dense_all": eager(fns["dense_all"], layers, args.chained)}
             for w, u, s in args.launches or SWEEP:
                 if s is None or s <= n_sel:
-                    sweep[f"warps{w}_unroll{u}_splits{s or 'auto'}"] = eager(variants(True, s, w, u)["pruned"], layers)
+                    pruned = variants(True, s, w, u)["pruned"]
+                    sweep[f"warps{w}_unroll{u}_splits{s or 'auto'}"] = eager(pruned, layers, args.chained)
             if not args.kernel_time:
                 entry["sweep_seconds_per_step"] = bench(sweep, args.reps, 1, max(3, args.trials // 2))
             elif backend == "cuda":
