@@ -16,18 +16,20 @@ over a gathered copy of the selected rows. Shapes:
 over these small models is bound by host work (Python and MLX's kernel encoding); larger batches
 show the kernels' own GPU time.
 
-Each timed call builds and evaluates ``--reps`` independent steps in one graph (distinct queries, so
-nothing is shared; Python's graph building is inside the time), after a warm-up; dense and pruned
-alternate within every trial. ``--compiled`` adds both with the whole step under ``mx.compile``
-(what a decode loop that compiles its step pays). Independent steps can overlap on the GPU (MLX's
-CUDA graphs run independent kernels side by side), which hides a latency-bound kernel; a real
-step's layers depend on each other. ``--kernel-time`` therefore also reports the GPU time of each
-variant's kernels (CUDA; run it with ``MLX_USE_CUDA_GRAPHS=0`` so kernels run one at a time). Each shape also reports where a step's time goes: Python building
-the graph, MLX encoding the kernels, and the whole. On a GPU the kernel runs; on the CPU the
-"pruned" column is the plain-MLX reference (gather + softmax). The run also checks the kernel's
-output against the reference. ``--sweep`` times other launch shapes of the kernel too.
+Each timed call builds and evaluates ``--reps`` steps in one graph (distinct queries; Python's
+graph building is inside the time), after a warm-up; dense and pruned alternate within every
+trial. By default the steps are independent, and MLX's CUDA graphs may run their kernels side by
+side, which hides a latency-bound kernel; ``--chained`` links every layer's query to the previous
+layer's output (one add, the same for every variant), as in real decoding. ``--compiled`` adds
+dense and pruned with the whole step under ``mx.compile``. ``--kernel-time`` also reports each
+variant's GPU time (CUDA; run it with ``MLX_USE_CUDA_GRAPHS=0`` so kernels run one at a time).
+Each shape also reports where a step's time goes: Python building the graph, MLX encoding the
+kernels, and the whole. On a GPU the kernel runs; on the CPU the "pruned" column is the plain-MLX
+reference (gather + softmax). The run also checks the kernel's output against the reference.
+``--sweep`` times other launch shapes of the kernel too (``--launches`` picks them).
 
-    python benchmarks/pruned_attention.py [--batch B] [--shapes layer,step,default,3b] [--json] [--sweep]
+    python benchmarks/pruned_attention.py [--batch B] [--shapes layer,step,default,3b,layer128]
+        [--chained] [--compiled] [--kernel-time] [--sweep [--launches W:U:S,...]] [--json]
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def layouts(args):
 
     out = {"layer": [(20, 5, 64)], "step": heads(openelm_config("270M")), "3b": heads(openelm_config("3B")),
            "layer128": [(24, 6, 128)]}
-    model_dir = Path(args.model) if args.model else Path(__file__).resolve().parents[1] / "mlxeff/assets/default"
+    default_dir = Path(__file__).resolve().parents[1] / "mlxeff/assets/default"
+    model_dir = Path(args.model) if args.model else default_dir
     if (model_dir / "config.json").is_file():
         params = json.loads((model_dir / "config.json").read_text())
         out["default"] = list(zip(params["num_query_heads"], params["num_kv_heads"],
@@ -260,7 +263,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=20, help="decode steps per timed graph")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--trials", type=int, default=10)
-    ap.add_argument("--shapes", default="layer,step,default", help="comma list of layer,step,default,3b,layer128")
+    ap.add_argument("--shapes", default="layer,step,default",
+                    help="comma list of layer,step,default,3b,layer128")
     ap.add_argument("--model", default=None, help="model directory for the 'default' shape")
     ap.add_argument("--chained", action="store_true",
                     help="one dependency chain through every layer and step, as in real decoding "
@@ -269,7 +273,8 @@ def main(argv=None):
                     help="also time dense and pruned with the whole step under mx.compile")
     ap.add_argument("--kernel-time", action="store_true",
                     help="also report GPU kernel time per step (CUDA only; needs PyTorch's profiler)")
-    ap.add_argument("--sweep", action="store_true", help="also time a few other launch shapes (SIMD groups, keys in flight, splits)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time a few other launch shapes (SIMD groups, keys in flight, splits)")
     ap.add_argument("--launches", type=parse_launches, default=None,
                     help="with --sweep: the launch shapes to time, as WARPS:UNROLL:SPLITS,... "
                          "(SPLITS 0: the default split count)")
