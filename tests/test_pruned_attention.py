@@ -3,9 +3,12 @@ the CPU by metal-check) and the CUDA twin (on an NVIDIA GPU) equal the reference
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 import shutil
 import subprocess
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -278,3 +281,53 @@ def test_cuda_repeated_calls_equal_reference(n_splits):
             np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(ref.astype(mx.float32)),
                                        atol=3e-3, rtol=3e-3)
     assert [entry[2] is not None for entry in pa._FAST.values()] == [True]  # the compiled graph ran
+
+
+# ---- the benchmark -------------------------------------------------------------------------
+
+def _benchmark_module():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pruned_attention.py"
+    spec = importlib.util.spec_from_file_location("pruned_attention_benchmark", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_runs_and_checks_itself(capsys, monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
+    bench = _benchmark_module()
+    bench.main(["--context", "256", "--batch", "2", "--reps", "2", "--trials", "1", "--warmup", "0",
+                "--shapes", "layer,step", "--chained", "--compiled", "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert res["selected"] == 64 and res["batch"] == 2 and res["chained"] is True
+    for name, layers in (("layer", 1), ("step", 16)):
+        e = res["shapes"][name]
+        assert e["layers"] == layers and e["max_abs_err_vs_reference"] < 1e-5
+        assert set(e["seconds_per_step"]) == {"dense_all", "sdpa_gathered", "pruned", "dense_all_compiled",
+                                              "pruned_compiled"}
+        assert all(t > 0 for t in e["seconds_per_step"].values())
+
+
+def test_benchmark_chained_steps_depend_on_the_previous_layer():
+    bench = _benchmark_module()
+    layers = bench.make_layers([(4, 2, 32), (6, 3, 32)], 1, 64, 16, 2, mx.float32, seed=0)
+    seen = []
+
+    def record(L, q):
+        seen.append(q)
+        return bench.variants(False)["pruned"](L, q)
+
+    bench.eager(record, layers, chained=True)(0)
+    bench.eager(record, layers, chained=True)(1)
+    # the first query of a fresh chain is the layer's own; every later one has the previous output added
+    assert mx.array_equal(seen[0], layers[0]["qs"][0])
+    assert not mx.array_equal(seen[1], layers[1]["qs"][0])
+    independent = bench.eager(lambda L, q: q, layers)(0)
+    assert all(mx.array_equal(q, L["qs"][0]) for q, L in zip(independent, layers))
+
+
+def test_benchmark_rejects_bad_launches():
+    bench = _benchmark_module()
+    assert bench.parse_launches("16:2:0,8:4:16") == [(16, 2, None), (8, 4, 16)]
+    with pytest.raises(SystemExit):
+        bench.main(["--sweep", "--launches", "16:2"])
