@@ -71,7 +71,8 @@ from mlx_lm.models.cache import KVCache
 
 from ..errors import MlxeffError
 from ..generate import DecodeStrategy, PrefillStrategy
-from .pruned_attention import pruned_attention
+from ..kernels import gpu_backend
+from .pruned_attention import kernel_supported, pruned_attention, pruned_attention_kernel
 
 
 class ScheduleError(MlxeffError, ValueError):
@@ -201,18 +202,39 @@ def last_token_importance(q_last: mx.array, keys: mx.array, scale: float) -> mx.
 
 # ---- caches ------------------------------------------------------------------------------------
 
+UNFILLED = 2**31 - 1  # the position of a buffer slot not written yet: later than every query
+
+
 class LayerCache(KVCache):
     """One layer's keys and values (mlx-lm's growing buffer) for the tokens this layer computed,
-    in the order computed, and their positions."""
+    in the order computed, and their positions. ``slot_positions`` covers the whole buffer (its
+    unfilled tail at ``UNFILLED``), so the pruned-attention kernel can read the buffers in place:
+    a slice of them is not contiguous, and the GPU kernel call would copy it."""
 
     def __init__(self):
         super().__init__()
-        self.positions: Optional[mx.array] = None  # (offset,) int32
+        self.slot_positions: Optional[mx.array] = None  # (buffer length,) int32
+
+    @property
+    def positions(self) -> Optional[mx.array]:
+        """(offset,) int32: the positions of the cached tokens, in cache order."""
+        return None if self.slot_positions is None else self.slot_positions[: self.offset]
 
     def update(self, keys: mx.array, values: mx.array, positions: mx.array):
-        positions = positions.astype(mx.int32)
-        self.positions = positions if self.positions is None else mx.concatenate([self.positions, positions])
-        return self.update_and_fetch(keys, values)
+        prev = self.offset
+        out = self.update_and_fetch(keys, values)
+        size = self.keys.shape[2]
+        if self.slot_positions is None or self.slot_positions.shape[0] != size:
+            grown = mx.full((size,), UNFILLED, dtype=mx.int32)
+            if prev:
+                grown[:prev] = self.slot_positions[:prev]
+            self.slot_positions = grown
+        self.slot_positions[prev : self.offset] = positions.astype(mx.int32)
+        return out
+
+    def in_place(self) -> tuple:
+        """(keys, values, index, k_positions) naming the cached tokens inside the whole buffers."""
+        return self.keys, self.values, mx.arange(self.offset, dtype=mx.int32), self.slot_positions
 
 
 def _copy_layer(c: LayerCache) -> LayerCache:
@@ -220,8 +242,21 @@ def _copy_layer(c: LayerCache) -> LayerCache:
     new = LayerCache()
     if c.keys is not None:
         new.keys, new.values = mx.array(c.keys), mx.array(c.values)
-    new.offset, new.positions = c.offset, c.positions
+        new.slot_positions = mx.array(c.slot_positions)
+    new.offset = c.offset
     return new
+
+
+def attend_by_position(q: mx.array, keys: mx.array, values: mx.array, cache: LayerCache,
+                       positions: mx.array, scale: float) -> mx.array:
+    """Attention of the rows ``q`` at ``positions`` over the layer's cached tokens (``keys`` and
+    ``values`` as ``cache.update`` returned them), causal by position. The GPU kernel reads the
+    cache's whole buffers (no copy of a slice); elsewhere the slices go to ``pruned_attention``."""
+    if gpu_backend() is not None and kernel_supported(q.shape[-1]):
+        k, v, index, kpos = cache.in_place()
+        return pruned_attention_kernel(q, k, v, index, scale=scale, q_positions=positions, k_positions=kpos)
+    return pruned_attention(q, keys, values, None, scale=scale, q_positions=positions,
+                            k_positions=cache.positions)
 
 
 @dataclass
@@ -314,8 +349,7 @@ def _layer(layer, h: mx.array, positions: mx.array, cache: LayerCache, *, offset
         q, k = rope_at(q, positions, attn.rope), rope_at(k, positions, attn.rope)
     keys, values = cache.update(k, v, positions)
     if mode == "positions":
-        out = pruned_attention(q, keys, values, None, scale=attn.scale, q_positions=positions,
-                               k_positions=cache.positions)
+        out = attend_by_position(q, keys, values, cache, positions, attn.scale)
     else:
         mask = create_attention_mask(h, cache) if mode == "causal" else None
         out = attn.attention_fn(q, keys, values, scale=attn.scale, mask=mask, cache=cache)
