@@ -43,6 +43,9 @@ MAX_WARPS = 16  # SIMD groups per threadgroup of the walk, at most
 MAX_ROWS = 8  # query rows (GQA heads x queries) per threadgroup
 KEYS_PER_SPLIT = 64  # keys per split while threadgroups are fewer than TARGET_GROUPS
 TARGET_GROUPS = 128  # about one threadgroup per SM of a large GPU
+# Split counts a launch may use: each count is a kernel compiled at its first use, and LazyLLM's
+# index grows every decoding step, so the counts are few (powers of two and 1.5x powers of two).
+SPLIT_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
 _INPUTS = ("q", "k", "v", "index")
 _CAUSAL_INPUTS = _INPUTS + ("qpos", "kpos")
@@ -173,13 +176,14 @@ def default_launch(rows_per_group: int, head_dim: int) -> tuple:
 
 def default_splits(n: int, groups: int) -> int:
     """Enough splits for ``KEYS_PER_SPLIT`` keys each, but no more than about ``TARGET_GROUPS``
-    threadgroups in all; one split (a single kernel, no merge) when the batch x KV heads alone fill
-    the GPU. One threadgroup per KV head walking all keys is bound by latency, not bandwidth (its
+    threadgroups in all, rounded down to one of ``SPLIT_COUNTS``; one split (a single kernel, no
+    merge) when the batch x KV heads alone fill the GPU. One threadgroup per KV head walking all keys is bound by latency, not bandwidth (its
     SIMD groups' serial chains of per-key reductions; more keys in flight do not help): for 1024
     keys it took 44.8 us of GPU time on an H100, 16 parts of 64 keys plus the merge 7.6 us (dense
     SDPA over all 4096 slots: 20.9 us; ``benchmarks/pruned_attention.py --kernel-time --sweep``,
     RESULTS.md)."""
-    return max(1, min(math.ceil(n / KEYS_PER_SPLIT), math.ceil(TARGET_GROUPS / max(groups, 1)), 128))
+    wanted = min(math.ceil(n / KEYS_PER_SPLIT), math.ceil(TARGET_GROUPS / max(groups, 1)))
+    return max(c for c in SPLIT_COUNTS if c <= max(wanted, 1))
 
 
 def launch_config(q_shape, k_shape, n: int, n_splits: Optional[int] = None,
