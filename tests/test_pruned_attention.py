@@ -302,9 +302,10 @@ def test_benchmark_runs_and_checks_itself(capsys, monkeypatch):
                 "--shapes", "layer,step", "--chained", "--compiled", "--json"])
     res = json.loads(capsys.readouterr().out)
     assert res["selected"] == 64 and res["batch"] == 2 and res["chained"] is True
+    tol = 1e-5 if res["pruned_impl"] == "reference" else 3e-3  # the kernel runs in float16 on a GPU
     for name, layers in (("layer", 1), ("step", 16)):
         e = res["shapes"][name]
-        assert e["layers"] == layers and e["max_abs_err_vs_reference"] < 1e-5
+        assert e["layers"] == layers and e["max_abs_err_vs_reference"] < tol
         assert set(e["seconds_per_step"]) == {"dense_all", "sdpa_gathered", "pruned", "dense_all_compiled",
                                               "pruned_compiled"}
         assert all(t > 0 for t in e["seconds_per_step"].values())
