@@ -71,8 +71,7 @@ from mlx_lm.models.cache import KVCache
 
 from ..errors import MlxeffError
 from ..generate import DecodeStrategy, PrefillStrategy
-from ..kernels import gpu_backend
-from .pruned_attention import kernel_supported, pruned_attention, pruned_attention_kernel
+from .pruned_attention import kernel_available, pruned_attention, pruned_attention_kernel
 
 
 class ScheduleError(MlxeffError, ValueError):
@@ -252,7 +251,7 @@ def attend_by_position(q: mx.array, keys: mx.array, values: mx.array, cache: Lay
     """Attention of the rows ``q`` at ``positions`` over the layer's cached tokens (``keys`` and
     ``values`` as ``cache.update`` returned them), causal by position. The GPU kernel reads the
     cache's whole buffers (no copy of a slice); elsewhere the slices go to ``pruned_attention``."""
-    if gpu_backend() is not None and kernel_supported(q.shape[-1]):
+    if kernel_available(q.shape[-1]):
         k, v, index, kpos = cache.in_place()
         return pruned_attention_kernel(q, k, v, index, scale=scale, q_positions=positions, k_positions=kpos)
     return pruned_attention(q, keys, values, None, scale=scale, q_positions=positions,

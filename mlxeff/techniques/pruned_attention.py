@@ -168,6 +168,12 @@ def kernel_supported(head_dim: int) -> bool:
     return head_dim % 32 == 0 and head_dim <= 256
 
 
+def kernel_available(head_dim: int) -> bool:
+    """Whether ``pruned_attention`` runs the custom kernel here: a GPU backend and a head size the
+    kernel supports (callers that shape their inputs for the kernel ask the same question)."""
+    return gpu_backend() is not None and kernel_supported(head_dim)
+
+
 def default_launch(rows_per_group: int, head_dim: int) -> tuple:
     """(warps, unroll) of the walk: 16 SIMD groups of 2 keys in flight when a row block's registers
     allow it, else 4 of 4."""
@@ -379,7 +385,7 @@ def pruned_attention(
     The custom kernel runs on Metal/CUDA GPUs; elsewhere (and for unsupported head sizes) plain MLX:
     the reference, or for every slot ``mx.fast.scaled_dot_product_attention`` with a boolean mask
     (no gathered copy)."""
-    if gpu_backend() is not None and kernel_supported(q.shape[-1]):
+    if kernel_available(q.shape[-1]):
         if index is None:
             index = mx.arange(k.shape[2], dtype=mx.int32)
         return pruned_attention_kernel(
