@@ -303,9 +303,9 @@ def main(argv=None):
         # Correctness in the same run: kernel (or reference) vs reference on the first layer.
         L = layers[0]
         ref = pa.pruned_attention_reference(L["qs"][0], L["k"], L["v"], L["idx"], scale=L["scale"])
-        got = variants(use_kernel)["pruned"](L, L["qs"][0])
-        err = float(mx.max(mx.abs(got.astype(mx.float32) - ref.astype(mx.float32))))
         fns = variants(use_kernel)
+        got = fns["pruned"](L, L["qs"][0])
+        err = float(mx.max(mx.abs(got.astype(mx.float32) - ref.astype(mx.float32))))
         steps = {name: eager(fn, layers, args.chained) for name, fn in fns.items()}
         if args.compiled:
             steps.update({f"{name}_compiled": compiled(fns[name], layers, args.chained)
@@ -331,11 +331,11 @@ def main(argv=None):
                 if s is None or s <= n_sel:
                     pruned = variants(True, s, w, u)["pruned"]
                     sweep[f"warps{w}_unroll{u}_splits{s or 'auto'}"] = eager(pruned, layers, args.chained)
-            if not args.kernel_time:
-                entry["sweep_seconds_per_step"] = bench(sweep, args.reps, 1, max(3, args.trials // 2))
-            elif backend == "cuda":
+            if args.kernel_time and backend == "cuda":
                 entry["sweep_gpu_kernel_time"] = {k: g["seconds_per_step"] for k, g in
                                                   kernel_time(sweep, args.reps, 2).items() if "error" not in g}
+            else:
+                entry["sweep_seconds_per_step"] = bench(sweep, args.reps, 1, max(3, args.trials // 2))
         result["shapes"][name] = entry
 
     if args.json:
