@@ -1,0 +1,40 @@
+"""The one progress utility: a tqdm bar on stderr for every long operation.
+
+Training, SeedLM encoding, conversion, evaluation and long prompts all report through ``bar``.
+A bar shows itself only when stderr is a terminal, unless the caller says otherwise; the command
+line turns every bar off for ``--json`` output with ``configure(enabled=False)``. tqdm (which
+mlx-lm's own tools use) gives the rate and the ETA, and on an exception -- Ctrl-C included -- its
+context manager closes the bar with a newline, so the next line starts clean.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from tqdm.auto import tqdm
+
+_enabled: Optional[bool] = None  # None: show bars when stderr is a terminal
+
+
+def configure(enabled: Optional[bool]) -> None:
+    """Force every later bar on (True) or off (False); None restores the terminal check."""
+    global _enabled
+    _enabled = enabled
+
+
+def enabled(requested: Optional[bool] = None) -> bool:
+    """Whether a bar would be shown: an explicit request (False always wins), then ``configure``,
+    then whether stderr is a terminal."""
+    if requested is False or _enabled is False:
+        return False
+    if requested is True or _enabled is True:
+        return True
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def bar(total: Optional[float] = None, desc: str = "", unit: str = "it", *, show: Optional[bool] = None,
+        unit_scale: bool = False, leave: bool = True, **kwargs) -> tqdm:
+    """A progress bar (use it as a context manager, call ``update(n)``); disabled bars cost nothing."""
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, leave=leave,
+                disable=not enabled(show), file=sys.stderr, dynamic_ncols=True, **kwargs)
