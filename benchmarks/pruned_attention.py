@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlxeff.kernels import gpu_backend  # noqa: E402
 from mlxeff.models import openelm_config  # noqa: E402
-from mlxeff.techniques import pruned_attention as pa  # noqa: E402
+from mlxeff.models import pruned_attention as pa  # noqa: E402
 
 
 def layouts(args):

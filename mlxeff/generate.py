@@ -1,64 +1,28 @@
-"""Prefill/decode engine, sampling, streaming and statistics.
+"""Generation for users: ``stream_generate`` / ``generate``, statistics, techniques by name.
 
-The engine is mlx-lm's ``generate_step`` loop (chunked prefill, KV cache, one decode step computed
-ahead of the token being yielded) with three explicit hooks a technique can plug into:
-
-- ``prefill``: a ``PrefillStrategy`` that fills the cache from the prompt and returns the logits of
-  the last prompt position (KV Prediction, LazyLLM);
-- ``decode``: a ``DecodeStrategy`` that runs one token through the model (LazyLLM's revival,
-  early exit);
-- ``attention``: an attention function installed on every layer for the duration of the call
-  (pruned attention, superposition).
+``stream_generate(model, tokenizer, prompt, techniques={"lazy": {...}, "lookup": {}})`` builds the
+engine's hooks from the technique registry (``mlxeff.techniques.registry``: the library decides
+what composes), validates the sampling values (``mlxeff.sampling``) and streams
+``GenerationResponse``s with mlx-lm's statistics plus time to first token and, when a drafter
+runs, accepted tokens per forward. The engine itself is ``mlxeff.engine``.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Generator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Generator, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generation_stream, wired_limit
-from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-Sampler = Callable[[mx.array], mx.array]
-
-
-class PrefillStrategy:
-    """Fills ``cache`` from ``prompt`` (1-D token ids) and returns the last position's logits (1, V)."""
-
-    def make_cache(self, model: nn.Module) -> list:
-        return model.make_cache()
-
-    def __call__(self, model: nn.Module, prompt: mx.array, cache: list) -> mx.array:
-        raise NotImplementedError
-
-
-@dataclass
-class ChunkedPrefill(PrefillStrategy):
-    """The baseline: all but the last prompt token in chunks of ``step_size`` tokens, evaluated
-    chunk by chunk (only the cache, so no chunk computes logits), then the last token alone, so the
-    output head runs for one position (as mlx-lm's ``generate_step`` does)."""
-
-    step_size: int = 512
-
-    def __call__(self, model, prompt, cache):
-        while prompt.size > 1:
-            n = min(self.step_size, prompt.size - 1)
-            model(prompt[:n][None], cache=cache)
-            mx.eval([c.state for c in cache])
-            prompt = prompt[n:]
-            mx.clear_cache()
-        return model(prompt[None], cache=cache)[:, -1, :]
-
-
-class DecodeStrategy:
-    """Runs one token (shape (1,)) through the model and returns its logits (1, V)."""
-
-    def __call__(self, model: nn.Module, token: mx.array, cache: list) -> mx.array:
-        return model(token[None], cache=cache)[:, -1, :]
+from .engine import (  # noqa: F401  (the engine's parts are part of this module's API)
+    ChunkedPrefill, DecodeStats, DecodeStrategy, Draft, Drafter, PrefillStrategy, generate_step,
+)
+from .errors import MlxeffError
+from .sampling import Sampler, SamplingConfig
 
 
 @dataclass
@@ -73,56 +37,7 @@ class GenerationResponse:
     peak_memory: float  # GB
     ttft: float  # seconds from the call to the first token
     finish_reason: Optional[str] = None
-
-
-def generate_step(
-    prompt: mx.array,
-    model: nn.Module,
-    *,
-    max_tokens: int = 256,
-    sampler: Optional[Sampler] = None,
-    logits_processors: Optional[List[Callable]] = None,
-    prompt_cache: Optional[list] = None,
-    prefill: Optional[PrefillStrategy] = None,
-    decode: Optional[DecodeStrategy] = None,
-) -> Generator[tuple, None, None]:
-    """Yield ``(token, logprobs)`` pairs; ``max_tokens=-1`` never stops by itself."""
-    if prompt.size == 0:
-        raise ValueError("the prompt is empty")
-    prefill = prefill or ChunkedPrefill()
-    decode = decode or DecodeStrategy()
-    sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
-    cache = prompt_cache if prompt_cache is not None else prefill.make_cache(model)
-    tokens = prompt
-
-    def sample(logits):
-        nonlocal tokens
-        if logits_processors:
-            for proc in logits_processors:
-                logits = proc(tokens, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs), logprobs.squeeze(0)
-
-    with mx.stream(generation_stream):
-        y, logprobs = sample(prefill(model, prompt, cache))
-    mx.async_eval(y, logprobs)
-    n = 0
-    while True:
-        if n != max_tokens:
-            with mx.stream(generation_stream):
-                if logits_processors:
-                    tokens = mx.concatenate([tokens, y])
-                next_y, next_logprobs = sample(decode(model, y, cache))
-            mx.async_eval(next_y, next_logprobs)
-        if n == 0:
-            mx.eval(y)
-        if n == max_tokens:
-            break
-        yield y.item(), logprobs
-        if n % 256 == 0:
-            mx.clear_cache()
-        y, logprobs = next_y, next_logprobs
-        n += 1
+    decode: Optional[DecodeStats] = None  # forwards, drafted and accepted tokens
 
 
 def encode_prompt(tokenizer: TokenizerWrapper, prompt: Union[str, Sequence[int], mx.array]) -> mx.array:
@@ -143,35 +58,56 @@ def stream_generate(
     *,
     sampler: Optional[Sampler] = None,
     temp: float = 0.0,
-    top_p: float = 0.0,
+    top_p: float = 1.0,
     top_k: int = 0,
     min_p: float = 0.0,
     seed: Optional[int] = None,
+    techniques: Optional[Dict[str, dict]] = None,
+    model_dir=None,
+    prefill_step_size: int = 512,
     attention: Optional[Callable] = None,
-    **kwargs,
+    **hooks,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream ``GenerationResponse``s: text segments plus running statistics.
 
-    ``kwargs`` go to ``generate_step`` (``prefill``, ``decode``, ``prompt_cache``,
-    ``logits_processors``). ``attention`` replaces every layer's attention during the call.
+    ``techniques`` maps registry names to their options (``mlxeff.techniques.registry``);
+    ``model_dir`` lets a technique find artifacts saved beside the model. ``hooks`` go to
+    ``generate_step`` as they are (``prefill``, ``decode``, ``drafter``, ``prompt_cache``,
+    ``logits_processors``); a hook given both ways is an error. ``attention`` replaces every
+    layer's attention during the call (the previous one is restored afterwards).
     """
-    if max_tokens == 0:
-        raise ValueError("max_tokens must be non-zero (-1 for no limit)")
+    if max_tokens == 0 or (isinstance(max_tokens, int) and max_tokens < -1):
+        raise MlxeffError(f"--max-tokens must be at least 1 (or -1 for no limit), got {max_tokens}")
+    sampling = SamplingConfig(temp, top_p, top_k, min_p)
+    if techniques:
+        from .techniques.registry import build_hooks
+
+        built = build_hooks(model, techniques, model_dir=model_dir, step_size=prefill_step_size)
+        both = sorted(set(built) & {k for k, v in hooks.items() if v is not None})
+        if both:
+            raise MlxeffError(f"the {both[0]} hook is given both by a technique and directly")
+        attention = built.pop("attention", attention)
+        hooks.update(built)
+    hooks.setdefault("prefill", None)
+    if hooks["prefill"] is None:
+        hooks["prefill"] = ChunkedPrefill(prefill_step_size)
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
+    ids = encode_prompt(tokenizer, prompt)
+    if ids.size == 0:
+        raise MlxeffError("the prompt is empty")
     if seed is not None:
         mx.random.seed(seed)
-    if sampler is None:
-        sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
+    stats = DecodeStats()
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
-    if attention is not None:
-        model.set_attention(attention)
+    previous = model.set_attention(attention) if attention is not None else None
     try:
         with wired_limit(model, [generation_stream]):
             tic = time.perf_counter()
-            ids = encode_prompt(tokenizer, prompt)
-            steps = generate_step(ids, model, max_tokens=max_tokens, sampler=sampler, **kwargs)
+            steps = generate_step(ids, model, max_tokens=max_tokens, sampler=sampler,
+                                  sampling=None if sampler is not None else sampling, stats=stats,
+                                  **hooks)
             token, logprobs, n = None, None, 0
             ttft = prompt_tps = 0.0
             for n, (token, logprobs) in enumerate(steps):
@@ -187,31 +123,38 @@ def stream_generate(
                 yield GenerationResponse(
                     detokenizer.last_segment, token, logprobs, ids.size, prompt_tps, n + 1,
                     (n + 1) / (time.perf_counter() - tic), mx.get_peak_memory() / 1e9, ttft,
+                    decode=stats,
                 )
             detokenizer.finalize()
             finished = token in tokenizer.eos_token_ids
             yield GenerationResponse(
                 detokenizer.last_segment, token, logprobs, ids.size, prompt_tps, n + 1,
                 (n + 1) / max(time.perf_counter() - tic, 1e-9), mx.get_peak_memory() / 1e9, ttft,
-                "stop" if finished else "length",
+                "stop" if finished else "length", decode=stats,
             )
     finally:
         if attention is not None:
-            model.set_attention(None)
+            model.set_attention(previous)
 
 
 def format_stats(r: GenerationResponse) -> str:
-    """The statistics lines ``mlx_lm.generate`` prints, plus time to first token."""
-    return (
-        f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec\n"
-        f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec\n"
-        f"Peak memory: {r.peak_memory:.3f} GB\n"
-        f"Time to first token: {r.ttft:.3f} s"
-    )
+    """The statistics lines ``mlx_lm.generate`` prints, plus time to first token and, when a
+    drafter ran, how many drafted tokens were accepted."""
+    lines = [
+        f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec",
+        f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec",
+        f"Peak memory: {r.peak_memory:.3f} GB",
+        f"Time to first token: {r.ttft:.3f} s",
+    ]
+    if r.decode is not None and r.decode.drafted:
+        d = r.decode
+        lines.append(f"Drafts: {d.accepted}/{d.drafted} accepted ({100 * d.acceptance_rate:.1f}%), "
+                     f"{d.tokens_per_forward:.2f} tokens per forward")
+    return "\n".join(lines)
 
 
 def stats_dict(r: GenerationResponse) -> dict:
-    return {
+    out = {
         "prompt_tokens": r.prompt_tokens,
         "prompt_tps": r.prompt_tps,
         "generation_tokens": r.generation_tokens,
@@ -220,6 +163,11 @@ def stats_dict(r: GenerationResponse) -> dict:
         "ttft_s": r.ttft,
         "finish_reason": r.finish_reason,
     }
+    if r.decode is not None:
+        out.update(decode_forwards=r.decode.forwards, drafted_tokens=r.decode.drafted,
+                   accepted_tokens=r.decode.accepted, acceptance_rate=r.decode.acceptance_rate,
+                   tokens_per_forward=r.decode.tokens_per_forward)
+    return out
 
 
 def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:

@@ -14,9 +14,9 @@ from conftest import make_model
 from mlxeff.errors import MlxeffError
 from mlxeff.generate import ChunkedPrefill, DecodeStrategy, generate_step
 from mlxeff.models import layerwise_config
-from mlxeff.models.lws import default_attention
+from mlxeff.models.attention import attend as default_attention
 from mlxeff.techniques import lazyllm as lz
-from mlxeff.techniques import pruned_attention as pa
+from mlxeff.models import pruned_attention as pa
 
 VOCAB = 96
 
@@ -370,26 +370,30 @@ def test_clone_decodes_independently(model):
 
 def test_layer_cache_in_place_view_equals_its_slices():
     # The GPU path reads the whole K/V buffers with slot positions (unfilled slots: UNFILLED); it
-    # must attend over exactly what the slices returned by update() hold, revived tokens included.
+    # must attend over exactly what the slices returned by update_and_fetch() hold, revived tokens
+    # included.
+    from mlxeff.cache import UNFILLED
+    from mlxeff.techniques.lazyllm_cache import LazyLayerCache
+
     rng = np.random.default_rng(0)
-    cache = lz.LayerCache()
+    cache = LazyLayerCache()
     chunks = [np.arange(0, 200), np.arange(300, 301), np.array([250, 210, 240]), np.arange(301, 371)]
     for pos in chunks:  # out of position order, across mlx-lm's 256-slot growth
         k = mx.array(rng.normal(size=(1, 2, len(pos), 32)).astype(np.float32))
         v = mx.array(rng.normal(size=(1, 2, len(pos), 32)).astype(np.float32))
-        keys, values = cache.update(k, v, mx.array(pos))
+        keys, values = cache.update_and_fetch(k, v, positions=mx.array(pos))
     assert cache.keys.shape[2] > cache.offset == 274  # an unfilled tail
     assert np.array_equal(np.array(cache.positions), np.concatenate(chunks))
-    k_all, v_all, index, kpos = cache.in_place()
-    assert kpos.shape[0] == k_all.shape[2] and int(mx.min(kpos[cache.offset:])) == lz.UNFILLED
+    k_all, v_all, index, kpos = cache.keys, cache.values, mx.arange(cache.offset), cache.slot_position_array()
+    assert kpos.shape[0] == k_all.shape[2] and int(mx.min(kpos[cache.offset:])) == UNFILLED
     q = mx.array(rng.normal(size=(1, 4, 5, 32)).astype(np.float32))
     qpos = mx.array([199, 215, 245, 300, 370])
     want = pa.pruned_attention_reference(q, keys, values, mx.arange(cache.offset), scale=0.2,
-                                         q_positions=qpos, k_positions=cache.positions)
+                                         q_positions=qpos, k_positions=mx.array(cache.positions))
     got = pa.pruned_attention_reference(q, k_all, v_all, index, scale=0.2, q_positions=qpos, k_positions=kpos)
     np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-6)
     # a copy has buffers of its own
-    copy = lz._copy_layer(cache)
-    copy.update(k[:, :, :1], v[:, :, :1], mx.array([400]))
-    assert cache.offset == 274 and int(cache.slot_positions[274]) == lz.UNFILLED
-    assert int(copy.slot_positions[274]) == 400
+    copy = cache.copy()
+    copy.update_and_fetch(k[:, :, :1], v[:, :, :1], positions=mx.array([400]))
+    assert cache.offset == 274 and int(cache.slot_position_array()[274]) == UNFILLED
+    assert int(copy.slot_position_array()[274]) == 400

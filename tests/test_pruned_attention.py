@@ -16,7 +16,7 @@ import pytest
 from conftest import use_metal_check
 
 from mlxeff.kernels import kernel_sources
-from mlxeff.techniques import pruned_attention as pa
+from mlxeff.models import pruned_attention as pa
 
 
 

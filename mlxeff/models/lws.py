@@ -5,27 +5,27 @@ Parameter names follow the Hugging Face / mlx-lm OpenELM layout (``transformer.l
 mlx-lm's model contract: ``Model(args)``, ``model(inputs, cache=...) -> logits``, ``layers``,
 ``make_cache`` and ``sanitize``.
 
-Attention is pluggable: every ``Attention`` calls ``self.attention_fn`` (default: mlx-lm's
-``scaled_dot_product_attention``), which a technique may replace for the whole model with
-``Model.set_attention``.
+Beyond that contract the model takes explicit ``positions`` (B, T) and a ``mask`` (see
+``mlxeff.models.attention`` for their rules) and runs any range of its layers on any set of rows
+(``Transformer.forward_layers``), so a technique computes with the model's own attention, RoPE and
+blocks instead of a copy of them. Without ``positions`` and ``mask`` the computation is exactly
+mlx-lm's. An attention function installed with ``Model.set_attention`` replaces
+``mlxeff.models.attention.attend`` in every layer (it returns the one it replaced).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.base import create_attention_mask
 
+from ..cache import PositionedKVCache
+from .attention import attend, rope_at
 from .config import ModelArgs
 
 AttentionFn = Callable[..., mx.array]
-
-
-def default_attention(queries, keys, values, *, scale, mask, cache=None):
-    return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask)
 
 
 class Attention(nn.Module):
@@ -43,26 +43,56 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
             self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
         self.rope = nn.RoPE(hd, traditional=False, base=args.rope_freq_constant)
-        self.attention_fn: AttentionFn = default_attention
+        self.attention_fn: AttentionFn = attend
 
-    def project(self, x: mx.array):
-        """Queries, keys and values (B, heads, L, head_dim) after qk-norm, before RoPE."""
+    def project_raw(self, x: mx.array):
+        """Queries, keys and values (B, heads, L, head_dim) straight from ``qkv_proj``."""
         B, L, _ = x.shape
         qkv = self.qkv_proj(x).reshape(B, L, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         qkv = qkv.transpose(0, 2, 1, 3)
-        q, k, v = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=1)
+        return mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=1)
+
+    def project(self, x: mx.array):
+        """Queries, keys and values (B, heads, L, head_dim) after qk-norm, before RoPE."""
+        q, k, v = self.project_raw(x)
         if self.normalize_qk:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def __call__(self, x: mx.array, mask=None, cache: Optional[Any] = None) -> mx.array:
+    def rotate(self, x: mx.array, positions: Optional[mx.array] = None, offset: int = 0) -> mx.array:
+        """RoPE for queries or keys (B, heads, L, head_dim): at ``positions`` (B, L) when given,
+        else at ``offset, offset + 1, ...``."""
+        return self.rope(x, offset=offset) if positions is None else rope_at(x, positions, self.rope)
+
+    def cache_keys(self, raw_keys: mx.array, positions: Optional[mx.array] = None,
+                   offset: int = 0) -> mx.array:
+        """What this layer writes to its cache for keys straight from ``qkv_proj``: qk-norm,
+        then RoPE (KV Prediction writes predicted keys this way)."""
+        k = self.k_norm(raw_keys) if self.normalize_qk else raw_keys
+        return self.rotate(k, positions, offset)
+
+    def __call__(self, x: mx.array, mask=None, cache: Optional[Any] = None,
+                 positions: Optional[mx.array] = None) -> mx.array:
         B, L, _ = x.shape
-        q, k, v = self.project(x)
-        offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = self.attention_fn(q, k, v, scale=self.scale, mask=mask, cache=cache)
+        q, k, v = self.project_raw(x)
+        sink = getattr(cache, "raw_sink", None)
+        if sink is not None:
+            sink.append((k, v))
+        if self.normalize_qk:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if positions is None:
+            offset = 0 if cache is None else getattr(cache, "next_position", cache.offset)
+            q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v)
+        else:
+            q, k = rope_at(q, positions, self.rope), rope_at(k, positions, self.rope)
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v, positions=positions)
+        if positions is None:  # an installed attention function need not know about positions
+            out = self.attention_fn(q, k, v, scale=self.scale, mask=mask, cache=cache)
+        else:
+            out = self.attention_fn(q, k, v, scale=self.scale, mask=mask, cache=cache, positions=positions)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -86,9 +116,15 @@ class TransformerBlock(nn.Module):
         self.attn_norm = nn.RMSNorm(args.model_dim, eps=args.rms_norm_eps)
         self.ffn_norm = nn.RMSNorm(args.model_dim, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        h = x + self.attn(self.attn_norm(x), mask, cache)
+    def __call__(self, x: mx.array, mask=None, cache=None, positions: Optional[mx.array] = None) -> mx.array:
+        h = x + self.attn(self.attn_norm(x), mask, cache, positions)
         return h + self.ffn(self.ffn_norm(h))
+
+    def raw_kv(self, x: mx.array):
+        """This block's keys and values for input ``x`` straight from ``qkv_proj`` (nothing else
+        of the block is computed)."""
+        _, k, v = self.attn.project_raw(self.attn_norm(x))
+        return k, v
 
 
 class Transformer(nn.Module):
@@ -98,14 +134,23 @@ class Transformer(nn.Module):
         self.layers = [TransformerBlock(args, i) for i in range(args.num_transformer_layers)]
         self.norm = nn.RMSNorm(args.model_dim, eps=args.rms_norm_eps)
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None,
+                 positions: Optional[mx.array] = None, mask=None) -> mx.array:
         h = input_embeddings if input_embeddings is not None else self.token_embeddings(inputs)
-        if cache is None:
-            cache = [None] * len(self.layers)
-        mask = create_attention_mask(h, cache[0])
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, mask, cache=c)
-        return self.norm(h)
+        return self.norm(self.forward_layers(h, 0, len(self.layers), cache, positions, mask))
+
+    def forward_layers(self, h: mx.array, start: int, stop: int, cache: Optional[Sequence] = None,
+                       positions: Optional[mx.array] = None, mask=None) -> mx.array:
+        """Run layers ``start..stop-1`` on the rows ``h`` (B, T, d). ``cache`` is the whole
+        model's cache list (or None); ``positions`` and ``mask`` as in ``mlxeff.models.attention``
+        (without either, the causal mask is built from layer ``start``'s cache, as mlx-lm does)."""
+        layers = self.layers[start:stop]
+        caches = [None] * len(layers) if cache is None else cache[start:stop]
+        if mask is None and positions is None:
+            mask = create_attention_mask(h, caches[0] if caches else None)
+        for layer, c in zip(layers, caches):
+            h = layer(h, mask, c, positions)
+        return h
 
 
 class Model(nn.Module):
@@ -117,8 +162,9 @@ class Model(nn.Module):
         if not args.share_input_output_layers:
             self.lm_head = nn.Linear(args.model_dim, args.vocab_size, bias=False)
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
-        return self.logits(self.transformer(inputs, cache, input_embeddings))
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None,
+                 positions: Optional[mx.array] = None, mask=None) -> mx.array:
+        return self.logits(self.transformer(inputs, cache, input_embeddings, positions, mask))
 
     def logits(self, hidden: mx.array) -> mx.array:
         """The output head on final-normed hidden states."""
@@ -130,13 +176,16 @@ class Model(nn.Module):
     def layers(self) -> List[TransformerBlock]:
         return self.transformer.layers
 
-    def make_cache(self) -> List[KVCache]:
-        return [KVCache() for _ in self.layers]
+    def make_cache(self) -> List[PositionedKVCache]:
+        return [PositionedKVCache() for _ in self.layers]
 
-    def set_attention(self, fn: Optional[AttentionFn]) -> None:
-        """Use ``fn`` for every layer's attention (None restores the default)."""
+    def set_attention(self, fn: Optional[AttentionFn]) -> Optional[AttentionFn]:
+        """Use ``fn`` for every layer's attention (None: the default ``attend``); returns the
+        function layer 0 used before, so a caller can restore it."""
+        previous = self.layers[0].attn.attention_fn if self.layers else None
         for layer in self.layers:
-            layer.attn.attention_fn = fn or default_attention
+            layer.attn.attention_fn = fn or attend
+        return previous
 
     def sanitize(self, weights: dict) -> dict:
         weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}

@@ -32,8 +32,9 @@ Choices made where the paper leaves room, and deviations:
   after k_norm and after RoPE, so the predicted keys are written as
   ``RoPE(base.k_norm(predicted_raw_k), positions 0..T-2)``; values are never normalised or rotated.
   With auxiliary = base and an identity predictor this makes the cache equal to the base's own.
-  The raw auxiliary keys are read with a temporary tap on each auxiliary attention's ``k_norm``
-  input (``capture_kv``), so the model code is shared, not copied.
+  The raw auxiliary keys and values are what each auxiliary layer hands its cache's ``raw_sink``
+  (``mlxeff.cache``); the base writes predicted keys through ``Attention.cache_keys`` (its own
+  k_norm and RoPE). The model's code is used, never copied.
 - **Only the auxiliary KV cache is computed at inference**: the auxiliary output head is skipped,
   and so are its last layer's attention, output projection and FFN (they would only feed the head;
   the layer's ``qkv_proj`` gives its keys and values). The paper's FLOPs convention counts the
@@ -60,7 +61,6 @@ generate --kv-prediction DIR`` also resolves a bare name against ``MODEL/kv_pred
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -68,10 +68,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.base import create_attention_mask
 
 from ..errors import MlxeffError
-from ..generate import ChunkedPrefill, PrefillStrategy
+from ..engine import ChunkedPrefill, PrefillStrategy
+from .registry import Option, Technique, register
 from ..models import Model, ModelArgs
 
 ARTIFACT = "kv_prediction"
@@ -285,80 +285,12 @@ def _merged_map(linear: nn.Linear, x: mx.array, out_heads: int) -> mx.array:
 
 
 # ---------------------------------------------------------------------------------------------
-# reading an attention's raw keys and values
+# raw keys and values
 
 
-class _Sink:
-    """Plain holder (not an mx.array/list/dict, so ``nn.Module`` does not adopt it as a child)."""
-
-    def __init__(self):
-        self.keys: List[mx.array] = []
-        self.values: List[mx.array] = []
-
-
-class _Identity(nn.Module):
-    def __call__(self, x):
-        return x
-
-
-def _tapped_class(cls):
-    def __call__(self, x):
-        self._kvp_sink.keys.append(x)
-        return cls.__call__(self, x)
-
-    return type(f"KVTapped{cls.__name__}", (cls,), {"__call__": __call__})
-
-
-@contextmanager
-def capture_kv(model: Model):
-    """Record every attention layer's keys before k_norm/RoPE and its values, per forward call.
-
-    Keys are read at the input of ``attn.k_norm`` (whose class is swapped for a recording subclass
-    for the duration, so parameter names stay as they are; models without qk-norm get a temporary
-    identity norm); values at the attention function, which sees them unchanged. Yields one
-    ``_Sink`` per layer: ``keys`` has one entry per call (concatenate along axis 2), ``values``
-    the values the attention saw (the whole cache so far when a cache is used).
-    """
-    sinks, undo = [], []
-    for layer in model.layers:
-        attn, sink = layer.attn, _Sink()
-        sinks.append(sink)
-        if attn.normalize_qk:
-            norm = attn.k_norm
-            orig_cls = norm.__class__
-            norm.__class__ = _tapped_class(orig_cls)
-            object.__setattr__(norm, "_kvp_sink", sink)
-            undo.append(lambda n=norm, c=orig_cls: (setattr(n, "__class__", c),
-                                                    object.__delattr__(n, "_kvp_sink")))
-        else:
-            attn.normalize_qk = True
-            attn.q_norm, attn.k_norm = _Identity(), _Identity()
-            attn.k_norm.__class__ = _tapped_class(_Identity)
-            object.__setattr__(attn.k_norm, "_kvp_sink", sink)
-
-            def restore(a=attn):
-                del a.q_norm
-                del a.k_norm
-                a.normalize_qk = False
-
-            undo.append(restore)
-        prev = attn.attention_fn
-
-        def record(q, k, v, *, scale, mask, cache=None, _prev=prev, _sink=sink):
-            _sink.values.append(v)
-            return _prev(q, k, v, scale=scale, mask=mask, cache=cache)
-
-        attn.attention_fn = record
-        undo.append(lambda a=attn, p=prev: setattr(a, "attention_fn", p))
-    try:
-        yield sinks
-    finally:
-        for fn in reversed(undo):
-            fn()
-
-
-def raw_kv(sinks: Sequence[_Sink]) -> Tuple[List[mx.array], List[mx.array]]:
-    return [_cat(s.keys) for s in sinks], [s.values[-1] for s in sinks]
+def sink_kv(sinks: Sequence[list]) -> Tuple[List[mx.array], List[mx.array]]:
+    """Per layer, the raw keys and values its cache's ``raw_sink`` received (calls concatenated)."""
+    return [_cat([k for k, _ in s]) for s in sinks], [_cat([v for _, v in s]) for s in sinks]
 
 
 def base_view_keys(base: Model, raw_keys: Sequence[mx.array]) -> List[mx.array]:
@@ -496,8 +428,8 @@ def fill_base_cache(base: Model, cache: list, keys: Sequence[mx.array],
                     values: Sequence[mx.array]) -> None:
     """Write predicted raw keys (given the base's k_norm and RoPE here) and values at 0..T-1."""
     dtype = _dtype(base)
-    for layer, c, k, v in zip(base.layers, cache, base_view_keys(base, keys), values):
-        c.update_and_fetch(layer.attn.rope(k, offset=c.offset).astype(dtype), v.astype(dtype))
+    for layer, c, k, v in zip(base.layers, cache, keys, values):
+        c.update_and_fetch(layer.attn.cache_keys(k, offset=c.offset).astype(dtype), v.astype(dtype))
 
 
 def auxiliary_kv(aux: Model, tokens: mx.array, step_size: int = 512
@@ -507,21 +439,17 @@ def auxiliary_kv(aux: Model, tokens: mx.array, step_size: int = 512
     Only the KV cache is wanted, so the output head is skipped and the last layer stops after its
     ``qkv_proj`` (its attention, output projection and FFN would only feed the head).
     """
-    *body, last = aux.layers
-    cache = [c for c, _ in zip(aux.make_cache(), body)]
-    last_v = []
-    with capture_kv(aux) as sinks:
-        for start in range(0, tokens.size, step_size):
-            h = aux.transformer.token_embeddings(tokens[start:start + step_size][None])
-            mask = create_attention_mask(h, cache[0] if cache else None)
-            for layer, c in zip(body, cache):
-                h = layer(h, mask, cache=c)
-            _, _, v = last.attn.project(last.attn_norm(h))  # the tap records the raw keys
-            last_v.append(v)
-            mx.eval([c.state for c in cache], [s.keys[-1] for s in sinks], v)
-        keys, values = raw_kv(sinks[:-1])
-        keys.append(_cat(sinks[-1].keys))
-    values.append(_cat(last_v))
+    t = aux.transformer
+    body = len(t.layers) - 1
+    cache = aux.make_cache()[:body]
+    for c in cache:
+        c.raw_sink = []
+    last = []
+    for start in range(0, tokens.size, step_size):
+        h = t.forward_layers(t.token_embeddings(tokens[start:start + step_size][None]), 0, body, cache)
+        last.append(t.layers[-1].raw_kv(h))
+        mx.eval([(c.keys, c.values, c.raw_sink[-1]) for c in cache], last[-1])
+    keys, values = sink_kv([c.raw_sink for c in cache] + [last])
     return keys, values
 
 
@@ -558,3 +486,26 @@ class KVPredictionPrefill(PrefillStrategy):
         pk, pv = self.kvp.predictor(keys, values)
         fill_base_cache(model, cache, pk, pv)
         return model(prompt[-1:][None], cache=cache)[:, -1, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry entry
+
+
+def _build(ctx, o) -> dict:
+    kvp = KVPrediction.load(resolve_dir(o["path"], ctx.model_dir), base=ctx.model)
+    dtype = _dtype(ctx.model)  # compute as the base does (the command line may have cast it)
+    kvp.auxiliary.set_dtype(dtype)
+    kvp.predictor.set_dtype(dtype)
+    return {"prefill": kvp.prefill(ctx.step_size)}
+
+
+register(Technique(
+    name="kv-prediction",
+    title="KV Prediction (arXiv 2410.08391)",
+    summary="An auxiliary model + predictor directory (from train-kv-prediction; a bare NAME means "
+    "MODEL/kv_prediction/NAME) that processes the prompt in place of the model.",
+    hooks=("prefill",),
+    value=Option("path", Path, None, "The KV prediction directory.", metavar="DIR"),
+    build=_build,
+))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -41,7 +40,8 @@ from mlx.utils import tree_flatten
 from ..errors import MlxeffError
 
 from ..models import Model
-from .kv_prediction import KVPrediction, KVPredictor, base_view_keys, capture_kv, raw_kv
+from ..cache import PassThroughCache
+from .kv_prediction import KVPrediction, KVPredictor, base_view_keys, sink_kv
 
 
 class _Ref:
@@ -79,34 +79,24 @@ class KVLossConfig:
         return 1.0 / num_base_layers if self.kv_weight is None else float(self.kv_weight)
 
 
-@contextmanager
-def predicted_attention(base: Model, keys: Sequence[mx.array], values: Sequence[mx.array]):
-    """Make every base attention use the given keys (base view, before RoPE) and values."""
-    saved = []
-    for layer, k, v in zip(base.layers, keys, values):
-        attn = layer.attn
-        prev = attn.attention_fn
-        k_rot = attn.rope(k)
+def predicted_caches(base: Model, keys: Sequence[mx.array], values: Sequence[mx.array]) -> list:
+    """Caches that make every base attention use the given keys (base view, before RoPE; the
+    base's RoPE is applied here) and values instead of its own."""
+    return [PassThroughCache(replace=(layer.attn.rotate(k), v.astype(k.dtype)))
+            for layer, k, v in zip(base.layers, keys, values)]
 
-        def fn(q, _k, _v, *, scale, mask, cache=None, k_=k_rot, v_=v, prev_=prev):
-            return prev_(q, k_, v_.astype(q.dtype), scale=scale, mask=mask, cache=cache)
 
-        attn.attention_fn = fn
-        saved.append((attn, prev))
-    try:
-        yield
-    finally:
-        for attn, prev in saved:
-            attn.attention_fn = prev
+def recording_caches(model: Model) -> list:
+    """Caches that record each layer's raw keys and values during one full forward."""
+    return [PassThroughCache(record=True) for _ in model.layers]
 
 
 def base_kv(base: Model, inputs: mx.array) -> Tuple[List[mx.array], List[mx.array]]:
     """The base's own keys (after k_norm, before RoPE) and values, without gradient."""
-    with capture_kv(base) as sinks:
-        h = base.transformer(inputs)
-    keys, values = raw_kv(sinks)
+    caches = recording_caches(base)
+    base.transformer(inputs, cache=caches)
+    keys, values = sink_kv([c.raw_sink for c in caches])
     keys = base_view_keys(base, keys)
-    del h
     return [mx.stop_gradient(k) for k in keys], [mx.stop_gradient(v) for v in values]
 
 
@@ -119,13 +109,11 @@ def kv_prediction_terms(model: KVPredictionModel, batch: mx.array) -> Dict[str, 
     inputs, targets = batch[:, :-1], batch[:, 1:]
     base, aux = model.base, model.auxiliary
     true_k, true_v = base_kv(base, inputs)
-    with capture_kv(aux) as sinks:
-        aux_logits = aux(inputs)
-    aux_k, aux_v = raw_kv(sinks)
-    pred_k, pred_v = model.predictor(aux_k, aux_v)
+    aux_caches = recording_caches(aux)
+    aux_logits = aux(inputs, cache=aux_caches)
+    pred_k, pred_v = model.predictor(*sink_kv([c.raw_sink for c in aux_caches]))
     pred_k = base_view_keys(base, pred_k)
-    with predicted_attention(base, pred_k, pred_v):
-        base_logits = base(inputs)
+    base_logits = base(inputs, cache=predicted_caches(base, pred_k, pred_v))
     k_l1 = sum(mx.abs(p.astype(mx.float32) - t.astype(mx.float32)).mean()
                for p, t in zip(pred_k, true_k))
     v_l1 = sum(mx.abs(p.astype(mx.float32) - t.astype(mx.float32)).mean()

@@ -1,0 +1,125 @@
+"""Attention and RoPE at explicit positions: the one place the model computes them.
+
+Every technique reaches attention through the model (``Model(inputs, cache, positions=, mask=)``
+and ``Transformer.forward_layers``); what varies is said with data, not code:
+
+- ``positions`` (B, T): the RoPE position of every input token. Integers rotate exactly as
+  ``nn.RoPE`` does at that offset (``mx.fast.rope`` with one offset per token); real-valued
+  positions (superposition prompting's equilibrium positions) use the same rotation computed in
+  plain MLX (``rope_real``). Without ``positions`` a token takes the next position of its cache.
+- ``mask``: ``None`` is causal -- by index when no positions are given (the plain path, identical
+  to mlx-lm's), by *position* when they are (a key is visible to a query at a position <= the
+  query's, which a cache holding tokens out of order needs); ``"causal"`` forces the index rule
+  (rows appended in order after everything cached); an array (boolean, or additive) is used as it
+  is (superposition's fork-join graph).
+- the cache: a ``PositionedKVCache`` (``mlxeff.cache``) may name a subset of its slots to attend
+  (``attend_index``, RefreshKV), ask for the last query row's attention weights
+  (``want_scores``: LazyLLM's importance, RefreshKV's selection) and receive the layer's raw keys
+  and values before qk-norm and RoPE (``raw_sink``: KV Prediction).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import scaled_dot_product_attention
+
+from .pruned_attention import kernel_available, pruned_attention_kernel
+
+
+def rope_at(x: mx.array, positions: mx.array, rope: nn.RoPE) -> mx.array:
+    """``rope`` applied to ``x`` (B, heads, T, D) with token (b, t) at ``positions[b, t]``.
+
+    Integer positions: ``mx.fast.rope`` takes one offset per batch entry, so every token becomes
+    its own batch entry and rotates exactly as ``rope(x, offset=p)`` rotates a token at ``p``.
+    Real-valued positions go through ``rope_real``."""
+    B, H, T, D = x.shape
+    positions = positions.reshape(B, T)
+    if mx.issubdtype(positions.dtype, mx.floating):
+        return rope_real(x, positions, rope)
+    y = x.transpose(0, 2, 1, 3).reshape(B * T, H, 1, D)
+    y = mx.fast.rope(y, rope.dims, traditional=rope.traditional, base=rope.base, scale=rope.scale,
+                     offset=positions.reshape(-1).astype(mx.int32))
+    return y.reshape(B, T, H, D).transpose(0, 2, 1, 3)
+
+
+def rope_real(x: mx.array, positions: mx.array, rope: nn.RoPE) -> mx.array:
+    """RoPE at real-valued ``positions`` (B, T), in float32 (the non-interleaved form mlxeff's
+    models use, or the interleaved one when ``rope.traditional``)."""
+    B, H, T, D = x.shape
+    dims = rope.dims
+    inv_freq = mx.power(float(rope.base), -mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+    angles = (positions.astype(mx.float32) * rope.scale)[:, None, :, None] * inv_freq  # (B,1,T,d/2)
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    xr = x[..., :dims].astype(mx.float32)
+    if rope.traditional:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rot = mx.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(B, H, T, dims)
+    else:
+        x1, x2 = xr[..., : dims // 2], xr[..., dims // 2:]
+        rot = mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    rot = rot.astype(x.dtype)
+    return rot if dims == D else mx.concatenate([rot, x[..., dims:]], axis=-1)
+
+
+def last_row_scores(q_last: mx.array, keys: mx.array, scale: float) -> mx.array:
+    """Attention weights of one query row ``q_last`` (B, H, 1, D) over ``keys`` (B, KVH, n, D),
+    softmaxed in float32: shape (B, H, n). GQA: query head h reads KV head h // (H // KVH)."""
+    B, H, _, D = q_last.shape
+    KVH = keys.shape[1]
+    q = q_last.reshape(B, KVH, H // KVH, D).astype(mx.float32)
+    scores = (q * scale) @ keys.astype(mx.float32).swapaxes(-1, -2)  # (B, KVH, G, n)
+    return mx.softmax(scores, axis=-1).reshape(B, H, -1)
+
+
+def position_mask(q_positions: mx.array, k_positions: mx.array) -> mx.array:
+    """Boolean (B, 1, Tq, S): key slot s is visible to query t when its position is <= the query's."""
+    return k_positions.reshape(k_positions.shape[0] if k_positions.ndim == 2 else 1, 1, 1, -1) \
+        <= q_positions.reshape(q_positions.shape[0], 1, -1, 1)
+
+
+def attend(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask, cache=None,
+           positions: Optional[mx.array] = None) -> mx.array:
+    """Attention of ``q`` (B, H, T, D) over ``k``/``v`` (what the cache returned), as the module
+    docstring describes: mlx-lm's attention on the plain path, by position or over a subset of
+    the cache's slots where a technique asked for it."""
+    index = None if cache is None else getattr(cache, "attend_index", None)
+    if index is None and (positions is None or mask is not None):
+        if isinstance(mask, str) and q.shape[2] == 1:
+            mask = None  # one row appended after everything cached sees everything
+        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
+    else:
+        out = attend_by_position(q, k, v, cache, positions, index, scale)
+    if cache is not None and getattr(cache, "want_scores", False):
+        cache.scores = last_row_scores(q[:, :, -1:], k, scale)
+    return out
+
+
+def attend_by_position(q, k, v, cache, positions, index, scale):
+    """Causal by position (and restricted to the slots ``index`` when given). On a GPU with the
+    pruned-attention kernel the cache's whole buffers are read in place (a slice of mlx-lm's
+    growing buffer is not contiguous, and the kernel call would copy it); elsewhere, and for
+    real-valued positions, the rule is a boolean mask for ``mx.fast.scaled_dot_product_attention``
+    over the (gathered) keys."""
+    T = q.shape[2]
+    qpos = positions if positions is not None else _next_positions(cache, T)
+    kpos = cache.slot_position_array()  # the whole buffer; UNFILLED beyond the cached slots
+    integral = not (mx.issubdtype(qpos.dtype, mx.floating) or mx.issubdtype(kpos.dtype, mx.floating))
+    if integral and kernel_available(q.shape[-1]):
+        idx = index if index is not None else mx.arange(cache.offset, dtype=mx.int32)
+        return pruned_attention_kernel(q, cache.keys, cache.values, idx, scale=scale,
+                                       q_positions=qpos.astype(mx.int32), k_positions=kpos)
+    kpos = kpos[: k.shape[2]]
+    if index is not None:
+        k, v, kpos = mx.take(k, index, axis=2), mx.take(v, index, axis=2), mx.take(kpos, index)
+    mask = position_mask(qpos, kpos)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    # a row that sees no key yields zeros, as the kernel does
+    return mx.where(mx.any(mask, axis=-1, keepdims=True), out, 0.0).astype(q.dtype)
+
+
+def _next_positions(cache, T: int) -> mx.array:
+    start = cache.next_position - T  # the rows were just appended at the cache's next positions
+    return mx.arange(start, start + T, dtype=mx.int32)[None]
