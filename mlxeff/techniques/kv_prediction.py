@@ -210,7 +210,8 @@ def auxiliary_from_spec(base: Model, spec: str) -> Tuple[Model, List[int], Dict[
 
 
 def _dtype(model: nn.Module):
-    return model.transformer.token_embeddings.weight.dtype
+    """The model's compute dtype: that of its final norm (an embedding may be quantized)."""
+    return model.transformer.norm.weight.dtype
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,7 +102,8 @@ def techniques() -> List[Technique]:
     """Every registered technique, in registration order."""
     for module in TECHNIQUE_MODULES:
         importlib.import_module(f"{__package__}.{module}")
-    return list(_REGISTRY.values())
+    order = {f"{__package__}.{m}": i for i, m in enumerate(TECHNIQUE_MODULES)}
+    return sorted(_REGISTRY.values(), key=lambda t: order.get(t.build.__module__, len(order)))
 
 
 def get(name: str) -> Technique:
