@@ -7,8 +7,10 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import make_model
+from mlx.utils import tree_flatten
 
 import mlxeff
+from mlxeff import progress
 from mlxeff.errors import MlxeffError
 from mlxeff.models import layerwise_config
 from mlxeff.quant import apply_quantization_spec, lfsr
@@ -177,6 +179,74 @@ def test_quantize_model_include_embeddings():
     assert "transformer.token_embeddings" in model.mlxeff_meta["quantization"]
     logits = model(mx.array([[1, 2, 3]]))
     assert logits.shape == (1, 3, 64) and bool(mx.isfinite(logits).all())
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(20, 12, bias=True)
+
+
+class _Biased(nn.Module):
+    """A Linear with a bias inside a block, and an embedding (OpenELM's layers have no bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 20)
+        self.layers = [_Block()]
+
+    def __call__(self, ids):
+        return self.layers[0].proj(self.embed(ids))
+
+
+@pytest.mark.parametrize("make", [small_model, lambda: (mx.random.seed(3), _Biased())[1]])
+def test_spec_path_builds_what_quantize_model_builds(on_cpu, make):
+    # one construction path: the layers quantize_model makes from float weights and the layers
+    # apply_quantization_spec makes from the recorded spec (as on load) are the same modules
+    quantized, built = make(), make()
+    x = mx.array([[1, 5, 9, 2]])
+    S.quantize_model(quantized, bits=4, include_embeddings=True, progress=False, config=FAST)
+    specs = quantized.mlxeff_meta["quantization"]
+    apply_quantization_spec(built, specs)
+    q_mods, b_mods = dict(quantized.named_modules()), dict(built.named_modules())
+    assert specs and all(type(b_mods[p]) is type(q_mods[p]) for p in specs)
+    assert {type(q_mods[p]) for p in specs} == {S.SeedLMLinear, S.SeedLMEmbedding}
+    assert all(b_mods[p].spec() == q_mods[p].spec() == specs[p] for p in specs)
+    q_params, b_params = dict(tree_flatten(quantized.parameters())), dict(tree_flatten(built.parameters()))
+    assert {k: (v.shape, v.dtype) for k, v in q_params.items()} == {k: (v.shape, v.dtype) for k, v in b_params.items()}
+    built.load_weights(list(q_params.items()))  # strict: same names, shapes and dtypes
+    b_params = dict(tree_flatten(built.parameters()))
+    for p in specs:
+        for key in ("seeds", "codes", "exp_base"):
+            assert mx.array_equal(b_params[f"{p}.{key}"], q_params[f"{p}.{key}"]).item()
+    assert mx.array_equal(built(x), quantized(x)).item()
+
+
+def test_quantize_model_keeps_the_bias(on_cpu):
+    mx.random.seed(3)
+    model = _Biased()
+    bias = model.layers[0].proj.bias
+    S.quantize_model(model, bits=4, progress=False, config=FAST)
+    proj = model.layers[0].proj
+    assert isinstance(proj, S.SeedLMLinear) and proj.bias is bias
+    assert model.mlxeff_meta["quantization"]["layers.0.proj"]["bias"] is True
+    W = F.reconstruct(proj.seeds, proj.codes, proj.exp_base, 8, 3, 20)
+    h = model.embed(mx.array([[1, 2]]))
+    assert mx.array_equal(model(mx.array([[1, 2]])), h @ W.T + bias).item()
+
+
+def test_quantize_model_progress_bar(capsys):
+    total = sum(m.weight.shape[0] * F.num_blocks(m.weight.shape[1], 8)
+                for _, m in S.quantizable_modules(small_model()))
+    progress.configure(True)  # as if stderr were a terminal
+    try:
+        S.quantize_model(small_model(), bits=4, config=FAST)
+        err = capsys.readouterr().err
+        assert "seedlm 4-bit" in err and f"{total}/{total}" in err and "blocks/s" in err
+        S.quantize_model(small_model(), bits=4, progress=False, config=FAST)
+        assert capsys.readouterr().err == ""
+    finally:
+        progress.configure(None)
 
 
 # ---------------------------------------------------------------------------------------------
