@@ -16,7 +16,7 @@ from mlxeff.models import layerwise_config
 from mlxeff.quant import apply_quantization_spec, lfsr
 from mlxeff.quant import seedlm as S
 from mlxeff.quant import seedlm_format as F
-from mlxeff.quant.seedlm_encoder import EncoderConfig
+from mlxeff.quant.seedlm_encoder import EncoderConfig, encode_matrix
 
 FAST = EncoderConfig(batch=64)
 
@@ -233,6 +233,26 @@ def test_quantize_model_keeps_the_bias(on_cpu):
     W = F.reconstruct(proj.seeds, proj.codes, proj.exp_base, 8, 3, 20)
     h = model.embed(mx.array([[1, 2]]))
     assert mx.array_equal(model(mx.array([[1, 2]])), h @ W.T + bias).item()
+
+
+def test_interrupted_quantize_model_leaves_the_model_as_it_was(monkeypatch):
+    model = small_model()
+    before = dict(tree_flatten(model.parameters()))
+    calls = []
+
+    def encode(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return encode_matrix(*args, **kw)
+
+    monkeypatch.setattr(S, "encode_matrix", encode)
+    with pytest.raises(KeyboardInterrupt):
+        S.quantize_model(model, bits=4, progress=False, config=FAST)
+    assert not any(isinstance(m, (S.SeedLMLinear, S.SeedLMEmbedding)) for _, m in model.named_modules())
+    assert not (getattr(model, "mlxeff_meta", None) or {}).get("quantization")
+    after = dict(tree_flatten(model.parameters()))
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
 
 
 def test_quantize_model_progress_bar(capsys):

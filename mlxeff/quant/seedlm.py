@@ -209,7 +209,8 @@ def quantize_model(model: nn.Module, bits: int = 4, C: Optional[int] = None, P: 
     output head stay as they are unless ``include_embeddings``. Every weight is encoded first; then
     the per-layer spec is applied (``apply_quantization_spec``, as on load), the packed arrays
     filled, and the spec recorded in ``model.mlxeff_meta["quantization"]`` (saved by
-    ``mlxeff.save``), so an interrupted run leaves the model as it was. ``group`` is an
+    ``mlxeff.save``), so an interrupted run leaves the model as it was (at the cost of holding the
+    packed arrays, a few bits a weight, until the last layer is encoded). ``group`` is an
     ``mx.distributed`` group (default: ``mx.distributed.init()``); every rank gets the same model.
     ``config`` is a ``seedlm_encoder.EncoderConfig``; ``report``, if a list, receives one dict per
     layer (path, shape, relative error, squared error and norm, seconds). ``progress``: a bar
@@ -237,7 +238,7 @@ def quantize_model(model: nn.Module, bits: int = 4, C: Optional[int] = None, P: 
     apply_quantization_spec(model, specs, source="quantize_model")
     built = dict(model.named_modules())
     for path, module in targets:
-        built[path].set_packed(*packed[path])
+        built[path].set_packed(*packed.pop(path))  # the numpy copy goes as the layer takes its own
         if "bias" in module:
             built[path].bias = module.bias
     if report is not None:
