@@ -84,8 +84,8 @@ def parse_config(text: str):
 
 
 def gaussian_quality(blocks: int, candidates, extra_configs, seed: int = 0) -> list:
-    from mlxeff.quant.seedlm import CONFIGS
     from mlxeff.quant.seedlm_encoder import EncoderConfig, encode_matrix
+    from mlxeff.quant.seedlm_format import CONFIGS
 
     # rows of 5760 weights: a multiple of every C up to 16 used here and of 64/128 (no padding)
     width = 5760
@@ -343,8 +343,8 @@ def cmd_quality(args) -> None:
 
 def cmd_worker(args) -> None:
     """One timed encode in this process's distributed group (rank 0 writes the result)."""
-    from mlxeff.quant.seedlm import CONFIGS
     from mlxeff.quant.seedlm_encoder import EncoderConfig, encode_matrix
+    from mlxeff.quant.seedlm_format import CONFIGS
 
     group = mx.distributed.init()
     C, P = CONFIGS[args.bits]
@@ -428,7 +428,8 @@ def cmd_speed(args) -> None:
 
 def linear_blocks(args_model, C: int) -> int:
     from mlxeff.models import Model
-    from mlxeff.quant.seedlm import num_blocks, quantizable_modules
+    from mlxeff.quant.seedlm import quantizable_modules
+    from mlxeff.quant.seedlm_format import num_blocks
 
     # shapes only: build under a lazy graph, never evaluated
     model = Model(args_model)
@@ -437,7 +438,8 @@ def linear_blocks(args_model, C: int) -> int:
 
 def cmd_model(args) -> None:
     from mlxeff.models import Model, openelm_config
-    from mlxeff.quant.seedlm import CONFIGS, num_blocks, quantizable_modules, quantize_model
+    from mlxeff.quant.seedlm import quantizable_modules, quantize_model
+    from mlxeff.quant.seedlm_format import CONFIGS, num_blocks
 
     C, P = CONFIGS[args.bits]
     cfg = openelm_config(args.size)

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlxeff.kernels import gpu_backend  # noqa: E402
 from mlxeff.quant import seedlm_kernels as sk  # noqa: E402
+from mlxeff.quant.seedlm_format import reconstruct  # noqa: E402
 
 FOOTPRINT = 256 * 1024 * 1024  # bytes of weights per method, well above any L2
 MAX_COPIES = 64
@@ -157,7 +158,7 @@ def bench_dequant(n: int, args) -> list:
     for name, (C, P) in CONFIGS.items():
         s, c, eb = random_packed(n, n, C, P, seed=n + C)
         ways = {"kernel": lambda: sk.seedlm_dequantize(s, c, eb, C, P, n, dtype=mx.float16),
-                "reference": lambda: sk.seedlm_dequantize_reference(s, c, eb, C, P, n, dtype=mx.float16)}
+                "reference": lambda: reconstruct(s, c, eb, C, P, n, dtype=mx.float16)}
         for f in ways.values():
             timed(f)
             timed(f)
@@ -167,7 +168,7 @@ def bench_dequant(n: int, args) -> list:
                 times[k].append(timed(ways[k]))
         moved = packed_bytes(s, c) + n * n * 2
         got = sk.seedlm_dequantize(s, c, eb, C, P, n, dtype=mx.float32)
-        want = sk.seedlm_dequantize_reference(s, c, eb, C, P, n, dtype=mx.float32)
+        want = reconstruct(s, c, eb, C, P, n, dtype=mx.float32)
         diff = mx.abs(got - want).max().item()
         entry = {"n": n, "config": name, "bytes_moved": moved,
                  "max_abs_diff_fp32": diff, "rel_to_max_fp32": diff / mx.abs(want).max().item()}

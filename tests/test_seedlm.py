@@ -7,13 +7,16 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import make_model
+from mlx.utils import tree_flatten
 
 import mlxeff
+from mlxeff import progress
 from mlxeff.errors import MlxeffError
 from mlxeff.models import layerwise_config
 from mlxeff.quant import apply_quantization_spec, lfsr
 from mlxeff.quant import seedlm as S
-from mlxeff.quant.seedlm_encoder import EncoderConfig
+from mlxeff.quant import seedlm_format as F
+from mlxeff.quant.seedlm_encoder import EncoderConfig, encode_matrix
 
 FAST = EncoderConfig(batch=64)
 
@@ -34,11 +37,11 @@ def has_gpu() -> bool:
 
 def random_packed(out, inp, C, P, seed=0, exp_base=-6):
     rng = np.random.default_rng(seed)
-    nb = S.num_blocks(inp, C)
+    nb = F.num_blocks(inp, C)
     seeds = rng.integers(1, 65536, size=(out, nb)).astype(np.uint16)
     exps = rng.integers(0, 16, size=(out, nb))
     coeffs = rng.integers(-8, 8, size=(out, nb, P))
-    return seeds, S.pack_codes(exps, coeffs), exp_base, exps, coeffs
+    return seeds, F.pack_codes(exps, coeffs), exp_base, exps, coeffs
 
 
 def numpy_reconstruct(seeds, exps, coeffs, exp_base, C, P, inp):
@@ -56,9 +59,9 @@ def test_pack_unpack_roundtrip(nb, P):
     rng = np.random.default_rng(nb)
     exps = rng.integers(0, 16, size=(3, nb))
     coeffs = rng.integers(-8, 8, size=(3, nb, P))
-    codes = S.pack_codes(exps, coeffs)
-    assert codes.dtype == np.uint8 and codes.shape == (3, S.codes_width(nb, P))
-    e, c = S.unpack_codes(mx.array(codes), nb, P)
+    codes = F.pack_codes(exps, coeffs)
+    assert codes.dtype == np.uint8 and codes.shape == (3, F.codes_width(nb, P))
+    e, c = F.unpack_codes(mx.array(codes), nb, P)
     assert np.array_equal(np.array(e), exps) and np.array_equal(np.array(c), coeffs)
     # nibble order: block 0's exponent is the low nibble of byte 0, its c_0 the high nibble
     assert codes[0, 0] == (exps[0, 0] | ((coeffs[0, 0, 0] & 15) << 4))
@@ -66,7 +69,7 @@ def test_pack_unpack_roundtrip(nb, P):
 
 @pytest.mark.parametrize("bits,C,P,per_block", [(4, 8, 3, 32), (3, 12, 4, 36)])
 def test_packed_size_exact(bits, C, P, per_block):
-    cfg = S.SeedLMConfig.for_bits(bits)
+    cfg = F.SeedLMConfig.for_bits(bits)
     assert (cfg.C, cfg.P, cfg.bits, cfg.bits_per_block) == (C, P, bits, per_block)
     inp = 8 * C  # whole blocks, even nibble count
     m = S.SeedLMLinear(inp, 16, C, P)
@@ -79,7 +82,7 @@ def test_packed_size_exact(bits, C, P, per_block):
 @pytest.mark.parametrize("C,P,inp", [(8, 3, 40), (12, 4, 30), (5, 5, 7)])
 def test_reconstruct_matches_independent_reference(C, P, inp):
     seeds, codes, eb, exps, coeffs = random_packed(4, inp, C, P)
-    got = np.array(S.reconstruct(mx.array(seeds), mx.array(codes), eb, C, P, inp))
+    got = np.array(F.reconstruct(mx.array(seeds), mx.array(codes), eb, C, P, inp))
     want = numpy_reconstruct(seeds, exps, coeffs, eb, C, P, inp)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
 
@@ -89,14 +92,14 @@ def test_linear_equals_dense_reconstruction(on_cpu, C, P, inp):
     seeds, codes, eb, _, _ = random_packed(24, inp, C, P, seed=1)
     m = S.SeedLMLinear(inp, 24, C, P)
     m.set_packed(seeds, codes, eb)
-    W = S.reconstruct(m.seeds, m.codes, m.exp_base, C, P, inp)
+    W = F.reconstruct(m.seeds, m.codes, m.exp_base, C, P, inp)
     for rows in (1, 3, 17):
         x = mx.random.normal((rows, inp), key=mx.random.key(rows))
         assert mx.array_equal(m(x), x @ W.T).item()
     # replacing the packed arrays invalidates the cached reconstruction
     seeds2, codes2, _, _, _ = random_packed(24, inp, C, P, seed=2)
     m.set_packed(seeds2, codes2, eb)
-    W2 = S.reconstruct(mx.array(seeds2), mx.array(codes2), eb, C, P, inp)
+    W2 = F.reconstruct(mx.array(seeds2), mx.array(codes2), eb, C, P, inp)
     assert mx.array_equal(m(x), x @ W2.T).item()
 
 
@@ -110,7 +113,7 @@ def test_linear_on_gpu_matches_dense_reconstruction(rows):
     m.set_packed(seeds, codes, eb)
     x = mx.random.normal((rows, inp), key=mx.random.key(0))
     with mx.stream(mx.cpu):
-        want = np.array(x @ S.reconstruct(m.seeds, m.codes, m.exp_base, C, P, inp).T)
+        want = np.array(x @ F.reconstruct(m.seeds, m.codes, m.exp_base, C, P, inp).T)
     got = np.array(m(x).astype(mx.float32))
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * np.abs(want).max())
 
@@ -121,7 +124,7 @@ def test_linear_bias_and_embedding(on_cpu):
     lin.set_packed(seeds, codes, eb)
     lin.bias = mx.arange(10, dtype=mx.float32)
     x = mx.ones((2, 16))
-    W = S.reconstruct(lin.seeds, lin.codes, lin.exp_base, 8, 3, 16)
+    W = F.reconstruct(lin.seeds, lin.codes, lin.exp_base, 8, 3, 16)
     assert mx.allclose(lin(x), x @ W.T + lin.bias).item()
     emb = S.SeedLMEmbedding(10, 16, 8, 3)
     emb.set_packed(seeds, codes, eb)
@@ -147,7 +150,7 @@ def test_quantize_model_save_load_exact(tmp_path, bits):
     assert model.transformer.token_embeddings.weight is embed  # stays at full precision
     specs = model.mlxeff_meta["quantization"]
     assert sorted(specs) == sorted(linears)
-    C, P = S.CONFIGS[bits]
+    C, P = F.CONFIGS[bits]
     spec = specs["transformer.layers.0.attn.qkv_proj"]
     assert spec == {"method": "seedlm", "K": 16, "C": C, "P": P, "bits": bits,
                     "in_features": 32, "out_features": 96}
@@ -176,6 +179,94 @@ def test_quantize_model_include_embeddings():
     assert "transformer.token_embeddings" in model.mlxeff_meta["quantization"]
     logits = model(mx.array([[1, 2, 3]]))
     assert logits.shape == (1, 3, 64) and bool(mx.isfinite(logits).all())
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(20, 12, bias=True)
+
+
+class _Biased(nn.Module):
+    """A Linear with a bias inside a block, and an embedding (OpenELM's layers have no bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 20)
+        self.layers = [_Block()]
+
+    def __call__(self, ids):
+        return self.layers[0].proj(self.embed(ids))
+
+
+@pytest.mark.parametrize("make", [small_model, lambda: (mx.random.seed(3), _Biased())[1]])
+def test_spec_path_builds_what_quantize_model_builds(on_cpu, make):
+    # one construction path: the layers quantize_model makes from float weights and the layers
+    # apply_quantization_spec makes from the recorded spec (as on load) are the same modules
+    quantized, built = make(), make()
+    x = mx.array([[1, 5, 9, 2]])
+    S.quantize_model(quantized, bits=4, include_embeddings=True, progress=False, config=FAST)
+    specs = quantized.mlxeff_meta["quantization"]
+    apply_quantization_spec(built, specs)
+    q_mods, b_mods = dict(quantized.named_modules()), dict(built.named_modules())
+    assert specs and all(type(b_mods[p]) is type(q_mods[p]) for p in specs)
+    assert {type(q_mods[p]) for p in specs} == {S.SeedLMLinear, S.SeedLMEmbedding}
+    assert all(b_mods[p].spec() == q_mods[p].spec() == specs[p] for p in specs)
+    q_params, b_params = dict(tree_flatten(quantized.parameters())), dict(tree_flatten(built.parameters()))
+    assert {k: (v.shape, v.dtype) for k, v in q_params.items()} == {k: (v.shape, v.dtype) for k, v in b_params.items()}
+    built.load_weights(list(q_params.items()))  # strict: same names, shapes and dtypes
+    b_params = dict(tree_flatten(built.parameters()))
+    for p in specs:
+        for key in ("seeds", "codes", "exp_base"):
+            assert mx.array_equal(b_params[f"{p}.{key}"], q_params[f"{p}.{key}"]).item()
+    assert mx.array_equal(built(x), quantized(x)).item()
+
+
+def test_quantize_model_keeps_the_bias(on_cpu):
+    mx.random.seed(3)
+    model = _Biased()
+    bias = model.layers[0].proj.bias
+    S.quantize_model(model, bits=4, progress=False, config=FAST)
+    proj = model.layers[0].proj
+    assert isinstance(proj, S.SeedLMLinear) and proj.bias is bias
+    assert model.mlxeff_meta["quantization"]["layers.0.proj"]["bias"] is True
+    W = F.reconstruct(proj.seeds, proj.codes, proj.exp_base, 8, 3, 20)
+    h = model.embed(mx.array([[1, 2]]))
+    assert mx.array_equal(model(mx.array([[1, 2]])), h @ W.T + bias).item()
+
+
+def test_interrupted_quantize_model_leaves_the_model_as_it_was(monkeypatch):
+    model = small_model()
+    before = dict(tree_flatten(model.parameters()))
+    calls = []
+
+    def encode(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return encode_matrix(*args, **kw)
+
+    monkeypatch.setattr(S, "encode_matrix", encode)
+    with pytest.raises(KeyboardInterrupt):
+        S.quantize_model(model, bits=4, progress=False, config=FAST)
+    assert not any(isinstance(m, (S.SeedLMLinear, S.SeedLMEmbedding)) for _, m in model.named_modules())
+    assert not (getattr(model, "mlxeff_meta", None) or {}).get("quantization")
+    after = dict(tree_flatten(model.parameters()))
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+
+
+def test_quantize_model_progress_bar(capsys):
+    total = sum(m.weight.shape[0] * F.num_blocks(m.weight.shape[1], 8)
+                for _, m in S.quantizable_modules(small_model()))
+    progress.configure(True)  # as if stderr were a terminal
+    try:
+        S.quantize_model(small_model(), bits=4, config=FAST)
+        err = capsys.readouterr().err
+        assert "seedlm 4-bit" in err and f"{total}/{total}" in err and "blocks/s" in err
+        S.quantize_model(small_model(), bits=4, progress=False, config=FAST)
+        assert capsys.readouterr().err == ""
+    finally:
+        progress.configure(None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +357,7 @@ def test_bad_spec(tmp_path, change, match):
 
 def test_config_validation_api():
     with pytest.raises(MlxeffError):
-        S.SeedLMConfig.for_bits(5)
+        F.SeedLMConfig.for_bits(5)
     with pytest.raises(MlxeffError):
-        S.SeedLMConfig.for_bits(4, C=8)
-    assert S.SeedLMConfig.for_bits(4, C=8, P=2).bits == 3.5
+        F.SeedLMConfig.for_bits(4, C=8)
+    assert F.SeedLMConfig.for_bits(4, C=8, P=2).bits == 3.5

@@ -18,6 +18,7 @@ from conftest import use_metal_check
 from mlxeff.kernels import kernel_sources
 from mlxeff.quant import lfsr
 from mlxeff.quant import seedlm_kernels as sk
+from mlxeff.quant.seedlm_format import check_packed, reconstruct
 
 
 
@@ -88,7 +89,7 @@ def test_table_constants_make_exact_floats():
 @pytest.mark.parametrize("C,P,out,inf", CONFIGS)
 def test_dequantize_reference_matches_oracle(C, P, out, inf):
     seeds, codes, eb, e, c = make_packed(out, inf, C, P)
-    W = sk.seedlm_dequantize_reference(mx.array(seeds), mx.array(codes), eb, C, P, inf, dtype=mx.float32)
+    W = reconstruct(mx.array(seeds), mx.array(codes), eb, C, P, inf, dtype=mx.float32)
     assert W.shape == (out, inf) and W.dtype == mx.float32
     assert rel_err(W, oracle_weight(seeds, e, c, eb, C, P, inf)) < 1e-6
 
@@ -97,7 +98,7 @@ def test_dequantize_reference_single_term_is_exact():
     # P = 1 with power-of-two coefficients: each weight is one exact product u * c * 2^k, so the
     # reference must equal the oracle bit for bit.
     seeds, codes, eb, e, c = make_packed(5, 30, 6, 1, seed=3, coeffs=(-8, -4, -2, -1, 1, 2, 4))
-    W = sk.seedlm_dequantize_reference(mx.array(seeds), mx.array(codes), eb, 6, 1, 30, dtype=mx.float32)
+    W = reconstruct(mx.array(seeds), mx.array(codes), eb, 6, 1, 30, dtype=mx.float32)
     assert np.array_equal(np.array(W), oracle_weight(seeds, e, c, eb, 6, 1, 30).astype(np.float32))
 
 
@@ -123,7 +124,7 @@ def test_cpu_path_is_the_reference():
     assert mx.array_equal(y, sk.seedlm_matvec_reference(x, s, cd, eb, 8, 3, 40))
     W = sk.seedlm_dequantize(s, cd, eb, 8, 3, 40, dtype=mx.float16)
     assert W.dtype == mx.float16
-    assert mx.array_equal(W, sk.seedlm_dequantize_reference(s, cd, eb, 8, 3, 40, dtype=mx.float16))
+    assert mx.array_equal(W, reconstruct(s, cd, eb, 8, 3, 40, dtype=mx.float16))
 
 
 def test_bad_input_is_rejected():
@@ -223,8 +224,7 @@ def test_metal_matvec_body_float16(metal_check):
 def test_metal_dequant_body_equals_reference(metal_check, C, P, out, inf, dtype):
     seeds, codes, eb, _, _ = make_packed(out, inf, C, P, seed=out)
     got = sk.dequantize_metal_check(seeds, codes, eb, C, P, inf, dtype=dtype)
-    want = np.array(sk.seedlm_dequantize_reference(mx.array(seeds), mx.array(codes), eb, C, P, inf,
-                                                   dtype=mx.float32))
+    want = np.array(reconstruct(mx.array(seeds), mx.array(codes), eb, C, P, inf, dtype=mx.float32))
     assert got.shape == (out, inf)
     if dtype == mx.float32:
         # same operations in the same order; a backend may fuse the multiply-add (1 rounding)
@@ -348,7 +348,7 @@ def test_cuda_dequantize_equals_reference(dtype, C, P, out, inf):
         got = sk.seedlm_dequantize(s, cd, eb, C, P, inf, dtype=dtype)
     # The oracle on the CPU: MLX's float32 matmul on the GPU is not exact (TF32-class rounding).
     with mx.stream(mx.cpu):
-        want = sk.seedlm_dequantize_reference(s, cd, eb, C, P, inf, dtype=mx.float32)
+        want = reconstruct(s, cd, eb, C, P, inf, dtype=mx.float32)
         mx.eval(want)
     assert got.dtype == dtype and got.shape == (out, inf)
     if dtype == mx.float32:
@@ -382,9 +382,9 @@ def test_per_call_path_caches_nothing_wrong():
     # shape checks are cached by shape, and still raise every time
     s = mx.zeros((4, 5), dtype=mx.uint16)
     with pytest.raises(ValueError, match="codes"):
-        sk._check(s, mx.zeros((4, 9), dtype=mx.uint8), 8, 3, 40)
+        check_packed(s, mx.zeros((4, 9), dtype=mx.uint8), 8, 3, 40)
     with pytest.raises(ValueError, match="codes"):
-        sk._check(s, mx.zeros((4, 9), dtype=mx.uint8), 8, 3, 40)
+        check_packed(s, mx.zeros((4, 9), dtype=mx.uint8), 8, 3, 40)
     with pytest.raises(ValueError, match="configuration"):
-        sk._check(s, mx.zeros((4, 10), dtype=mx.uint8), 8.0, 3, 40)
-    assert sk._check(s, mx.zeros((4, 10), dtype=mx.uint8), 8, 3, 40) == (4, 5)
+        check_packed(s, mx.zeros((4, 10), dtype=mx.uint8), 8.0, 3, 40)
+    assert check_packed(s, mx.zeros((4, 10), dtype=mx.uint8), 8, 3, 40) == (4, 5)

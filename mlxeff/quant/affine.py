@@ -8,7 +8,8 @@ group's min and max mapped to the ends of the code range), which is MLX's ``mx.q
 ``nn.QuantizedLinear``/``nn.QuantizedEmbedding`` use it. This module only chooses what to quantize and records the
 choice so that ``mlxeff.load`` rebuilds the same modules: ``model.mlxeff_meta["quantization"]``
 maps module path -> ``{"method": "affine", "bits", "group_size"}``, and the modules are replaced
-through the same registry that loading uses (``mlxeff.quant.apply_quantization_spec``).
+through the same registry that loading uses (``mlxeff.quant.apply_quantization_spec``, with the
+builder ``build_from_spec`` registered here).
 
 Choices: every ``Linear`` gets ``bits``; the vocabulary matrices (the token embedding, which is
 also the output head when tied, and an untied ``lm_head``) get ``embedding_bits`` (default 8; None
@@ -24,11 +25,20 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import MlxeffError
-from . import apply_quantization_spec
+from .spec import apply_quantization_spec, register_method
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 VOCAB_MODULES = ("transformer.token_embeddings", "lm_head")
+
+
+@register_method("affine")
+def build_from_spec(module: nn.Module, spec: dict) -> nn.Module:
+    """The empty ``nn.QuantizedLinear``/``nn.QuantizedEmbedding`` a spec entry describes."""
+    bits, group_size = int(spec["bits"]), int(spec["group_size"])
+    if not hasattr(module, "to_quantized"):
+        raise MlxeffError(f"affine quantization does not apply to {type(module).__name__}")
+    return module.to_quantized(group_size=group_size, bits=bits)
 
 
 def check_settings(bits: int, group_size: int, embedding_bits: Optional[int] = None) -> None:

@@ -2,7 +2,7 @@
 
 For every block ``w`` of C weights SeedLM picks the seed s, the exponent e and the P 4-bit
 coefficients c minimising ``||w - 2^(e+exp_base) U_s c||`` where U_s is the C x P basis the seed
-generates (``mlxeff.quant.lfsr``; the packed format is described in ``mlxeff.quant.seedlm``).
+generates (``mlxeff.quant.lfsr``; the packed format is described in ``mlxeff.quant.seedlm_format``).
 The paper searches every seed; so do we, in two stages:
 
 1. Search (the cost: C(C+1)/2 multiply-adds per seed per block). The unquantised least-squares
@@ -30,7 +30,7 @@ first quantised with an unconstrained exponent (within float32's normal range, a
 ``EXP_CAP_MARGIN`` above ``ceil(log2(max|w| / 7.5))`` so that one ill-conditioned basis with huge
 cancelling coefficients cannot push the whole tensor's range up); ``exp_base`` is
 then the largest exponent any block chose, minus 15 (clamped to the valid range documented in
-``mlxeff.quant.seedlm``), and blocks that wanted an exponent below the range are re-encoded with
+``mlxeff.quant.seedlm_format``), and blocks that wanted an exponent below the range are re-encoded with
 the constraint (rare: the range spans a factor 2^15).
 
 Partial blocks (a row length that is not a multiple of C) are searched against the first r rows of
@@ -56,9 +56,6 @@ Deviations and open choices resolved:
 
 from __future__ import annotations
 
-import math
-import sys
-import time
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Tuple
@@ -67,12 +64,9 @@ import mlx.core as mx
 import numpy as np
 
 from . import lfsr
-from .seedlm import pow2
+from .seedlm_format import (CODE_MAX, CODE_MIN, EXP_ABS_MAX, EXP_ABS_MIN, EXP_BASE_MAX, EXP_BASE_MIN, EXP_CODES,
+                            pow2)
 
-CODE_MIN, CODE_MAX = -8, 7
-EXP_CODES = 16
-# float32 normal range: 2^(e + exp_base) must be a normal float32 for every code e in 0..15.
-EXP_ABS_MIN, EXP_ABS_MAX = -126, 127
 # First pass: a block's exponent may exceed ceil(log2(max|w| / 7.5)) by at most this much. The best
 # quantised fits stay within +-2 of it on Gaussian blocks; the cap only stops an ill-conditioned
 # basis with huge cancelling coefficients from setting the whole tensor's exponent base.
@@ -209,44 +203,6 @@ def quantise_candidates(W: mx.array, cand: mx.array, t: SearchTables, lo, hi,
 
 
 # ----------------------------------------------------------------------------------------------
-# progress
-
-
-class Progress:
-    """A one-line progress bar on stderr with blocks/s (silent when disabled or not rank 0)."""
-
-    def __init__(self, total: int, enabled: bool = True, label: str = "seedlm", stream=None):
-        self.total, self.done, self.enabled, self.label = total, 0, enabled, label
-        self.stream = stream or sys.stderr
-        self.t0 = time.perf_counter()
-        self._last = 0.0
-
-    def update(self, n: int, note: str = "") -> None:
-        self.done = min(self.done + n, self.total)
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if now - self._last < 0.2 and self.done < self.total:
-            return
-        self._last = now
-        rate = self.done / max(now - self.t0, 1e-9)
-        frac = self.done / max(self.total, 1)
-        bar = "#" * int(30 * frac)
-        self.stream.write(f"\r{self.label} [{bar:<30}] {self.done}/{self.total} blocks "
-                          f"{rate:,.0f} blocks/s {note[:40]:<40}")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
-
-    @property
-    def rate(self) -> float:
-        return self.done / max(time.perf_counter() - self.t0, 1e-9)
-
-
-# ----------------------------------------------------------------------------------------------
 # encoding a set of blocks (distributed) and a matrix
 
 
@@ -269,11 +225,12 @@ def _pad_batch(blocks: np.ndarray, start: int, batch: int) -> mx.array:
 
 def encode_blocks(parts, C: int, P: int, *, K: int = lfsr.DEFAULT_K,
                   config: EncoderConfig = EncoderConfig(), group=None,
-                  progress: Optional[Progress] = None):
+                  progress=None):
     """Encode one tensor given as parts of blocks, each (n_i, rows_i) float32 with rows_i <= C.
 
     All parts share one exponent base. Returns ``(exp_base, [(seeds uint16 (n_i,), exps uint8
     (n_i,), coeffs int8 (n_i, P), sq_err float32 (n_i,)) per part])``, identical on every rank.
+    ``progress``: a bar from ``mlxeff.progress.bar`` (or None), advanced by the blocks encoded.
     """
     group = _group(group)
     batch = config.batch_size()
@@ -291,8 +248,8 @@ def encode_blocks(parts, C: int, P: int, *, K: int = lfsr.DEFAULT_K,
     for st in states:
         for b in st.mine:
             st.run(b, batch, window, EXP_ABS_MIN, st.exp_cap)
-            if progress is not None:  # rank 0 reports for all ranks (they advance in step)
-                progress.update(st.batch_len(b, batch) * group.size())
+            if progress is not None:
+                _advance(progress, st.batch_len(b, batch) * group.size())
         live = [st.exp[st.slice(b, batch)][st.norms[st.slice(b, batch)] > 0] for b in st.mine]
         live = np.concatenate(live) if live else np.zeros(0, np.int32)
         if live.size:
@@ -312,6 +269,14 @@ def encode_blocks(parts, C: int, P: int, *, K: int = lfsr.DEFAULT_K,
                 st.run(b, batch, window, lo, hi, only=redo)
         results.append(st.finish(exp_base, batch, group))
     return exp_base, results
+
+
+def _advance(progress, n: int) -> None:
+    # Each rank advances the bar by its batch times the number of ranks (they run in step; only
+    # rank 0's bar is shown), which overshoots where the last batches are short: stop at the total.
+    if progress.total is not None:
+        n = min(n, progress.total - progress.n)
+    progress.update(max(n, 0))
 
 
 class _PartState:
@@ -392,7 +357,7 @@ def choose_exp_base(top_exponent: Optional[int]) -> int:
     every code maps to a normal float32); 0 for an all-zero tensor."""
     if top_exponent is None:
         return 0
-    return int(min(max(top_exponent - (EXP_CODES - 1), EXP_ABS_MIN), EXP_ABS_MAX - (EXP_CODES - 1)))
+    return int(min(max(top_exponent - (EXP_CODES - 1), EXP_BASE_MIN), EXP_BASE_MAX))
 
 
 def split_blocks(W: np.ndarray, C: int):
@@ -406,7 +371,7 @@ def split_blocks(W: np.ndarray, C: int):
 
 def encode_matrix(W, C: int, P: int, *, K: int = lfsr.DEFAULT_K,
                   config: EncoderConfig = EncoderConfig(), group=None,
-                  progress: Optional[Progress] = None) -> EncodedMatrix:
+                  progress=None) -> EncodedMatrix:
     """Encode one (out, in) weight matrix; every rank returns the same result."""
     W = np.asarray(W.astype(mx.float32) if isinstance(W, mx.array) else W, dtype=np.float32)
     if W.ndim != 2:

@@ -1,14 +1,16 @@
 """SeedLM kernels: a fused decode matvec and a dequantise-to-dense kernel (arXiv 2410.10714).
 
-SeedLM (``mlxeff.quant.seedlm``) stores a block of C weights as a 16-bit LFSR seed, a 4-bit shared
-exponent e and P 4-bit coefficients: ``w[c] = 2^(e + exp_base) * sum_p U[c, p] c_p`` with U the
-next C*P register states, normalised. At decode time the weight bytes, not the arithmetic, bound a
-matvec, so the kernels read the packed 4 (or 3) bits per weight and regenerate U on the fly.
+SeedLM (``mlxeff.quant.seedlm``; packed format in ``mlxeff.quant.seedlm_format``) stores a block
+of C weights as a 16-bit LFSR seed, a 4-bit shared exponent e and P 4-bit coefficients:
+``w[c] = 2^(e + exp_base) * sum_p U[c, p] c_p`` with U the next C*P register states, normalised.
+At decode time the weight bytes, not the arithmetic, bound a matvec, so the kernels read the
+packed 4 (or 3) bits per weight and regenerate U on the fly.
 
 Three implementations of one algorithm (DESIGN.md, "Kernels"):
 
-- ``seedlm_dequantize_reference`` / ``seedlm_matvec_reference``: plain MLX ops that step the
-  register C*P times over all blocks at once. The CPU path and the oracle of the tests.
+- ``seedlm_format.reconstruct`` (the format's one reference reconstruction) and
+  ``seedlm_matvec_reference`` (``x @ W.T`` with it): plain MLX ops that step the register C*P
+  times over all blocks at once. The CPU path and the oracle of the tests.
 - ``metal/seedlm_matvec.inc``: for 1..8 rows of x. A threadgroup owns a few output rows (all of
   their blocks, or a split of them when x is staged); a thread takes one block column at a time,
   reads its x values once (from device memory, or from a threadgroup-memory copy of the slice)
@@ -41,7 +43,7 @@ Choices and limits:
   (a Python int maps to one cached array).
 - Kernel configurations: K = 16, 1 <= P <= 7, P <= C <= 32, x rows <= 8 (``MAX_ROWS``); anything
   else (and the CPU) takes the reference. Seeds must be nonzero and 2^(e + exp_base) a normal
-  float32; ``SeedLMLinear.validate_packed`` checks both at load, the kernels do not.
+  float32; ``seedlm_format.validate_packed`` checks both at load, the kernels do not.
 - ``codes`` are read as 32-bit words; a tensor whose byte count is not a multiple of 4 is padded,
   which copies it on every call.
 """
@@ -58,8 +60,8 @@ import numpy as np
 
 from ..kernels import KernelSpec, build, gpu_backend, metal_check_run
 from . import lfsr
+from .seedlm_format import K_DEFAULT, check_packed, codes_width, num_blocks, reconstruct
 
-K = 16
 MAX_ROWS = 8
 MAX_C = 32
 MAX_P = 7
@@ -75,7 +77,7 @@ _FLOATS = (mx.float16, mx.bfloat16, mx.float32)
 
 
 @lru_cache(maxsize=None)
-def jump_table_np(K: int = K) -> np.ndarray:
+def jump_table_np(K: int = K_DEFAULT) -> np.ndarray:
     """(512,) uint32: entry b is the 32 stream bits after state b, entry 256 + b after state b << 8.
 
     The bits following a state (bit i of the result = the new top bit of the (i+1)-th next state)
@@ -93,7 +95,7 @@ def jump_table_np(K: int = K) -> np.ndarray:
     return out.astype(np.uint32)
 
 
-def tables_np(K: int = K) -> np.ndarray:
+def tables_np(K: int = K_DEFAULT) -> np.ndarray:
     """(525,) uint32 input of both kernels: the jump table, then the register constants that
     ``seedlm_common.inc`` wants in registers: ``(150 - q) << 23`` for q = 0..7 (the exponent that
     makes 16 state bits at mantissa bit q the float 2^(23-q) + s) and ``0x4B000000 | (8 << 4n)``
@@ -104,12 +106,12 @@ def tables_np(K: int = K) -> np.ndarray:
 
 
 @lru_cache(maxsize=None)
-def _tables(K: int = K) -> mx.array:
+def _tables(K: int = K_DEFAULT) -> mx.array:
     return mx.array(tables_np(K))
 
 
 def _defines_lfsr() -> Tuple[Tuple[str, str], ...]:
-    return tuple(sorted(lfsr.kernel_defines(K).items()))
+    return tuple(sorted(lfsr.kernel_defines(K_DEFAULT).items()))
 
 
 def config_supported(C: int, P: int) -> bool:
@@ -141,36 +143,7 @@ def kernel_available(C: Optional[int] = None, P: Optional[int] = None) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# packed-format helpers
-
-
-def num_blocks(in_features: int, C: int) -> int:
-    return -(-in_features // C)
-
-
-def codes_width(nb: int, P: int) -> int:
-    return -(-nb * (P + 1) // 2)
-
-
-def _check(seeds, codes, C: int, P: int, in_features: int) -> Tuple[int, int]:
-    return _check_shapes(tuple(seeds.shape), seeds.dtype, tuple(codes.shape), codes.dtype, C, P,
-                         in_features)
-
-
-@lru_cache(maxsize=1024, typed=True)  # shapes only: the same few per model, checked once each
-def _check_shapes(sshape, sdtype, cshape, cdtype, C: int, P: int, in_features: int) -> Tuple[int, int]:
-    if not (isinstance(C, int) and isinstance(P, int) and 1 <= P <= C):
-        raise ValueError(f"unknown SeedLM configuration C={C!r}, P={P!r} (need integers 1 <= P <= C)")
-    if len(sshape) != 2 or sdtype != mx.uint16:
-        raise ValueError(f"seeds must be a 2-D uint16 array, got {sshape} {sdtype}")
-    out, nb = sshape
-    if nb != num_blocks(in_features, C):
-        raise ValueError(f"seeds has {nb} blocks per row; in_features={in_features} at C={C} needs "
-                         f"{num_blocks(in_features, C)}")
-    want = (out, codes_width(nb, P))
-    if cdtype != mx.uint8 or cshape != want:
-        raise ValueError(f"codes must be uint8 of shape {want}, got {cshape} {cdtype}")
-    return out, nb
+# the packed arrays as the kernels read them
 
 
 @lru_cache(maxsize=64)
@@ -215,60 +188,13 @@ def _code_words_np(codes: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# reference (plain MLX ops): the CPU path and the test oracle
-
-
-def _unpack_codes(codes: mx.array, nb: int, P: int) -> Tuple[mx.array, mx.array]:
-    """codes (out, width) -> exponent codes (out, nb) int32 and coefficients (out, nb, P) int32."""
-    b = codes.astype(mx.int32)
-    nib = mx.stack([b & 15, b >> 4], axis=-1).reshape(codes.shape[0], -1)
-    nib = nib[:, : nb * (P + 1)].reshape(codes.shape[0], nb, P + 1)
-    c = nib[..., 1:]
-    return nib[..., 0], mx.where(c >= 8, c - 16, c)
-
-
-def _pow2(e: mx.array) -> mx.array:
-    """Exact 2^e in float32 for integer e in [-126, 127] (built from the exponent bits)."""
-    return ((e.astype(mx.int32) + 127) << 23).view(mx.float32)
-
-
-def seedlm_dequantize_reference(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int,
-                                in_features: int, dtype=mx.float16) -> mx.array:
-    """The dense weight (out, in_features) of a packed tensor, in ``dtype``.
-
-    Steps the register C*P times over every block at once (``next = (s >> 1) | (fb << 15)`` with
-    ``fb`` the XOR of the tap bits of ``lfsr.TAPS[16]``), normalises each state exactly as
-    ``lfsr.normalize`` and sums ``u[c, p] * (c_p * 2^(e + exp_base))`` over p in order, in float32.
-    """
-    out, nb = _check(seeds, codes, C, P, in_features)
-    taps = lfsr.TAPS[K]
-    offset = lfsr.norm_offset(K)
-    scale = mx.array(lfsr.norm_scale(K), dtype=mx.float32)
-    e, c = _unpack_codes(codes, nb, P)
-    coef = c.astype(mx.float32) * _pow2(e + _exp_base(exp_base, None)[0])[..., None]
-    s = seeds.astype(mx.uint32)
-    cols = []
-    for ci in range(C):
-        wc = None
-        for p in range(P):
-            fb = (s >> taps[0]) & 1
-            for t in taps[1:]:
-                fb = fb ^ ((s >> t) & 1)
-            s = (s >> 1) | (fb << (K - 1))
-            u = (s.astype(mx.int32) - offset).astype(mx.float32) * scale
-            term = u * coef[..., p]
-            wc = term if wc is None else wc + term
-        cols.append(wc)
-    W = mx.stack(cols, axis=-1).reshape(out, nb * C)
-    if nb * C != in_features:
-        W = W[:, :in_features]
-    return W.astype(dtype)
+# reference (plain MLX ops, on ``seedlm_format.reconstruct``): the CPU path and the test oracle
 
 
 def seedlm_matvec_reference(x: mx.array, seeds: mx.array, codes: mx.array, exp_base, C: int, P: int,
                             in_features: int) -> mx.array:
     """``x @ W.T`` (any number of rows) with W the float32 reconstruction; the result in x's dtype."""
-    W = seedlm_dequantize_reference(seeds, codes, exp_base, C, P, in_features, dtype=mx.float32)
+    W = reconstruct(seeds, codes, exp_base, C, P, in_features, dtype=mx.float32)
     dtype = x.dtype if x.dtype in _FLOATS else mx.float32
     return (x.astype(mx.float32) @ W.T).astype(dtype)
 
@@ -380,7 +306,7 @@ def matvec_kernel(x: mx.array, seeds: mx.array, codes: mx.array, exp_base, C: in
                   in_features: int, *, threads: Optional[int] = None,
                   tile_rows: Optional[int] = None, stage_x: Optional[bool] = None) -> mx.array:
     """The fused matvec kernel on 2-D ``x`` (rows <= 8); raises ``KernelUnavailable`` on the CPU."""
-    out, _ = _check(seeds, codes, C, P, in_features)
+    out, _ = check_packed(seeds, codes, C, P, in_features)
     return _matvec_launch(x, seeds, codes, exp_base, C, P, in_features, out, _backend(), threads,
                           tile_rows, stage_x)
 
@@ -410,7 +336,7 @@ def seedlm_matvec(x: mx.array, seeds: mx.array, codes: mx.array, exp_base, C: in
 
     The fused kernel when the backend has it and x has at most ``MAX_ROWS`` rows of a float dtype;
     otherwise the reference."""
-    out, _ = _check(seeds, codes, C, P, in_features)
+    out, _ = check_packed(seeds, codes, C, P, in_features)
     shape = x.shape
     if shape[-1] != in_features:
         raise ValueError(f"x has {shape[-1]} features, the weight {in_features}")
@@ -429,9 +355,9 @@ def seedlm_matvec(x: mx.array, seeds: mx.array, codes: mx.array, exp_base, C: in
 def seedlm_dequantize(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int, in_features: int,
                       dtype=mx.float16) -> mx.array:
     """The dense weight (out, in_features) in ``dtype``: the kernel on a GPU, else the reference."""
-    out, _ = _check(seeds, codes, C, P, in_features)
+    out, _ = check_packed(seeds, codes, C, P, in_features)
     if not (kernel_available(C, P) and dtype in _FLOATS):
-        return seedlm_dequantize_reference(seeds, codes, exp_base, C, P, in_features, dtype)
+        return reconstruct(seeds, codes, exp_base, C, P, in_features, dtype)
     backend = _backend()
     plan = dequant_plan(out, in_features, C, P, dtype, backend)
     kernel = build(plan["spec"], backend)

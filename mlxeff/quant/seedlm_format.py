@@ -1,0 +1,290 @@
+"""The SeedLM packed format (Shafipour et al., arXiv 2410.10714): layout, checks, reconstruction.
+
+SeedLM replaces each block of C weights by the seed of a 16-bit LFSR whose next C*P states form a
+C x P basis U (``mlxeff.quant.lfsr``), a shared 4-bit exponent and P 4-bit coefficients. This
+module is the one place that says how those are stored: the normative description below, the
+packing helpers, the checks of packed arrays and spec entries, and ``reconstruct`` -- the one
+reference reconstruction, used by the CPU path of ``SeedLMLinear``/``SeedLMEmbedding``
+(``mlxeff.quant.seedlm``) and as the oracle of the GPU kernels (``mlxeff.quant.seedlm_kernels``).
+
+Packed format (normative; shared with the kernels)
+--------------------------------------------------
+LFSR: K = 16 Fibonacci LFSR, maximal period 65535, state s in 1 .. 65535; next state =
+``(s >> 1) | (fb << (K-1))`` with fb the XOR of the bits of s at the tap positions
+``lfsr.TAPS[16]``. The C x P matrix of a seed is the NEXT C*P states after the seed (the seed itself
+is not included), row-major (row c, column p = state number c*P + p + 1 after the seed), normalised
+to [-1, 1] by ``lfsr.normalize``: ``(s - 2^(K-1)) * float32(1 / (2^(K-1) - 1))`` -- kernels take the
+constants from ``lfsr.kernel_defines()``. Worked example: K=3, taps {0,1}, seed 4, C=4, P=2 gives
+[[2,5],[6,7],[3,1],[4,2]].
+
+Per weight matrix W of shape (out, in) (a Linear's weight), configuration (C, P):
+
+- each row is split into nb = ceil(in / C) blocks of C consecutive weights; the last block of a row
+  is zero-padded (declared overhead; blocks never span rows).
+- ``seeds``: uint16, shape (out, nb): the LFSR state (1..65535; 0 is invalid, rejected on load).
+- ``codes``: uint8, shape (out, ceil(nb * (P + 1) / 2)): per block P+1 nibbles in order
+  [e, c_0, ..., c_{P-1}], blocks in row order; nibble n of a row lives in byte n // 2, low nibble
+  first for even n. e is an unsigned 4-bit exponent code (0..15); c_p is 4-bit two's complement
+  (-8..7). A trailing pad nibble (when nb*(P+1) is odd) is written as 0 and ignored on read.
+- ``exp_base``: int32 array of shape (), per tensor -- declared per-tensor overhead. Valid range:
+  -126 <= exp_base <= 112, so that 2^(e + exp_base) is a normal float32 for every code e in 0..15
+  (checked on load).
+- Reconstruction: ``w[c] = 2^(e + exp_base) * sum_p U[c, p] * c_p`` for the block's weights
+  c = 0..C-1 (the padded tail of a row's last block is dropped).
+- Bits per block: 16 + 4 + 4P = K + 4 + 4P exactly (32 at 4-bit C=8 P=3, 36 at 3-bit C=12 P=4);
+  overhead per row: row padding only (at most 4 bits of nibble padding plus the padded weights of
+  the last block); per tensor: exp_base.
+- Configs: 4-bit = (C=8, P=3), 3-bit = (C=12, P=4); any other integers 1 <= P <= C are allowed.
+- Spec entry in config.json (``mlxeff.quantization[module_path]``): ``{"method": "seedlm", "K": 16,
+  "C": 8, "P": 3, "bits": 4, "in_features": in, "out_features": out}``; ``bits`` is
+  (K + 4 + 4P) / C (a float for other configurations). An optional ``"bias": true`` marks a
+  Linear with a bias, which is stored unquantised as ``bias``.
+
+Reference arithmetic (``reconstruct``), float32 throughout: the register is stepped C*P times over
+all blocks at once; ``coef_p = c_p * 2^(e + exp_base)`` (exact: a small integer times a power of
+two), and ``w[c] = sum_p u[c, p] * coef_p`` summed over p in order. The dequantise kernel computes
+the same products in the same order (a backend may fuse a multiply-add), which is why this, not a
+matrix product with its library-dependent summation order, is the reference.
+
+Deviations and choices:
+- Taps for K=16 are our maximal-length choice (``lfsr`` says why); any maximal tap set yields the
+  same family of bases up to a relabelling of seeds.
+- The exponent is shared per block as in the paper, but offset by a per-tensor ``exp_base`` so the
+  4-bit code spans the tensor's actual range.
+- A seed is stored as the register state itself (not its index in the LFSR cycle, which would let
+  a kernel read the basis as a window of a 65535-entry table).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Dict, Optional, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import MlxeffError
+from . import lfsr
+
+K_DEFAULT = 16
+CONFIGS: Dict[int, Tuple[int, int]] = {4: (8, 3), 3: (12, 4)}
+CODE_MIN, CODE_MAX = -8, 7  # a coefficient: 4-bit two's complement
+EXP_CODES = 16  # an exponent code: 0..15
+# float32's normal exponents: 2^(e + exp_base) must be a normal float32 for every code e
+EXP_ABS_MIN, EXP_ABS_MAX = -126, 127
+EXP_BASE_MIN, EXP_BASE_MAX = EXP_ABS_MIN, EXP_ABS_MAX - (EXP_CODES - 1)
+DTYPES = {"seeds": mx.uint16, "codes": mx.uint8, "exp_base": mx.int32}
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration and shapes
+
+
+@dataclass(frozen=True)
+class SeedLMConfig:
+    C: int
+    P: int
+    K: int = K_DEFAULT
+
+    def __post_init__(self):
+        check_config(self.C, self.P, self.K)
+
+    @property
+    def bits_per_block(self) -> int:
+        return self.K + 4 + 4 * self.P
+
+    @property
+    def bits(self) -> float:
+        b = self.bits_per_block / self.C
+        return int(b) if b == int(b) else b
+
+    @classmethod
+    def for_bits(cls, bits: int, C: Optional[int] = None, P: Optional[int] = None) -> "SeedLMConfig":
+        if (C is None) != (P is None):
+            raise MlxeffError("give both C and P, or neither")
+        if C is None:
+            if bits not in CONFIGS:
+                raise MlxeffError(f"SeedLM has presets for {sorted(CONFIGS)} bits, not {bits}; give C and P")
+            C, P = CONFIGS[bits]
+        return cls(int(C), int(P))
+
+
+def check_config(C, P, K=K_DEFAULT, error=MlxeffError) -> None:
+    """Raise ``error`` unless (C, P, K) is a configuration of the format."""
+    if K != K_DEFAULT:
+        raise error(f"unsupported SeedLM register width K={K} (only K={K_DEFAULT})")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (C, P)) or not 1 <= P <= C:
+        raise error(f"unknown SeedLM configuration C={C!r}, P={P!r} (need integers 1 <= P <= C)")
+
+
+def num_blocks(in_features: int, C: int) -> int:
+    return -(-in_features // C)
+
+
+def codes_width(nb: int, P: int) -> int:
+    return -(-nb * (P + 1) // 2)
+
+
+def packed_shapes(out_features: int, in_features: int, C: int, P: int) -> Dict[str, tuple]:
+    nb = num_blocks(in_features, C)
+    return {"seeds": (out_features, nb), "codes": (out_features, codes_width(nb, P)), "exp_base": ()}
+
+
+# ----------------------------------------------------------------------------------------------
+# spec entries (config.json)
+
+
+def spec_entry(out_features: int, in_features: int, C: int, P: int, K: int = K_DEFAULT,
+               bias: bool = False) -> dict:
+    """The ``mlxeff.quantization`` entry of a layer (keys in the documented order)."""
+    out = {"method": "seedlm", "K": K, "C": C, "P": P, "bits": SeedLMConfig(C, P, K).bits,
+           "in_features": in_features, "out_features": out_features}
+    if bias:
+        out["bias"] = True
+    return out
+
+
+def spec_config(spec: dict) -> SeedLMConfig:
+    """The configuration a spec entry names, checked (also against its ``bits``)."""
+    K = spec.get("K", K_DEFAULT)
+    C, P = spec.get("C"), spec.get("P")
+    check_config(C, P, K)
+    cfg = SeedLMConfig(C, P, K)
+    if spec.get("bits") is not None and not math.isclose(float(spec["bits"]), float(cfg.bits)):
+        raise MlxeffError(f"SeedLM C={C}, P={P} stores {cfg.bits} bits per weight, the spec says {spec['bits']}")
+    return cfg
+
+
+def check_spec_shape(spec: dict, out_features: int, in_features: int) -> None:
+    if (spec.get("in_features"), spec.get("out_features")) != (in_features, out_features):
+        raise MlxeffError(f"spec says {spec.get('out_features')}x{spec.get('in_features')} but the "
+                          f"model's layer is {out_features}x{in_features}")
+
+
+# ----------------------------------------------------------------------------------------------
+# packing
+
+
+def pack_codes(exps: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
+    """exps (out, nb) in 0..15 and coeffs (out, nb, P) in -8..7 -> codes (out, ceil(nb(P+1)/2)) uint8."""
+    exps = np.asarray(exps)
+    coeffs = np.asarray(coeffs)
+    out, nb, P = coeffs.shape
+    if exps.min(initial=0) < 0 or exps.max(initial=0) > EXP_CODES - 1:
+        raise ValueError("exponent codes must be in 0..15")
+    if coeffs.min(initial=0) < CODE_MIN or coeffs.max(initial=0) > CODE_MAX:
+        raise ValueError("coefficients must be in -8..7")
+    nib = np.concatenate([exps[..., None].astype(np.uint8), (coeffs.astype(np.int16) & 15).astype(np.uint8)], -1)
+    nib = nib.reshape(out, nb * (P + 1))
+    if nib.shape[1] % 2:
+        nib = np.concatenate([nib, np.zeros((out, 1), np.uint8)], 1)
+    return (nib[:, 0::2] | (nib[:, 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_codes(codes: mx.array, nb: int, P: int) -> Tuple[mx.array, mx.array]:
+    """codes (rows, width) uint8 -> (exponent codes (rows, nb) int32, coefficients (rows, nb, P) int32)."""
+    codes = codes.astype(mx.int32)
+    nib = mx.stack([codes & 15, codes >> 4], axis=-1).reshape(codes.shape[0], -1)
+    nib = nib[:, : nb * (P + 1)].reshape(codes.shape[0], nb, P + 1)
+    c = nib[..., 1:]
+    return nib[..., 0], mx.where(c >= 8, c - 16, c)
+
+
+def pow2(e: mx.array) -> mx.array:
+    """Exact 2^e in float32 for integer e in [-126, 127], built from the exponent bits."""
+    bits = (e.astype(mx.int32) + 127) << 23
+    return bits.view(mx.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# checks of packed arrays
+
+
+def check_packed(seeds, codes, C: int, P: int, in_features: int) -> Tuple[int, int]:
+    """(out, nb) of a packed tensor; ValueError on a configuration, dtype or shape it cannot be."""
+    return _check_shapes(tuple(seeds.shape), seeds.dtype, tuple(codes.shape), codes.dtype, C, P,
+                         in_features)
+
+
+@lru_cache(maxsize=1024, typed=True)  # shapes only: the same few per model, checked once each
+def _check_shapes(sshape, sdtype, cshape, cdtype, C: int, P: int, in_features: int) -> Tuple[int, int]:
+    check_config(C, P, error=ValueError)
+    if len(sshape) != 2 or sdtype != DTYPES["seeds"]:
+        raise ValueError(f"seeds must be a 2-D uint16 array, got {sshape} {sdtype}")
+    out, nb = sshape
+    if nb != num_blocks(in_features, C):
+        raise ValueError(f"seeds has {nb} blocks per row; in_features={in_features} at C={C} needs "
+                         f"{num_blocks(in_features, C)}")
+    want = (out, codes_width(nb, P))
+    if cdtype != DTYPES["codes"] or cshape != want:
+        raise ValueError(f"codes must be uint8 of shape {want}, got {cshape} {cdtype}")
+    return out, nb
+
+
+def validate_packed(arrays: Dict[str, mx.array], out_features: int, in_features: int, C: int, P: int,
+                    name: str, source) -> None:
+    """Check loaded ``seeds``/``codes``/``exp_base`` (dtypes, shapes, nonzero seeds, exp_base in
+    range); raise MlxeffError naming ``source`` and the tensor ``name.key``."""
+    shapes = packed_shapes(out_features, in_features, C, P)
+    for key, dtype in DTYPES.items():
+        a = arrays[key]
+        if a.dtype != dtype:
+            raise MlxeffError(f"{name}.{key} has dtype {a.dtype}, SeedLM stores {dtype}", source)
+        if tuple(a.shape) != shapes[key]:
+            raise MlxeffError(f"{name}.{key} has shape {tuple(a.shape)} but the spec implies {shapes[key]}",
+                              source)
+    seeds = arrays["seeds"]
+    bad = (seeds == 0).reshape(-1)
+    if bad.size and bad.any().item():
+        r, b = divmod(int(mx.argmax(bad.astype(mx.uint8)).item()), seeds.shape[1])
+        raise MlxeffError(f"{name}.seeds[{r}, {b}] is 0, which is not a valid LFSR state", source)
+    eb = int(arrays["exp_base"].item())
+    if not EXP_BASE_MIN <= eb <= EXP_BASE_MAX:
+        raise MlxeffError(f"{name}.exp_base = {eb} is out of range [{EXP_BASE_MIN}, {EXP_BASE_MAX}] "
+                          f"(2^(e + exp_base) must be a normal float32 for e in 0..15)", source)
+
+
+# ----------------------------------------------------------------------------------------------
+# the reference reconstruction (plain MLX ops)
+
+
+def _exp_base_scalar(exp_base) -> mx.array:
+    if isinstance(exp_base, mx.array):
+        return exp_base.astype(mx.int32).reshape(())
+    return mx.array(int(exp_base), dtype=mx.int32)
+
+
+def reconstruct(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int, in_features: int,
+                dtype=mx.float32, K: int = K_DEFAULT) -> mx.array:
+    """The dense weight (out, in_features) of a packed tensor, computed in float32, in ``dtype``.
+
+    Steps the register C*P times over every block at once (``next = (s >> 1) | (fb << 15)`` with
+    ``fb`` the XOR of the tap bits of ``lfsr.TAPS[16]``), normalises each state exactly as
+    ``lfsr.normalize`` and sums ``u[c, p] * (c_p * 2^(e + exp_base))`` over p in order. Seeds must be
+    nonzero (``validate_packed``); shapes are checked (ValueError).
+    """
+    out, nb = check_packed(seeds, codes, C, P, in_features)
+    taps = lfsr.TAPS[K]
+    offset = lfsr.norm_offset(K)
+    scale = mx.array(lfsr.norm_scale(K), dtype=mx.float32)
+    e, c = unpack_codes(codes, nb, P)
+    coef = c.astype(mx.float32) * pow2(e + _exp_base_scalar(exp_base))[..., None]
+    s = seeds.astype(mx.uint32)
+    cols = []
+    for _ in range(C):
+        wc = None
+        for p in range(P):
+            fb = (s >> taps[0]) & 1
+            for t in taps[1:]:
+                fb = fb ^ ((s >> t) & 1)
+            s = (s >> 1) | (fb << (K - 1))
+            u = (s.astype(mx.int32) - offset).astype(mx.float32) * scale
+            term = u * coef[..., p]
+            wc = term if wc is None else wc + term
+        cols.append(wc)
+    W = mx.stack(cols, axis=-1).reshape(out, nb * C)
+    if nb * C != in_features:
+        W = W[:, :in_features]
+    return W.astype(dtype)
