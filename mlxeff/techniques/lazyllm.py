@@ -229,7 +229,7 @@ def lazy_prefill(model: nn.Module, prompt: mx.array, cache: LazyCache, step_size
         c.prompt_tokens = N
     stages = cache.stages
     h = t.token_embeddings(prompt[None])
-    positions = mx.arange(N, dtype=mx.int32)
+    positions = np.arange(N, dtype=np.int64)  # of the active rows, on the host
     contiguous = True
     importance = None
     # The recent positions are the last active rows at every stage: they are never pruned.
@@ -237,11 +237,15 @@ def lazy_prefill(model: nn.Module, prompt: mx.array, cache: LazyCache, step_size
     bounds = [0] + sorted(stages) + [L]
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         if importance is not None:  # prune at layer lo; the recent positions are always kept
+            # the selection on the host: the cache records host positions, and one synchronisation
+            # per stage costs less than device sorts and gathers of the positions
             keep = max(keep_count(stages[lo], N), recent)
-            order = mx.argsort(-importance.at[-recent:].add(mx.inf))
-            kept, pruned = mx.sort(order[:keep]), mx.sort(order[keep:])
-            cache[lo].pending_aux = (mx.take(positions, pruned), mx.take(h, pruned, axis=1))
-            h, positions = mx.take(h, kept, axis=1), mx.take(positions, kept)
+            scores = np.array(importance.astype(mx.float32))
+            scores[-recent:] = np.inf
+            order = np.argsort(-scores, kind="stable")
+            kept, pruned = np.sort(order[:keep]), np.sort(order[keep:])
+            cache[lo].aux = AuxEntry(positions[pruned], mx.take(h, mx.array(pruned.astype(np.int32)), axis=1))
+            h, positions = mx.take(h, mx.array(kept.astype(np.int32)), axis=1), positions[kept]
             contiguous = False
             importance = None
         n = h.shape[1]
@@ -253,12 +257,12 @@ def lazy_prefill(model: nn.Module, prompt: mx.array, cache: LazyCache, step_size
             if contiguous:
                 hc = t.forward_layers(h[:, c0:c1], lo, hi, cache)
             else:
-                hc = t.forward_layers(h[:, c0:c1], lo, hi, cache, positions=positions[c0:c1][None],
-                                      mask="causal")
+                pc = mx.array(positions[c0:c1].astype(np.int32))[None]
+                hc = t.forward_layers(h[:, c0:c1], lo, hi, cache, positions=pc, mask="causal")
             outs.append(hc)
             if c1 < n:  # bound the graph as the plain prefill does; the last chunk stays lazy
                 mx.eval(hc, [(cache[l].keys, cache[l].values) for l in range(lo, hi)],
-                        [c.pending_aux for c in cache if c.pending_aux is not None])
+                        [c.aux.hidden for c in cache if c.aux is not None])
                 mx.clear_cache()
         for l in range(lo, hi):
             cache[l].computed += n
@@ -281,7 +285,6 @@ class _Carried:
 def lazy_decode(model: nn.Module, token: mx.array, cache: LazyCache) -> mx.array:
     """Run one token (shape (1,)) through every layer, reviving the pruned prompt tokens that the
     new token's attention selects; the token's logits (1, V)."""
-    cache.materialize_aux()
     for c in cache:
         c.snapshot()
     t = model.transformer

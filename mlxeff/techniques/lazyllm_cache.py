@@ -48,14 +48,7 @@ class LazyLayerCache(PositionedKVCache):
         self.computed = 0  # prompt-token computations in this layer (prefill and revivals)
         self.revived = 0  # tokens revived from this layer's Aux Cache entry
         self.aux: Optional[AuxEntry] = None
-        self.pending_aux = None  # (positions, hidden) as the prefill left them, not yet on the host
         self._history: list = []
-
-    def materialize(self) -> None:
-        if self.pending_aux is not None:
-            pos, hidden = self.pending_aux
-            self.aux = AuxEntry(np.array(pos, dtype=np.int64), hidden)
-            self.pending_aux = None
 
     # ---- undo ---------------------------------------------------------------------------------
 
@@ -83,7 +76,6 @@ class LazyLayerCache(PositionedKVCache):
 
     @property
     def state(self):
-        self.materialize()
         aux_pos = None if self.aux is None else mx.array(self.aux.positions.astype(np.int32))
         aux_hidden = None if self.aux is None else self.aux.hidden
         keep = -1.0 if self.keep is None else float(self.keep)
@@ -96,7 +88,7 @@ class LazyLayerCache(PositionedKVCache):
         aux_pos, aux_hidden, keep, self.recent, self.prompt_tokens, self.computed, self.revived = v[5:]
         self.keep = None if keep < 0 else keep
         self.aux = None if aux_pos is None else AuxEntry(np.array(aux_pos, dtype=np.int64), aux_hidden)
-        self.pending_aux, self._history = None, []
+        self._history = []
 
     @property
     def nbytes(self) -> int:
@@ -136,13 +128,11 @@ class LazyCache(list):
 
     @property
     def aux(self) -> List[Optional[AuxEntry]]:
-        self.materialize_aux()
         return [c.aux for c in self]
 
     @property
     def depth(self) -> np.ndarray:
         """Per position: the number of layers that computed it."""
-        self.materialize_aux()
         depth = np.full(self.next_position, len(self), dtype=np.int64)
         for l, c in enumerate(self):
             if c.aux is not None:
@@ -157,11 +147,6 @@ class LazyCache(list):
     def revived(self) -> int:
         return sum(c.revived for c in self)
 
-    def materialize_aux(self) -> None:
-        """Move the prefill's lazily computed Aux Cache entries to the host-indexed form."""
-        for c in self:
-            c.materialize()
-
     def percent_computed(self) -> float:
         """Prompt-token layer computations (prefill and revivals) as a percentage of N x L."""
         if self.prompt_tokens == 0:
@@ -171,7 +156,6 @@ class LazyCache(list):
     def arrays(self) -> list:
         """Every array the cache holds (to evaluate it completely, e.g. when timing a prefill)."""
         out = [a for c in self for a in (c.keys, c.values) if a is not None]
-        out += [a for c in self if c.pending_aux is not None for a in c.pending_aux]
         return out + [c.aux.hidden for c in self if c.aux is not None]
 
     def clone(self) -> "LazyCache":
@@ -179,12 +163,11 @@ class LazyCache(list):
         return LazyCache([c.copy() for c in self], self.schedule)
 
     def stats(self) -> dict:
-        pending = sum(int(c.pending_aux[0].size) for c in self if c.pending_aux is not None)
         return {
             "prompt_tokens": self.prompt_tokens,
             "pruning_layers": {int(k): v for k, v in self.stages.items()},
             "computed_per_layer": self.computed,
             "percent_computed": self.percent_computed(),
             "revived": self.revived,
-            "aux_tokens": int(sum(len(c.aux.positions) for c in self if c.aux is not None) + pending),
+            "aux_tokens": int(sum(len(c.aux.positions) for c in self if c.aux is not None)),
         }
