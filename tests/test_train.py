@@ -113,6 +113,36 @@ def test_same_seed_same_curve_and_loss_falls(tmp_path):
     assert d["history"]["loss"] == a["history"]["loss"]
 
 
+def test_automatic_checkpoints(tmp_path, monkeypatch):
+    import mlxeff.train.loop as loop
+
+    assert not loop.auto_save_due(599.0, 1.0) and loop.auto_save_due(600.0, 1.0)
+    # A slow checkpoint (30 s) waits 50x as long, so checkpoints stay under 2% of the time.
+    assert not loop.auto_save_due(1499.0, 30.0) and loop.auto_save_due(1500.0, 30.0)
+    assert TrainConfig().save_every is None  # automatic by default
+    monkeypatch.setattr(loop, "AUTO_SAVE_SECONDS", 0.0)
+    saved = []
+    real = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", lambda out, step, *a: saved.append(step) or
+                        real(out, step, *a))
+    run(tmp_path, steps=12, save_every=None)
+    assert len(saved) > 1 and saved[-1] == 12 and saved == sorted(set(saved))
+
+
+def test_progress_bar_shows_loss_lr_and_tokens_per_s(tmp_path, capsys, monkeypatch):
+    import mlxeff.progress
+
+    monkeypatch.setattr(mlxeff.progress, "_enabled", None)
+    model = make_model(tiny_args(vocab_size=96))
+    cfg = TrainConfig(steps=4, batch_size=4, seq_len=32, warmup=1, log_every=2)
+    train_loop(model, lm_loss, batch_fn, cfg, out_dir=tmp_path / "a", progress=True)
+    err = capsys.readouterr().err
+    assert "training" in err and "4/4" in err
+    assert all(k in err for k in ("loss=", "lr=", "tok/s=")), err
+    train_loop(model, lm_loss, batch_fn, cfg, out_dir=tmp_path / "b")  # stderr is no terminal
+    assert capsys.readouterr().err == ""
+
+
 def test_frozen_parameters_stay_frozen(tmp_path):
     model = make_model(tiny_args(vocab_size=96))
     model.freeze()

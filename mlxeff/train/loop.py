@@ -42,6 +42,12 @@ def _copy_tree(tree):
     return tree_map(lambda a: a, tree)
 
 
+def auto_save_due(elapsed_s: float, last_cost_s: float) -> bool:
+    """``save_every=None``: whether ``elapsed_s`` of training since the last checkpoint (or the
+    start) calls for one, given what the last one took to write."""
+    return elapsed_s >= max(AUTO_SAVE_SECONDS, last_cost_s / AUTO_SAVE_SHARE)
+
+
 class _Run:
     """The loop's bookkeeping: history, the pending (unread) losses, the step-boundary snapshot
     and the checkpoint clock."""
@@ -72,8 +78,7 @@ class _Run:
 
     def save_due(self, done: int) -> bool:
         if self.cfg.save_every is None:
-            wait = max(AUTO_SAVE_SECONDS, self.save_cost / AUTO_SAVE_SHARE)
-            return time.perf_counter() - self.save_clock >= wait
+            return auto_save_due(time.perf_counter() - self.save_clock, self.save_cost)
         return self.cfg.save_every > 0 and done % self.cfg.save_every == 0
 
     def checkpoint(self) -> Optional[Path]:
