@@ -37,8 +37,8 @@ def train_kv_prediction(
     work: Optional[Path] = typer.Option(None, "--work", help="Checkpoints and token cache "
                                         "(default: a hidden folder next to --out, or, when --out "
                                         "is inside BASE as by default, a folder in the temporary "
-                                        "directory; removed after success or an error, kept after "
-                                        "Ctrl-C for --resume)."),
+                                        "directory; removed after success; after Ctrl-C or an "
+                                        "error kept only if it holds a checkpoint, for --resume)."),
     kv_weight: Optional[float] = typer.Option(None, "--kv-weight", help="lambda, the weight of the "
                                               "KV consistency (L1) loss; default 1/base layers; "
                                               "0 disables it."),
