@@ -103,7 +103,10 @@ def test_token_cache_and_key(tok_dir, tmp_path):
     assert len(list(cache.glob("tokens-*.npy"))) == 2 and len(c) > len(a)
 
 
-def test_tokenizing_shows_a_byte_bar_only_when_asked(tok_dir, capsys):
+def test_tokenizing_shows_a_byte_bar_only_when_asked(tok_dir, capsys, monkeypatch):
+    import mlxeff.progress
+
+    monkeypatch.setattr(mlxeff.progress, "_enabled", None)  # as no --json has configured it
     out, files = tok_dir
     tok = data.load_tokenizer(out)
     kb = f"{sum(len(data.read_bytes(f)) for f in files) / 1000:.1f}k"  # uncompressed

