@@ -9,12 +9,17 @@ from typing import List, Optional
 import typer
 
 from .common import print_json
+from .train_options import TrainingRun, training_options
 
 
 def register(app: typer.Typer) -> None:
     app.command("train-kv-prediction")(train_kv_prediction)
 
 
+@training_options(defaults=dict(lr=1e-3, min_lr=1e-4, warmup=50, eval_every=100, eval_tokens=65_536),
+                  helps=dict(seed="Seed for data order.",
+                             eval_every="Validate and checkpoint every N steps (0 = at the end)."),
+                  omit=("z_loss", "save_every"), fixed=dict(z_loss=0.0), folder="WORK")
 def train_kv_prediction(
     base: Path = typer.Option(..., "--base", "-b", help="The base model directory (mlxeff format, "
                               "with its tokenizer). It stays frozen."),
@@ -30,7 +35,10 @@ def train_kv_prediction(
     name: Optional[str] = typer.Option(None, "--name", help="NAME for the default --out (default: "
                                        "the --aux value, plus -kvW when --kv-weight is given)."),
     work: Optional[Path] = typer.Option(None, "--work", help="Checkpoints and token cache "
-                                        "(default: a hidden sibling of --out)."),
+                                        "(default: a hidden folder next to --out, or, when --out "
+                                        "is inside BASE as by default, a folder in the temporary "
+                                        "directory; removed after success; after Ctrl-C or an "
+                                        "error kept only if it holds a checkpoint, for --resume)."),
     kv_weight: Optional[float] = typer.Option(None, "--kv-weight", help="lambda, the weight of the "
                                               "KV consistency (L1) loss; default 1/base layers; "
                                               "0 disables it."),
@@ -39,27 +47,11 @@ def train_kv_prediction(
     aux_weight: float = typer.Option(1.0, "--aux-weight", help="Weight of CE_aux."),
     predictor_init: str = typer.Option("identity", "--predictor-init", help="identity (square "
                                        "maps) or random."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per training sequence."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Sequences per micro-batch."),
-    accum: int = typer.Option(1, "--accum", help="Micro-batches per optimizer step."),
-    steps: int = typer.Option(1000, "--steps", help="Optimizer steps."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
-    min_lr: float = typer.Option(1e-4, "--min-lr", help="Learning rate at the last step."),
-    warmup: int = typer.Option(50, "--warmup", help="Linear warm-up steps."),
-    weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW decoupled weight decay."),
-    clip: float = typer.Option(1.0, "--clip", help="Gradient clipping by global norm (0 = off)."),
-    dtype: str = typer.Option("float32", "--dtype", help="Compute precision: float32 or bfloat16."),
+    run: TrainingRun = None,
     save_dtype: str = typer.Option("base", "--save-dtype", help="Precision of the saved weights: "
                                    "base (the base model's), float32, float16 or bfloat16."),
-    seed: int = typer.Option(0, "--seed", help="Seed for data order."),
-    eval_every: int = typer.Option(100, "--eval-every", help="Validate every N steps (0 = at the "
-                                   "end)."),
-    eval_tokens: int = typer.Option(65_536, "--eval-tokens", help="Validation tokens per evaluation."),
-    log_every: int = typer.Option(10, "--log-every", help="Progress every N steps."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Token cache directory."),
-    no_compile: bool = typer.Option(False, "--no-compile", help="Do not mx.compile the step."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from WORK's newest checkpoint."),
-    keep_work: bool = typer.Option(False, "--keep-work", help="Keep the checkpoints after success."),
+    keep_work: bool = typer.Option(False, "--keep-work", help="Keep WORK (checkpoints, token "
+                                   "cache) after success."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
@@ -67,31 +59,27 @@ def train_kv_prediction(
     loss = CE_base (from the predicted cache) + CE_aux + lambda * sum over layers of the L1 error of
     the predicted keys and values. Saves a directory that `mlxeff generate --kv-prediction DIR`
     loads."""
-    from mlxeff.errors import MlxeffError
-    from mlxeff.techniques.kv_prediction_train import KVLossConfig, run_kv_training
-    from mlxeff.train import TrainConfig
+    from dataclasses import replace
 
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, accum=accum, lr=lr,
-                      min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
-                      z_loss=0.0, dtype=dtype, seed=seed, eval_every=eval_every,
-                      save_every=max(eval_every, 0), log_every=log_every,
-                      compile=not no_compile)
+    from mlxeff.progress import configure
+    from mlxeff.techniques.kv_prediction_train import KVLossConfig, run_kv_training
+
+    configure(False if json_output else None)
+    cfg = replace(run.cfg, save_every=run.cfg.eval_every)  # a checkpoint at each validation
     if out is None:
         if name is None:
             name = aux.lower() if "/" not in aux and not Path(aux).exists() else Path(aux).name
             if kv_weight is not None:
                 name += f"-kv{kv_weight:g}"
         out = Path(base) / "kv_prediction" / name
-    if eval_tokens < seq_len:
-        raise MlxeffError(f"--eval-tokens ({eval_tokens}) must cover one sequence (--seq-len "
-                          f"{seq_len})")
     say = (lambda msg: print(msg, file=sys.stderr, flush=True))
     summary = run_kv_training(
         cfg, base_dir=base, aux_spec=aux, train_files=train_files, valid_files=valid_files or [],
         out=out, loss_cfg=KVLossConfig(kv_weight=kv_weight, base_weight=base_weight,
                                        aux_weight=aux_weight),
-        predictor_init=predictor_init, work=work, eval_tokens=eval_tokens, cache_dir=cache_dir,
-        resume=resume, keep_work=keep_work, force=force, save_dtype=save_dtype, say=say,
+        predictor_init=predictor_init, work=work, eval_tokens=run.eval_tokens,
+        cache_dir=run.cache_dir, resume=run.resume, keep_work=keep_work, force=force,
+        save_dtype=save_dtype, say=say,
     )
     if json_output:
         print_json(summary)

@@ -19,10 +19,10 @@ import mlx.core as mx
 
 from mlxeff.errors import MlxeffError
 from mlxeff.io import load_model, load_weights_into, model_config_dict, save
+from mlxeff.progress import bar
 
 from . import corenet, hf
 from . import tokenizer as tok
-from .progress import Progress
 from .source import detect
 from .tensors import MX_DTYPES
 
@@ -80,7 +80,8 @@ def convert(
     SentencePiece ``tokenizer.model`` or a tokenizer directory) or a tokenizer object; ``False``
     writes the weights only (the result loads but cannot generate text). ``quantize``:
     ``'affine'`` (MLX ``bits``/``group_size``, vocabulary matrices at ``embedding_bits``) or
-    ``'seedlm'`` (``mlxeff.quant.seedlm.quantize_model``).
+    ``'seedlm'`` (``mlxeff.quant.seedlm.quantize_model``). ``progress``: progress bars on a
+    terminal (``mlxeff.progress``); False: none.
     """
     t0 = time.perf_counter()
     _check_options(dtype, quantize, bits, group_size, embedding_bits)
@@ -90,7 +91,6 @@ def convert(
         raise MlxeffError("output already exists (use --force to replace it)", out)
     kind = detect(src, source)
     target = MX_DTYPES[dtype]
-    bar = Progress(enabled=progress)
     notes = []
 
     if kind == "mlxeff":
@@ -118,13 +118,13 @@ def convert(
             tokenizer_obj = tok.resolve(tokenizer, plan.tokenizer_dir, src)
             tok_count = (tok.check(tokenizer_obj, model_config_dict(model), plan.args.vocab_size, src)
                          if tokenizer_obj is not None else None)
-            bar.start("reading", sum(e.nbytes for e in plan.entries.values()))
             weights = {}
-            for name, entry in plan.entries.items():
-                weights[name] = entry.load(target)
-                bar.advance(entry.nbytes)
+            with bar(sum(e.nbytes for e in plan.entries.values()), "reading", "B", unit_scale=True,
+                     show=None if progress else False) as reading:
+                for name, entry in plan.entries.items():
+                    weights[name] = entry.load(target)
+                    reading.update(entry.nbytes)
         finally:
-            bar.finish()
             plan.close()
 
         load_weights_into(model, weights, plan.source)

@@ -33,6 +33,7 @@ import numpy as np
 
 from .errors import MlxeffError
 from .io import portable_tokenizer_config
+from .progress import bar
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 SPECIAL_TOKENS = [UNK, BOS, EOS]  # ids 0, 1, 2
@@ -207,11 +208,12 @@ def token_dtype(vocab_size: int):
 
 
 def tokenize_files(files: Sequence[Path], tokenizer, cache_dir: Optional[Path] = None,
-                   progress=None) -> np.ndarray:
+                   progress: Optional[bool] = None) -> np.ndarray:
     """The token stream of ``files`` (each followed by EOS), cached under ``cache_dir``.
 
     Returns a read-only memory map when cached. The key hashes every file's bytes, the order of the
     files and the tokenizer, so a changed file or tokenizer never reuses a stale cache.
+    ``progress``: a bar over the files' bytes (``mlxeff.progress``; None: on a terminal).
     """
     files = [Path(f) for f in files]
     eos = tokenizer.eos_token_id
@@ -228,14 +230,13 @@ def tokenize_files(files: Sequence[Path], tokenizer, cache_dir: Optional[Path] =
         return np.load(cache_file, mmap_mode="r")
     parts = []
     total_chars = 0
-    for f, data in zip(files, raw):
-        text = decode_text(data, f)
-        total_chars += len(text.strip())
-        ids = encode_text(tokenizer, text)
-        parts.append(ids)
-        parts.append(np.array([eos]))
-        if progress:
-            progress(f, len(ids))
+    with bar(sum(len(d) for d in raw), "tokenizing", "B", unit_scale=True, show=progress) as done:
+        for f, data in zip(files, raw):
+            text = decode_text(data, f)
+            total_chars += len(text.strip())
+            parts.append(encode_text(tokenizer, text))
+            parts.append(np.array([eos]))
+            done.update(len(data))
     if total_chars == 0:
         raise MlxeffError("the corpus is empty (no text in any file)", files[0])
     tokens = np.concatenate(parts).astype(token_dtype(vocab))

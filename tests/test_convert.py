@@ -126,6 +126,18 @@ def test_corenet_config_as_model_args_and_fp16_output(tmp_path):
     np.testing.assert_allclose(logits(loaded), logits(model), atol=0.05)
 
 
+def test_reading_shows_a_byte_bar_on_request_only(tmp_path, capsys, monkeypatch):
+    import mlxeff.progress
+
+    monkeypatch.setattr(mlxeff.progress, "_enabled", True)  # as on a terminal
+    pt = write_corenet(make_model(tiny_args()), tmp_path / "c.pt", rows=128)
+    convert(pt, tmp_path / "shown", config=tiny_args(), tokenizer=False)
+    err = capsys.readouterr().err
+    assert "reading: 100%" in err and "B/s" in err, err
+    convert(pt, tmp_path / "quiet", config=tiny_args(), tokenizer=False, progress=False)
+    assert "reading" not in capsys.readouterr().err
+
+
 # --- Hugging Face OpenELM -----------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", ["safetensors", "sharded", "bin", "untied"])

@@ -103,6 +103,21 @@ def test_token_cache_and_key(tok_dir, tmp_path):
     assert len(list(cache.glob("tokens-*.npy"))) == 2 and len(c) > len(a)
 
 
+def test_tokenizing_shows_a_byte_bar_only_when_asked(tok_dir, capsys, monkeypatch):
+    import mlxeff.progress
+
+    monkeypatch.setattr(mlxeff.progress, "_enabled", None)  # as no --json has configured it
+    out, files = tok_dir
+    tok = data.load_tokenizer(out)
+    kb = f"{sum(len(data.read_bytes(f)) for f in files) / 1000:.1f}k"  # uncompressed
+    quiet = data.tokenize_files(files, tok)  # stderr is no terminal here
+    assert capsys.readouterr().err == ""
+    shown = data.tokenize_files(files, tok, progress=True)
+    err = capsys.readouterr().err
+    assert "tokenizing: 100%" in err and f"{kb}/{kb}" in err and "B/s" in err, err
+    assert np.array_equal(quiet, shown)
+
+
 def test_packing_epochs_and_determinism():
     tokens = np.arange(1001, dtype=np.uint16)
     ds = data.PackedDataset(tokens, 10, seed=3)

@@ -2,8 +2,11 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -11,12 +14,21 @@ import mlxeff
 from conftest import TEXT, make_model
 from mlxeff.models import layerwise_config
 from mlxeff.techniques.kv_prediction import KVPrediction
+from mlxeff.techniques.kv_prediction_train import default_work_dir
 
 
 def run_cli(*args, timeout=180):
     env = dict(os.environ, MLXEFF_NO_OPENBLAS="1")
     return subprocess.run([sys.executable, "-m", "mlxeff.cli.main", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def run_in_process(*args):
+    from typer.testing import CliRunner
+
+    from mlxeff.cli.main import app
+
+    return CliRunner().invoke(app, list(map(str, args)))
 
 
 def assert_error(proc, *needles):
@@ -41,6 +53,8 @@ def trained(tmp_path_factory, tiny_tokenizer):
                    "--seq-len", 16, "--batch-size", 2, "--eval-every", 2, "--eval-tokens", 32,
                    "--warmup", 1, "--json")
     assert proc.returncode == 0, proc.stderr
+    # The work folder (checkpoints, token cache) was in the temporary directory, and is gone.
+    assert not default_work_dir(base / "kv_prediction" / "lp-0.5", base).exists()
     return root, base, json.loads(proc.stdout)
 
 
@@ -54,6 +68,7 @@ def test_train_saves_a_loadable_artifact_inside_the_base(trained):
     art = KVPrediction.load(out, base=mlxeff.load(base)[0])
     assert art.info["auxiliary"]["layers"] == [0, 2]
     assert not (base / "kv_prediction" / ".lp-0.5.train" / "checkpoints").exists()
+    assert [p.name for p in (base / "kv_prediction").iterdir()] == ["lp-0.5"]
     again = run_cli("train-kv-prediction", "--base", base, "--aux", "lp-0.5",
                     "--train", root / "train.txt", "--steps", 1, "--seq-len", 16)
     assert_error(again, "already exists")
@@ -112,3 +127,58 @@ def test_benchmark_runs_end_to_end(trained, tmp_path):
     q = res["quality"]
     assert q["base"]["agree"] == 1.0 and set(q) == {"base", "kvp lp-0.5", "aux lp-0.5"}
     assert all(0 <= v["lambada_acc"] <= 1 and v["ppl"] > 1 for v in q.values())
+
+
+def test_a_failed_run_leaves_no_work_folder(trained, tmp_path):
+    """An error after the work folder was made (validation text shorter than one sequence, found
+    after tokenizing) removes it: next to an explicit --out, and in the temporary directory."""
+    root, base, _ = trained
+    (tmp_path / "short.txt").write_text("Once upon a time")
+    common = ("train-kv-prediction", "--base", base, "--train", root / "train.txt", "--valid",
+              tmp_path / "short.txt", "--steps", 2, "--seq-len", 16, "--eval-tokens", 32)
+    for out in (tmp_path / "mine", base / "kv_prediction" / "short"):
+        work = default_work_dir(out, base)
+        assert work.parent == (tmp_path if out.name == "mine" else Path(tempfile.gettempdir()))
+        r = run_in_process(*common, "--out", out)
+        assert "fewer than one sequence" in str(r.exception), r.output
+        assert not work.exists() and not out.exists()
+        assert [p.name for p in tmp_path.iterdir()] == ["short.txt"]
+        assert not [p for p in (base / "kv_prediction").iterdir() if p.name.startswith(".")]
+
+
+def test_ctrl_c_keeps_the_work_outside_the_base_and_resume_finishes(trained):
+    import signal
+    import time
+
+    from mlxeff.train import list_checkpoints
+
+    root, base, _ = trained
+    out = base / "kv_prediction" / "lp-0.25"
+    work = default_work_dir(out, base)
+    args = ("train-kv-prediction", "--base", base, "--aux", "lp-0.25", "--train",
+            root / "train.txt", "--steps", 100, "--seq-len", 16, "--batch-size", 2,
+            "--eval-every", 5, "--warmup", 1, "--json")
+    env = dict(os.environ, MLXEFF_NO_OPENBLAS="1")
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "mlxeff.cli.main", *map(str, args)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.monotonic() + 120
+        while not list_checkpoints(work) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and "Traceback" not in err, err
+        assert f"checkpoint {list_checkpoints(work)[-1]} (continue with --resume)" in err
+        step = int(list_checkpoints(work)[-1].name.split("-")[1])
+        assert 5 <= step < 100
+        assert not out.exists()
+        assert not [p for p in (base / "kv_prediction").iterdir() if p.name.startswith(".")]
+        r = run_in_process(*args, "--resume")
+        assert r.exit_code == 0, (r.output, r.exception)
+        assert json.loads(r.stdout)["history"]["step"] == list(range(1, 101))
+        assert KVPrediction.load(out, base=mlxeff.load(base)[0]).info["auxiliary"]["layers"] == [0]
+        assert not [p for p in (base / "kv_prediction").iterdir() if p.name.startswith(".")]
+        assert not work.exists()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -22,7 +22,8 @@ def test_wheel_layout(tmp_path):
     top = {p.name for p in target.iterdir()}
     assert "mlxeff" in top
     assert not {"cli", "convert", "metal", "tests", "benchmarks"} & top, top
-    for sub in ("cli/main.py", "convert/__init__.py", "metal/__init__.py", "models/lws.py"):
+    for sub in ("cli/main.py", "convert/__init__.py", "metal/__init__.py", "models/lws.py",
+                "train/loop.py", "cli/train_options.py"):
         assert (target / "mlxeff" / sub).is_file(), sub
     # the command-line entry point resolves to the namespaced module
     entry = next(target.glob("mlxeff-*.dist-info/entry_points.txt")).read_text()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,14 +83,19 @@ def test_resume_after_interruption_is_exact(tmp_path, dtype, accum):
 
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut", dtype=dtype, accum=accum, batches=interrupted)
+    # The interrupt saved the last completed step next to the periodic checkpoint of step 16
+    # (two are kept).
     ckpts = list_checkpoints(tmp_path / "cut")
-    assert [p.name for p in ckpts] == ["step-0000008", "step-0000016"]
+    assert [p.name for p in ckpts] == ["step-0000016", "step-0000019"]
     assert not [p for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.name.startswith(".")]
-    _, resumed = run(tmp_path / "cut", dtype=dtype, accum=accum, resume=True)
-    assert resumed["start_step"] == 16
-    # Same operations on the same values: the CPU reproduces the uninterrupted run bit for bit.
-    assert resumed["history"]["loss"] == full["history"]["loss"]
-    assert resumed["history"]["step"] == list(range(1, 25))
+    shutil.copytree(tmp_path / "cut", tmp_path / "periodic")
+    shutil.rmtree(tmp_path / "periodic" / "checkpoints" / "step-0000019")
+    for where, start in (("cut", 19), ("periodic", 16)):
+        _, resumed = run(tmp_path / where, dtype=dtype, accum=accum, resume=True)
+        assert resumed["start_step"] == start
+        # Same operations on the same values: the CPU reproduces the uninterrupted run bit for bit.
+        assert resumed["history"]["loss"] == full["history"]["loss"]
+        assert resumed["history"]["step"] == list(range(1, 25))
 
 
 def test_same_seed_same_curve_and_loss_falls(tmp_path):
@@ -106,6 +113,36 @@ def test_same_seed_same_curve_and_loss_falls(tmp_path):
     assert d["history"]["loss"] == a["history"]["loss"]
 
 
+def test_automatic_checkpoints(tmp_path, monkeypatch):
+    import mlxeff.train.loop as loop
+
+    assert not loop.auto_save_due(599.0, 1.0) and loop.auto_save_due(600.0, 1.0)
+    # A slow checkpoint (30 s) waits 50x as long, so checkpoints stay under 2% of the time.
+    assert not loop.auto_save_due(1499.0, 30.0) and loop.auto_save_due(1500.0, 30.0)
+    assert TrainConfig().save_every is None  # automatic by default
+    monkeypatch.setattr(loop, "AUTO_SAVE_SECONDS", 0.0)
+    saved = []
+    real = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", lambda out, step, *a: saved.append(step) or
+                        real(out, step, *a))
+    run(tmp_path, steps=12, save_every=None)
+    assert len(saved) > 1 and saved[-1] == 12 and saved == sorted(set(saved))
+
+
+def test_progress_bar_shows_loss_lr_and_tokens_per_s(tmp_path, capsys, monkeypatch):
+    import mlxeff.progress
+
+    monkeypatch.setattr(mlxeff.progress, "_enabled", None)
+    model = make_model(tiny_args(vocab_size=96))
+    cfg = TrainConfig(steps=4, batch_size=4, seq_len=32, warmup=1, log_every=2)
+    train_loop(model, lm_loss, batch_fn, cfg, out_dir=tmp_path / "a", progress=True)
+    err = capsys.readouterr().err
+    assert "training" in err and "4/4" in err
+    assert all(k in err for k in ("loss=", "lr=", "tok/s=")), err
+    train_loop(model, lm_loss, batch_fn, cfg, out_dir=tmp_path / "b")  # stderr is no terminal
+    assert capsys.readouterr().err == ""
+
+
 def test_frozen_parameters_stay_frozen(tmp_path):
     model = make_model(tiny_args(vocab_size=96))
     model.freeze()
@@ -119,7 +156,7 @@ def test_frozen_parameters_stay_frozen(tmp_path):
 
 
 def test_checkpoint_write_failure_keeps_previous(tmp_path, monkeypatch):
-    import mlxeff.train as t
+    import mlxeff.train.checkpoints as t
 
     real = t.mx.save_safetensors
     calls = {"n": 0}
@@ -218,6 +255,18 @@ def test_cli_bad_input_is_one_line(corpus, tmp_path):
     assert r.stderr.strip().splitlines()[-1] == f"error: {f}: not valid UTF-8 (byte 3: b'\\xe9 cr')"
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "model").exists()
+    assert not (tmp_path / "run").exists()
+
+
+def _cli_in_process(*args) -> dict:
+    """``mlxeff ARGS --json`` through typer in this process: the printed summary."""
+    from typer.testing import CliRunner
+
+    from mlxeff.cli.main import app
+
+    r = CliRunner().invoke(app, list(map(str, args)))
+    assert r.exit_code == 0, (r.output, r.exception)
+    return json.loads(r.stdout)
 
 
 def _train_in_process(train, out, extra=()):
@@ -232,7 +281,8 @@ def _train_in_process(train, out, extra=()):
     return CliRunner().invoke(app, args)
 
 
-@pytest.mark.parametrize("case", ["empty", "heads", "resume_other"])
+@pytest.mark.parametrize("case", ["empty", "heads", "resume_other", "two_tokenizers",
+                                  "small_vocab", "steps", "eval_tokens"])
 def test_cli_bad_input(corpus, tmp_path, case):
     from mlxeff.models import ConfigError
 
@@ -244,6 +294,16 @@ def test_cli_bad_input(corpus, tmp_path, case):
         r, expect = _train_in_process(train, out), "the corpus is empty"
     elif case == "heads":
         r, expect = _train_in_process(train, out, ["--model-dim", 100]), "not a multiple of head_dim"
+    elif case == "two_tokenizers":
+        r = _train_in_process(train, out, ["--tokenizer", tmp_path])
+        expect = "give either --tokenizer DIR or --vocab-size N"
+    elif case == "small_vocab":  # found by the tokenizer trainer, after OUT was made: removed again
+        r, expect = _train_in_process(train, out, ["--vocab-size", 100]), "--vocab-size must be"
+    elif case == "steps":
+        r, expect = _train_in_process(train, out, ["--steps", 0]), "steps must be at least 1"
+    elif case == "eval_tokens":
+        r = _train_in_process(train, out, ["--eval-tokens", 8])
+        expect = "--eval-tokens (8) must cover one sequence"
     else:
         first = _train_in_process(train, out)
         assert first.exit_code == 0, first.output
@@ -253,3 +313,43 @@ def test_cli_bad_input(corpus, tmp_path, case):
     assert expect in str(r.exception) and "\n" not in str(r.exception)
     if case != "resume_other":
         assert not (out / "model").exists() and not list_checkpoints(out)
+        assert not out.exists()  # no empty or half-filled output folder
+
+
+def test_cli_ctrl_c_checkpoints_and_resume_is_exact(tmp_path, tiny_tokenizer):
+    """SIGINT during ``mlxeff train``: exit 130, a checkpoint of the last completed step, and
+    ``--resume`` ends where an uninterrupted run ends, bit for bit."""
+    import signal
+    import time
+
+    from conftest import TEXT
+
+    tok = tmp_path / "tok"
+    tiny_tokenizer.save_pretrained(tok)
+    (tmp_path / "train.txt").write_text(TEXT * 20)
+    args = ["train", "--train", tmp_path / "train.txt", "--tokenizer", tok, "--steps", 300,
+            "--layers", 1, "--model-dim", 32, "--head-dim", 16, "--ffn-divisor", 16, "--seq-len", 16,
+            "--batch-size", 2, "--warmup", 5, "--log-every", 100, "--json"]
+    cut = tmp_path / "cut"
+    # The same BLAS as this process (no OpenBLAS re-launch), so the runs below can be in-process.
+    env = dict(os.environ, MLXEFF_NO_OPENBLAS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "mlxeff.cli.main", *map(str, args),
+                             "--out", str(cut), "--save-every", "10"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (cut / "checkpoints" / "step-0000010").is_dir() and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    steps = [int(p.name.split("-")[1]) for p in list_checkpoints(cut)]
+    assert 10 <= steps[-1] < 300, steps
+    assert f"interrupted at step {steps[-1]}/300: checkpoint {list_checkpoints(cut)[-1]}" in err
+    assert not [p for p in (cut / "checkpoints").iterdir() if p.name.startswith(".")]
+    resumed = _cli_in_process(*args, "--out", cut, "--resume")
+    full = _cli_in_process(*args, "--out", tmp_path / "full")
+    assert resumed["resumed_from"] == steps[-1]
+    assert resumed["history"]["step"] == list(range(1, 301))
+    assert resumed["history"]["loss"] == full["history"]["loss"]

@@ -168,30 +168,63 @@ def valid_fn_for(windows, batch_size: int) -> Callable[[KVPredictionModel], dict
     return fn
 
 
+def default_work_dir(out: Path, base_dir: Path) -> Path:
+    """Checkpoints and token cache when no ``work`` is given: a hidden folder next to ``out``, or,
+    when ``out`` lies inside the base model's folder (the default ``BASE/kv_prediction/NAME``), a
+    folder in the system's temporary directory named after ``out`` (so ``--resume`` finds it): the
+    base model's folder receives the final artifact only."""
+    import hashlib
+    import tempfile
+
+    target, base = Path(out).resolve(), Path(base_dir).resolve()
+    if target == base or base in target.parents:
+        key = hashlib.sha256(str(target).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"mlxeff-kv-prediction-{target.name}-{key}"
+    return Path(out).parent / f".{Path(out).name}.train"
+
+
+def _check_run_options(cfg, out: Path, loss_cfg: KVLossConfig, save_dtype: str, force: bool,
+                       eval_tokens: int) -> None:
+    from ..train import DTYPES
+    from ..train.corpus import check_eval_tokens
+
+    if out.exists() and not force:
+        raise MlxeffError("output already exists (use --force to replace it)", out)
+    if save_dtype != "base" and save_dtype not in DTYPES:
+        raise MlxeffError(f"--save-dtype must be base or one of {sorted(DTYPES)}, got {save_dtype!r}")
+    if loss_cfg.kv_weight is not None and loss_cfg.kv_weight < 0:
+        raise MlxeffError(f"--kv-weight must be >= 0, got {loss_cfg.kv_weight}")
+    check_eval_tokens(eval_tokens, cfg.seq_len)
+
+
 def run_kv_training(cfg, *, base_dir, aux_spec: str, train_files, valid_files, out,
                     loss_cfg: Optional[KVLossConfig] = None, predictor_init: str = "identity",
                     work=None, eval_tokens: int = 65_536, cache_dir=None, resume: bool = False,
                     keep_work: bool = False, force: bool = False, save_dtype: str = "base",
                     say=print, log=None) -> dict:
-    """Train an auxiliary model + predictor for the model in ``base_dir``; save the artifact to
-    ``out`` (see ``kv_prediction``). Checkpoints live in ``work`` (default: a hidden sibling of
-    ``out``) and are removed after success unless ``keep_work``."""
-    from .. import data, io
-    from ..train import DTYPES, Progress, train_loop
+    """Train an auxiliary model + predictor for the model in ``base_dir`` through ``train_loop``;
+    save the artifact to ``out`` (see ``kv_prediction``).
+
+    Checkpoints and the token cache live in ``work`` (default: ``default_work_dir``). After
+    success the default work folder is removed (a given ``work`` keeps its token cache), unless
+    ``keep_work``; a failed run removes a work folder it created unless it holds a checkpoint
+    (Ctrl-C always writes one), kept for ``resume``.
+    """
+    import shutil
+
+    from .. import io
+    from ..train import DTYPES, list_checkpoints, train_loop
+    from ..train.checkpoints import run_folder
+    from ..train.corpus import CorpusFiles, load_corpus
     from .kv_prediction import auxiliary_from_spec, base_signature
 
     wall = time.perf_counter()
     loss_cfg = loss_cfg or KVLossConfig()
     out = Path(out)
-    if out.exists() and not force:
-        raise MlxeffError("output already exists (use --force to replace it)", out)
-    work = Path(work) if work is not None else out.parent / f".{out.name}.train"
-    if save_dtype != "base" and save_dtype not in DTYPES:
-        raise MlxeffError(f"--save-dtype must be base or one of {sorted(DTYPES)}, got {save_dtype!r}")
-    if loss_cfg.kv_weight is not None and loss_cfg.kv_weight < 0:
-        raise MlxeffError(f"--kv-weight must be >= 0, got {loss_cfg.kv_weight}")
-    files = data.expand_files(train_files, "training")
-    vfiles = data.expand_files(valid_files, "validation") if valid_files else []
+    _check_run_options(cfg, out, loss_cfg, save_dtype, force, eval_tokens)
+    files = CorpusFiles.expand(train_files, valid_files)
+    own_work = work is None
+    work = default_work_dir(out, base_dir) if own_work else Path(work)
 
     base, tok = io.load(base_dir)
     if tok is None:
@@ -207,44 +240,31 @@ def run_kv_training(cfg, *, base_dir, aux_spec: str, train_files, valid_files, o
         say(f"note: --seq-len {cfg.seq_len} exceeds the base's max_context_length "
             f"{base.args.max_context_length}")
 
-    work.mkdir(parents=True, exist_ok=True)
-    cache = Path(cache_dir) if cache_dir is not None else work / "cache"
-    tic = time.perf_counter()
-    train_tokens = data.tokenize_files(files, tok, cache)
-    valid_tokens = data.tokenize_files(vfiles, tok, cache) if vfiles else None
-    say(f"tokens: train {len(train_tokens):,}" + (f", valid {len(valid_tokens):,}"
-        if valid_tokens is not None else "") + f" ({time.perf_counter() - tic:.1f} s)")
-    dataset = data.PackedDataset(train_tokens, cfg.seq_len, seed=cfg.seed)
-    valid_fn = None
-    initial = None
-    if valid_tokens is not None:
-        windows = data.eval_windows(valid_tokens, cfg.seq_len, eval_tokens)
-        valid_fn = valid_fn_for(windows, cfg.batch_size)
-        if not resume or not (work / "checkpoints").is_dir():
+    records: List[dict] = []
+
+    def log_fn(rec: dict) -> None:
+        records.append(dict(rec))
+        if log is not None:
+            log(rec)
+
+    with run_folder(work, say):
+        corpus = load_corpus(files, tok, Path(cache_dir) if cache_dir else work / "cache", cfg, say)
+        windows = corpus.valid_windows(cfg.seq_len, eval_tokens)
+        valid_fn = None if windows is None else valid_fn_for(windows, cfg.batch_size)
+        initial = None
+        if valid_fn is not None and not (resume and list_checkpoints(work)):
             initial = valid_fn(model)
             say(f"before training: CE_base(predicted) {initial['ce_base']:.4f}  CE_aux "
                 f"{initial['ce_aux']:.4f}  KV L1 {initial['kv_l1']:.4f}  "
                 f"(base's own CE {initial['ce_base_own']:.4f})")
-    n_aux = sum(v.size for _, v in tree_flatten(aux.parameters()))
-    n_pred = sum(v.size for _, v in tree_flatten(predictor.parameters()))
-    say(f"auxiliary: {aux_info.get('spec', aux_info.get('source'))}, "
-        f"{aux.args.num_transformer_layers}/{n_base} layers, {n_aux:,} parameters; predictor "
-        f"{n_pred:,} parameters; lambda {lam:.4g}; {cfg.tokens_per_step:,} tokens per step")
+        n_aux = sum(v.size for _, v in tree_flatten(aux.parameters()))
+        n_pred = sum(v.size for _, v in tree_flatten(predictor.parameters()))
+        say(f"auxiliary: {aux_info.get('spec', aux_info.get('source'))}, "
+            f"{aux.args.num_transformer_layers}/{n_base} layers, {n_aux:,} parameters; predictor "
+            f"{n_pred:,} parameters; lambda {lam:.4g}; {cfg.tokens_per_step:,} tokens per step")
+        result = train_loop(model, make_loss_fn(loss_cfg), corpus.batch_fn(cfg.batch_size), cfg,
+                            out_dir=work, valid_fn=valid_fn, resume=resume, log=log_fn, say=say)
 
-    records: List[dict] = []
-    progress = Progress(cfg.steps) if log is None else None
-
-    def log_fn(rec: dict) -> None:
-        records.append(dict(rec))
-        (log or progress)(rec)
-
-    def batch_fn(k: int) -> mx.array:
-        return mx.array(dataset.batch(k, cfg.batch_size))
-
-    result = train_loop(model, make_loss_fn(loss_cfg), batch_fn, cfg, out_dir=work,
-                        valid_fn=valid_fn, resume=resume, log=log_fn)
-    if progress is not None:
-        progress.close()
     save_as = disk_dtype if save_dtype == "base" else DTYPES[save_dtype]
     aux.set_dtype(save_as)
     predictor.set_dtype(save_as)
@@ -252,8 +272,7 @@ def run_kv_training(cfg, *, base_dir, aux_spec: str, train_files, valid_files, o
     training = {
         "aux_spec": aux_spec, "kv_weight": lam, "base_weight": loss_cfg.base_weight,
         "aux_weight": loss_cfg.aux_weight, "predictor_init": predictor_init,
-        "config": cfg.to_dict(), "train_files": [str(f) for f in files],
-        "valid_files": [str(f) for f in vfiles], "tokens_seen": result["tokens_seen"],
+        "config": cfg.to_dict(), **files.describe(), "tokens_seen": result["tokens_seen"],
         "train_time_s": result["train_time_s"], "device": str(mx.default_device()),
         "valid_initial": initial, "valid_final": result["valid"],
     }
@@ -267,7 +286,5 @@ def run_kv_training(cfg, *, base_dir, aux_spec: str, train_files, valid_files, o
     artifact.save(out, force=force, base=base,
                   extra_files={"summary.json": json.dumps(summary, indent=1)})
     if not keep_work:
-        import shutil
-
-        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+        shutil.rmtree(work if own_work else work / "checkpoints", ignore_errors=True)
     return summary
