@@ -18,7 +18,7 @@ synchronous: the next draft depends on the tokens just accepted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Generator, List, Optional, Sequence
 
 import mlx.core as mx

@@ -128,16 +128,9 @@ def _check(q, k, v, index, q_positions, k_positions):
             _as_batched(k_positions, B, "k_positions"))
 
 
-def pruned_attention_reference(
-    q: mx.array,
-    k: mx.array,
-    v: mx.array,
-    index: mx.array,
-    *,
-    scale: float,
-    q_positions: Optional[mx.array] = None,
-    k_positions: Optional[mx.array] = None,
-) -> mx.array:
+def pruned_attention_reference(q: mx.array, k: mx.array, v: mx.array, index: mx.array, *, scale: float,
+                               q_positions: Optional[mx.array] = None,
+                               k_positions: Optional[mx.array] = None) -> mx.array:
     """Attention of ``q`` (B, H, Lq, D) over the slots ``index`` ((n,) or (B, n)) of ``k``/``v``
     (B, KVH, S, D), in plain MLX ops; causal by position when positions are given."""
     idx, qpos, kpos = _check(q, k, v, index, q_positions, k_positions)

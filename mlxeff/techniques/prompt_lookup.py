@@ -24,7 +24,7 @@ step, O(context x n), which at 10^4 tokens costs a few tens of microseconds on a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
