@@ -146,7 +146,6 @@ def generate_step(
     tokens = prompt
 
     def sample(logits):
-        nonlocal tokens
         if logits_processors:
             for proc in logits_processors:
                 logits = proc(tokens, logits)
