@@ -1,8 +1,8 @@
 """The OpenAI wire format: request bodies (pydantic), their checks, and the response objects.
 
 Request bodies follow OpenAI's completions and chat completions APIs; fields mlx-lm's server
-accepts beyond them (``top_k``, ``min_p``, ``repetition_penalty``, ``repetition_context_size``)
-are accepted too, and ``mlxeff`` carries technique specs (the OpenAI clients send it with
+accepts beyond them (``top_k``, ``min_p``, ``repetition_penalty`` and the ``*_context_size``
+of each penalty) are accepted too, and ``mlxeff`` carries technique specs (the OpenAI clients send it with
 ``extra_body``). Fields this server does not know are ignored, as OpenAI-compatible servers do;
 features it cannot honour (``n`` > 1, ``echo``, ``suffix``, tools) are refused with a 400 rather
 than silently ignored. Responses carry the statistics of ``mlxeff generate`` in ``usage``.
@@ -45,6 +45,8 @@ class _Body(BaseModel):
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     repetition_penalty: Optional[float] = Field(None, ge=0)
     repetition_context_size: Optional[int] = Field(None, ge=1)
+    presence_context_size: Optional[int] = Field(None, ge=1)
+    frequency_context_size: Optional[int] = Field(None, ge=1)
     logit_bias: Optional[Dict[str, float]] = None
     mlxeff: Optional[Dict[str, Any]] = None
 
@@ -160,7 +162,10 @@ def generation_options(body: _Body, defaults: Dict[str, Any], techniques: Dict[s
         stop=tuple(stop) + tuple(s for s in extra_stops if s not in stop), logprobs=logprobs,
         repetition_penalty=body.repetition_penalty,
         repetition_context_size=body.repetition_context_size or 20,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        presence_context_size=body.presence_context_size or 20,
+        frequency_penalty=body.frequency_penalty,
+        frequency_context_size=body.frequency_context_size or 20,
         logit_bias=bias, techniques=techniques)
 
 

@@ -78,7 +78,11 @@ def _token_text(tokenizer, token: int) -> str:
     return tokenizer.decode([token])
 
 
-def _logprob_entry(tokenizer, token: int, row: mx.array, top_n: int, offset: int) -> TokenLogprob:
+def _logprob_entry(tokenizer, token: int, row: mx.array, top_n: int, offset: int,
+                   text: str) -> TokenLogprob:
+    """The token's entry; its ``text`` is what it added to the output (the detokenizer's segment:
+    a token that ends inside a UTF-8 character adds nothing and the next adds the character), so
+    the entries' texts join to the output; alternatives are decoded on their own."""
     chosen = row[token].item()
     top: List[Tuple[int, str, float]] = []
     if top_n > 0:
@@ -87,7 +91,7 @@ def _logprob_entry(tokenizer, token: int, row: mx.array, top_n: int, offset: int
         order = mx.argsort(-vals)
         for i, v in zip(idx[order].tolist(), vals[order].tolist()):
             top.append((int(i), _token_text(tokenizer, int(i)), float(v)))
-    return TokenLogprob(token, _token_text(tokenizer, token), float(chosen), top, offset)
+    return TokenLogprob(token, text, float(chosen), top, offset)
 
 
 def run(model, tokenizer, prompt: Sequence[int], options: GenerationOptions, *, model_dir=None,
@@ -123,7 +127,7 @@ def run(model, tokenizer, prompt: Sequence[int], options: GenerationOptions, *, 
             offset = len(scanner.text)
             if options.logprobs is not None and last.token not in tokenizer.eos_token_ids:
                 entries.append(_logprob_entry(tokenizer, last.token, last.logprobs,
-                                              options.logprobs, offset))
+                                              options.logprobs, offset, last.text))
             text = scanner.add(last.text)
             if scanner.stopped_at is not None:
                 reason = "stop"
