@@ -119,7 +119,9 @@ def bench(
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="Also write the results as CSV to "
                                             "this file."),
     plot_file: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG plot of time to "
-                                             "first token and tokens per second per combination."),
+                                             "first token and tokens per second per combination, "
+                                             "and the numbers it shows as JSON beside it (same "
+                                             "name, .json)."),
     prefill_step_size: int = typer.Option(512, "--prefill-step-size", help="Prompt chunk length."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompts (the same for every "
                              "combination)."),
@@ -183,8 +185,12 @@ def bench(
         lib.write_atomic(json_file, lib.to_json(result).encode())
     if csv_file is not None:
         lib.write_atomic(csv_file, lib.to_csv(result).encode())
+    plot_json = None
     if plot_file is not None:
         lib.plot(result, plot_file)
-    written = [str(f) for f in (json_file, csv_file, plot_file) if f is not None]
+        plot_json = plot_file.with_suffix(".json")
+        if plot_json not in (json_file, plot_file):
+            lib.write_atomic(plot_json, lib.to_json(result).encode())
+    written = [str(f) for f in dict.fromkeys((json_file, csv_file, plot_file, plot_json)) if f is not None]
     if written:
         print(f"wrote {', '.join(written)}", file=sys.stderr)

@@ -88,6 +88,14 @@ def test_bench_command_writes_table_json_csv_and_plot(tiny, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
+def test_plot_comes_with_its_numbers(tiny, tmp_path):
+    proc = run_cli("--model", tiny, "-p", "8", "-n", "4", "-r", "1", "--plot", tmp_path / "b.png")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert [r["test"] for r in data["rows"]] == ["pp8", "tg4"] and data["machine"]["mlx"]
+
+
 def test_bench_command_outputs_and_flags(tiny):
     proc = run_cli("--model", tiny, "-p", "8,16", "-n", "0", "-r", "1", "-o", "json", "--no-baseline",
                    "--lookup")

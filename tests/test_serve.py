@@ -375,11 +375,11 @@ def test_serve_help_lists_every_option():
         assert flag in out, flag
 
 
-def test_serve_command(tiny):
+def test_serve_command(default):
+    """The command as a user runs it: the embedded model (stored in float16, cast to float32)."""
     env = dict(os.environ, MLXEFF_NO_OPENBLAS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "mlxeff.cli.main", "serve", "--model",
-                             str(tiny["path"]), "--port", "0", "--log-level", "warning",
-                             "--max-tokens", "6"],
+    proc = subprocess.Popen([sys.executable, "-m", "mlxeff.cli.main", "serve", "--port", "0",
+                             "--log-level", "warning", "--max-tokens", "6"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = ""
@@ -390,9 +390,12 @@ def test_serve_command(tiny):
         m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
         assert m, (line, proc.stderr.read() if proc.poll() is not None else "")
         server = {"url": m.group(0)}
-        out = client(server).completions.create(model="tiny", prompt="Once upon a time")
+        out = client(server).completions.create(model="default", prompt="Once upon a time")
         assert out.usage.completion_tokens <= 6
-        assert out.choices[0].text == reference(tiny, "Once upon a time", 6)
+        assert out.choices[0].text == reference(default, "Once upon a time", 6)
+        chat = client(server).chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "Hello"}], stream=True)
+        assert "".join(ch.choices[0].delta.content or "" for ch in chat)
         assert raw(server, "GET", "/health")[0] == 200
     finally:
         proc.terminate()

@@ -129,6 +129,11 @@ def create_app(served: ServedModel, worker: Optional[Worker] = None) -> FastAPI:
     from ..techniques import registry
 
     registry.techniques()  # import every technique module here, not on the worker thread
+    # Evaluate the weights here: a cast left lazy (``--dtype``) would be computed on this thread's
+    # stream, which MLX (streams are per thread) does not give the worker.
+    import mlx.core as mx
+
+    mx.eval(served.model.parameters())
     worker = worker or Worker()
 
     @asynccontextmanager
