@@ -329,6 +329,25 @@ def test_disconnect_mid_stream_stops_generation(tiny):
     assert_still_serving(tiny)
 
 
+def test_disconnect_while_waiting_stops_a_plain_request(tiny):
+    worker = tiny["app"].state.worker
+    cancelled = worker.cancelled
+    host, port = tiny["url"].split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "Once upon a time",
+                                                        "max_tokens": 100_000}),
+                 {"Content-Type": "application/json"})
+    deadline = time.monotonic() + 10
+    while worker.running is None:  # the generation has started
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    conn.sock.shutdown(2)
+    conn.close()
+    wait_idle(tiny)
+    assert worker.cancelled == cancelled + 1
+    assert_still_serving(tiny)
+
+
 def test_health_answers_during_a_generation(tiny):
     conn, resp = open_stream(tiny, 100_000)
     resp.readline()

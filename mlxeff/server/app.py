@@ -113,14 +113,18 @@ def sse(obj) -> str:
 
 
 async def next_event(job: Job, request: Optional[Request] = None):
-    """The job's next event; with ``request``, cancel the job if its client goes away."""
+    """The job's next event; with ``request``, cancel the job if its client goes away (checked
+    every ``DISCONNECT_POLL_S`` however fast the events come)."""
     while True:
+        if request is not None and time.monotonic() >= job.next_check:
+            job.next_check = time.monotonic() + DISCONNECT_POLL_S
+            if await request.is_disconnected():
+                job.cancel()
+                return DONE
         try:
             return await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
-            if request is not None and await request.is_disconnected():
-                job.cancel()
-                return DONE
+            continue
 
 
 def create_app(served: ServedModel, worker: Optional[Worker] = None) -> FastAPI:

@@ -52,6 +52,7 @@ class ServerThread:
     """``with ServerThread(app) as base_url:`` serves ``app`` on a free loopback port."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        self.app = app
         self.sock = bind(host, port)
         self.url = url(self.sock)
         self.server = make_server(app, log_level)
@@ -71,4 +72,7 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(30)
         self.sock.close()
+        worker = getattr(getattr(self.app, "state", None), "worker", None)
+        if worker is not None:  # normally stopped by the app's shutdown already
+            worker.stop()
         return None

@@ -42,6 +42,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     submitted: float = field(default_factory=time.perf_counter)
     started: Optional[float] = None
+    next_check: float = 0.0  # when the request handler next asks whether the client is still there
     _cancel: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -71,6 +72,7 @@ class Worker:
         self.completed = 0
         self.cancelled = 0
         self.failed = 0
+        self._stopping = False
         self._thread.start()
 
     @property
@@ -86,8 +88,11 @@ class Worker:
         return job
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.running is not None:
-            self.running.cancel()
+        """Cancel the running job and every queued one, then end the thread (idempotent)."""
+        self._stopping = True
+        running = self.running
+        if running is not None:
+            running.cancel()
         self._jobs.put(None)
         self._thread.join(timeout)
 
@@ -96,6 +101,8 @@ class Worker:
             job = self._jobs.get()
             if job is None:
                 return
+            if self._stopping:
+                job.cancel()
             if job.cancelled:
                 self.cancelled += 1
                 job.emit(DONE)
