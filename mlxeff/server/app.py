@@ -18,7 +18,7 @@ import asyncio
 import json
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Union
 
@@ -78,8 +78,6 @@ class ServedModel:
             raise RequestError(f"the prompt has {len(ids)} tokens; this server's context is "
                                f"{self.max_context} tokens (prompt and completion; --max-context)")
         if options.max_tokens > room:
-            from dataclasses import replace
-
             options = replace(options, max_tokens=room)
         return options
 

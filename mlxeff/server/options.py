@@ -49,7 +49,7 @@ class GenerationOptions:
     techniques: Dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.sampling = SamplingConfig(self.temp, self.top_p, self.top_k, self.min_p)
+        SamplingConfig(self.temp, self.top_p, self.top_k, self.min_p)  # raises SamplingError
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise RequestError(f"max_tokens must be an integer of at least 1, got {self.max_tokens!r}")
         self.stop = tuple(self.stop)
