@@ -23,8 +23,11 @@ from . import info as _info  # noqa: E402
 from . import kv_prediction as _kv_prediction  # noqa: E402
 from . import train as _train  # noqa: E402
 from . import eval as _eval  # noqa: E402
+from . import serve as _serve  # noqa: E402
+from . import chat as _chat  # noqa: E402
+from . import bench as _bench  # noqa: E402
 
-for _module in (_generate, _info, _convert, _train, _eval, _kv_prediction):
+for _module in (_generate, _info, _convert, _train, _eval, _kv_prediction, _serve, _chat, _bench):
     _module.register(app)
 
 OPENBLAS_CANDIDATES = (
