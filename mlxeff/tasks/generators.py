@@ -50,7 +50,7 @@ ANSWER_TOKENS = 8  # a one-word answer; the newline after it ends generation ear
 VALUE_TOKENS = 16  # a quoted 8-hex-digit value
 KEY_DIGITS = 8
 _TASK_CODES = {"multidoc-qa": 1, "kv-retrieval": 2, "copy": 3, "nq-open-oracle": 4, "kv75": 5,
-               "mixture": 6}
+               "mixture": 6, "filler": 7}
 _SPLIT_CODES = {"train": 0, "heldout": 1}
 _PLAIN = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 _ANSWER = re.compile(r"([A-Za-z]+(?:'[A-Za-z]+)?)[.,;:!?]*")
@@ -76,6 +76,8 @@ class Item:
 def item_rng(task: str, split: str, seed: int, index: int) -> np.random.Generator:
     if split not in _SPLIT_CODES:
         raise MlxeffError(f"unknown split {split!r} (train or heldout)")
+    if int(seed) < 0:
+        raise MlxeffError(f"--seed must be at least 0, got {seed}")
     return np.random.default_rng([_TASK_CODES[task], _SPLIT_CODES[split], int(seed), int(index)])
 
 
