@@ -40,15 +40,16 @@
 # - small: the v1 shape (17 layers, width 192, head_dim 32, 2 query heads per KV head, FFN
 #   multipliers 0.5 -> 4.0, divisor 32): 7,405,184 parameters, 14.8 MB in float16 + tokenizer =
 #   15.4 MB. 18 layers (7.72 M) would leave under 20 kB of room.
-# - large: deep and thin (MobileLLM, arXiv 2402.14905: at a fixed size, depth beats width for small
-#   models): 27 layers, width 288, head_dim 32 (6 -> 10 query heads), FFN divisor 64 so every
-#   projection's input width is a multiple of the affine group size (a width like 160 would stay
-#   in float16): 22,891,680 parameters. Affine 4-bit g64 stores 4.5 bits per block weight and the
-#   tied vocabulary matrix at 8.5 bits: about 14.1 MB + tokenizer = 14.6 MB. SeedLM 4-bit stores
-#   exactly 4 bits per block weight but leaves the vocabulary matrix in float16 (4.7 MB): about
-#   15.0 MB + tokenizer = 15.6 MB, the tighter of the two; 28 layers would reach 15.9 MB.
-#   Width 320 with 22 layers is about as large but shallower; width 256 needs 36 layers and a
-#   sixth more attention work per token at 2,048 positions than width 288 with 27.
+# - large: 21 layers, width 320, head_dim 32 (6 -> 10 query heads, 3 -> 5 KV heads), FFN widths
+#   192 -> 1280 (divisor 64): 22,297,344 parameters. Sizes measured on this shape (random weights,
+#   default tokenizer): affine 4-bit g64 with the tied vocabulary matrix at 8 bits 14,476,252 bytes;
+#   SeedLM 4-bit (exactly 4 bits per block weight, vocabulary matrix float16: 5.2 MB) about
+#   15.69 MB, the tighter of the two -- 22 layers would be 16.18 MB. Every projection's input width
+#   must be a multiple of the affine group (64): a width of 288 would leave every qkv_proj and
+#   proj_1 in float16 (36.5 MB). Deep and thin, as MobileLLM (arXiv 2402.14905) finds best for
+#   small models at a fixed size; the deeper 36 x 256 (23.8 M, also fitting both formats) has 70%
+#   more layers and 40% more attention work per token at 2,048 positions, and with training time
+#   fixed a faster model sees more tokens: LARGE_LAYERS=36 LARGE_DIM=256 trains it instead.
 # - Context 2048 for both (OpenELM's), 16 sequences per micro-batch x 4 accumulated = 131,072
 #   tokens per step, as v1 (256 x 512): micro-batches of 16 keep attention's saved activations
 #   within memory if the backward pass is not fused.
@@ -59,10 +60,9 @@
 #   the steps (at most 300), cosine to a tenth, weight decay 0.1, clipping 1.0, z-loss 1e-4, bf16
 #   compute with fp32 masters, seed 0.
 #
-# CPU dry run with tiny settings (the whole recipe in a minute or two; see the report in
-# benchmarks/RESULTS.md):
+# CPU dry run with tiny settings (the whole recipe, every phase, in a few minutes):
 #   SMALL_LAYERS=2 SMALL_DIM=64 SMALL_HEAD=16 LARGE_LAYERS=2 LARGE_DIM=64 LARGE_HEAD=16 SEQ=256 \
-#   BATCH=2 ACCUM=1 PROBE_STEPS=3 TRAIN_BUDGET=20 TASK_TOKENS=20000 DTYPE=float32 \
+#   BATCH=2 ACCUM=1 PROBE_STEPS=3 TRAIN_BUDGET=20 TASK_TOKENS=20000 DTYPE=float32 VALID_TOKENS=2048 \
 #   EVAL_ITEMS=3 EVAL_DOCS=3 EVAL_CONTEXT=200 EVAL_PAIRS=5 EVAL_COPY=30 PPL_TOKENS=4096 \
 #   PHASE=all OUT=/tmp/v2-out bash benchmarks/default_model_v2.sh /tmp/tiny-corpus /tmp/v2-run
 set -euo pipefail
@@ -81,9 +81,10 @@ PROBE_STEPS=${PROBE_STEPS:-20}
 TRAIN_BUDGET=${TRAIN_BUDGET:-720}   # seconds of side-by-side training (plan.json)
 CALL_SECONDS=${CALL_SECONDS:-540}   # a PHASE=train call stops its runs after this many seconds
 SMALL_LAYERS=${SMALL_LAYERS:-17} SMALL_DIM=${SMALL_DIM:-192} SMALL_HEAD=${SMALL_HEAD:-32} SMALL_DIV=${SMALL_DIV:-32} SMALL_LR=${SMALL_LR:-3e-3}
-LARGE_LAYERS=${LARGE_LAYERS:-27} LARGE_DIM=${LARGE_DIM:-288} LARGE_HEAD=${LARGE_HEAD:-32} LARGE_DIV=${LARGE_DIV:-64} LARGE_LR=${LARGE_LR:-2e-3}
+LARGE_LAYERS=${LARGE_LAYERS:-21} LARGE_DIM=${LARGE_DIM:-320} LARGE_HEAD=${LARGE_HEAD:-32} LARGE_DIV=${LARGE_DIV:-64} LARGE_LR=${LARGE_LR:-2e-3}
 EVAL_ITEMS=${EVAL_ITEMS:-200} EVAL_DOCS=${EVAL_DOCS:-10} EVAL_CONTEXT=${EVAL_CONTEXT:-2000}
 EVAL_PAIRS=${EVAL_PAIRS:-50} EVAL_COPY=${EVAL_COPY:-200} PPL_TOKENS=${PPL_TOKENS:-262144}
+VALID_TOKENS=${VALID_TOKENS:-262144}  # validation tokens of each in-training evaluation (4 per run)
 
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -z "${MLXEFF:-}" ]]; then
@@ -163,7 +164,7 @@ phase_train() {  # phase_train SECONDS
     local steps=${!s:-$(plan_value "$name" steps)} save=${!v:-$( [[ -f "$DEST/plan.json" ]] && plan_value "$name" save_every || echo 50)}
     echo "== train $name: $steps steps of $TOKENS_PER_STEP tokens (stopping after $secs s)" >&2
     train_run "$name" "$DEST/$name" "$steps" "$save" "$secs" \
-      --valid "$DATA/valid.txt.gz" --eval-tokens 262144 --eval-every $(( steps / 4 > 0 ? steps / 4 : 1 )) & pids+=($!)
+      --valid "$DATA/valid.txt.gz" --eval-tokens "$VALID_TOKENS" --eval-every $(( steps / 4 > 0 ? steps / 4 : 1 )) & pids+=($!)
   done
   local rc=0
   for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid" || rc=$?; done
@@ -185,7 +186,6 @@ case "$PHASE" in
     call_start=$SECONDS
     [[ -f "$DEST/cache/.prepared" ]] || { phase_prepare; touch "$DEST/cache/.prepared"; }
     if [[ -z "${SMALL_STEPS:-}" || -z "${LARGE_STEPS:-}" ]]; then phase_probe; fi
-    [[ -f "$DEST/plan.json" ]] || { echo "error: no plan.json (run the probe or set SMALL_STEPS and LARGE_STEPS)" >&2; exit 1; }
     left=$(( CALL_SECONDS - (SECONDS - call_start) ))
     if (( left < 60 )); then echo "== no time left in this call; run PHASE=train again" >&2; $HELPER status --dest "$DEST"; exit 0; fi
     phase_train "$left" ;;

@@ -58,12 +58,8 @@ def evaluate(
     perplexity and bits per byte of a text (--perplexity), or a model's accuracy on a task with its
     95% interval (--task; generated tasks run greedy decoding through the generation engine)."""
 
-    from mlxeff import progress
-
     if (text is None) == (task is None):
         fail("give either --perplexity FILE or --task NAME")
-    if json_output:
-        progress.configure(False)
     if task is not None:
         task_command(model, task, data=data, docs=docs, context_tokens=context_tokens, limit=limit,
                      seed=seed, dtype=dtype, json_output=json_output, hooks={})
@@ -100,7 +96,8 @@ def perplexity_command(model, text: Path, *, max_tokens, window, stride, batch_s
     truncated = max_tokens is not None and len(tokens) > max_tokens
     if truncated:
         tokens = tokens[:max_tokens]
-    result = perplexity(net, tokens, window=window, stride=stride, batch_size=batch_size)
+    result = perplexity(net, tokens, window=window, stride=stride, batch_size=batch_size,
+                        progress=False if json_output else None)
     out = {"model": str(path), "file": str(text), **result}
     if not truncated:
         # All tokens but the first are scored; bytes make the figure comparable across tokenizers.
@@ -130,7 +127,8 @@ def task_command(model, task: str, *, data, docs, context_tokens, limit, seed, d
     path, net, tokenizer = _load(model, dtype)
     result = runner.evaluate_task(net, tokenizer, task, data=data, docs=docs,
                                   context_tokens=context_tokens, limit=limit, seed=seed, hooks=hooks,
-                                  cache_dir=corpus.default_cache_dir())
+                                  cache_dir=corpus.default_cache_dir(),
+                                  progress=False if json_output else None)
     out = {"model": str(path), "data": None if data is None else str(data), **result}
     if json_output:
         print_json(out)
