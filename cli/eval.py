@@ -15,12 +15,6 @@ def register(app: typer.Typer) -> None:
     app.command("eval")(evaluate)
 
 
-def _task_help() -> str:
-    from mlxeff.tasks import TASKS
-
-    return "; ".join(f"{t.name}: {t.description}" for t in TASKS.values())
-
-
 def evaluate(
     model: Optional[Path] = typer.Argument(None, help="An mlxeff model directory (default: the "
                                            "embedded model)."),

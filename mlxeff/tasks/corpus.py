@@ -26,7 +26,7 @@ import hashlib
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -67,7 +67,6 @@ class BookSplit:
     files: List[Path]
     text: str
     shared: Optional[np.ndarray] = None  # offsets of windows also in the training split
-    _spans: list = field(default_factory=list, repr=False)
 
     @classmethod
     def from_texts(cls, name: str, texts: Sequence[str], files: Sequence[Path] = (),
