@@ -130,21 +130,21 @@ def task_command(model, task: str, *, data, docs, context_tokens, limit, seed, d
     s = out["settings"]
     where = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s.items()
                       if v is not None and k in ("docs", "context_tokens"))
-    print(f"task:     {task} -- {info.description}" + (f" ({where})" if where else ""))
-    print(f"model:    {path}")
+    print(f"task:                   {task} -- {info.description}" + (f" ({where})" if where else ""))
+    print(f"model:                  {path}")
     lo, hi = out["ci95"]
-    print(f"items:    {out['items']:,}")
-    print(f"{METRIC_NAMES[out['metric']] + ':':<22}{100 * out['accuracy']:.1f}%  "
+    print(f"items:                  {out['items']:,}")
+    print(f"{METRIC_NAMES[out['metric']] + ':':<24}{100 * out['accuracy']:.1f}%  "
           f"(95% interval {100 * lo:.1f}-{100 * hi:.1f}%, {out['interval']})")
     if "accuracy_norm" in out:
-        print(f"{'accuracy per character:':<22}{100 * out['accuracy_norm']:.1f}%")
+        print(f"{'accuracy per character:':<24}{100 * out['accuracy_norm']:.1f}%")
     if info.kind == "generate":
         for key in ("exact", "contains"):
             if key != out["metric"]:
-                print(f"{METRIC_NAMES[key] + ':':<22}{100 * out[key]:.1f}%")
+                print(f"{METRIC_NAMES[key] + ':':<24}{100 * out[key]:.1f}%")
         p = out["prompt_tokens"]
-        print(f"prompt tokens:        {p['mean']:,.0f} on average ({p['min']:,}-{p['max']:,})")
+        print(f"prompt tokens:          {p['mean']:,.0f} on average ({p['min']:,}-{p['max']:,})")
         if "by_position" in out and len(out["by_position"]) <= 20:
             cells = "  ".join(f"{k}: {100 * v['accuracy']:.0f}%" for k, v in out["by_position"].items())
-            print(f"by gold position:     {cells}")
+            print(f"by gold position:       {cells}")
     return out

@@ -14,6 +14,11 @@ from mlxeff.cli.main import app
 from mlxeff.errors import MlxeffError
 
 
+@pytest.fixture(autouse=True)
+def cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLXEFF_CACHE_DIR", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("clicorpus"))
@@ -23,8 +28,7 @@ def invoke(*args):
     return CliRunner().invoke(app, ["eval", *args])
 
 
-def test_task_json(corpus_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLXEFF_CACHE_DIR", str(tmp_path))
+def test_task_json(corpus_dir, tmp_path):
     r = invoke("--task", "kv-retrieval", "--docs", "3", "--limit", "2", "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
@@ -34,7 +38,7 @@ def test_task_json(corpus_dir, tmp_path, monkeypatch):
                "--context-tokens", "160", "--limit", "2")
     assert r.exit_code == 0, r.output
     assert "exact match:" in r.stdout and "95% interval" in r.stdout and "by gold position:" in r.stdout
-    assert list(tmp_path.glob("heldout-shared-*.npy"))  # the held-out overlap check was cached
+    assert list((tmp_path / "cache").glob("heldout-shared-*.npy"))  # the held-out overlap check was cached
 
 
 @pytest.mark.parametrize("args,message", [
