@@ -13,10 +13,11 @@
   side by side as they will), and writes DEST/plan.json: steps per model so both fill ``budget``
   seconds, checkpoint intervals of about 45 s.
 - ``status``: the newest checkpoint step of each run and whether its model is saved.
-- ``finish``: the candidates (small float16; large float16, affine 4-bit g64 with 8-bit vocabulary,
-  SeedLM 4-bit), their sizes, perplexity on the held-out books and the three tasks on held-out
-  items, greedy continuations; writes DEST/summary-v2.json and, with ``--out``, that summary, the
-  shippable candidates as tars and the training logs.
+- ``finish``: the candidates (small float16; large affine 4-bit g64 with 8-bit vocabulary, SeedLM
+  4-bit, float16), their sizes, perplexity on the held-out books and the three tasks on held-out
+  items, greedy continuations. Each measurement is cached in DEST/evals/, and none starts after
+  ``--seconds``: call it again to go on. Writes DEST/summary-v2.json and, with ``--out``, that
+  summary (partial until "done"), the shippable candidates as tars (when complete) and the logs.
 """
 
 from __future__ import annotations
@@ -149,53 +150,78 @@ def _convert(cli, src: Path, out: Path, *extra) -> None:
     (out.parent / f"{out.name}.convert.json").write_text(r.stdout)
 
 
-def evaluate_candidate(label: str, path: Path, data: Path, split, args) -> dict:
-    import mlx.core as mx
+UNITS = ("perplexity", "multidoc-qa", "kv-retrieval", "copy", "continuations")
+CANDIDATES = ("small-fp16", "large-affine4", "large-seedlm4", "large-fp16")  # in evaluation order
 
-    import mlxeff
+
+def measure(unit: str, path: Path, model, tok, data: Path, split, args) -> dict:
+    """One measurement of one candidate (a unit of ``finish``'s resumable work)."""
     from mlxeff import data as mdata
     from mlxeff.eval import perplexity
     from mlxeff.generate import generate
-    from mlxeff.summary import model_summary
     from mlxeff.tasks.runner import evaluate_task
 
-    model, tok = mlxeff.load(path)
-    if mx.default_device() == mx.cpu:
-        model.set_dtype(mx.float32)  # as `mlxeff eval --dtype auto` on the CPU
-    res = {"path": str(path), "bytes": _size(path), "fits": _size(path) <= LIMIT_BYTES}
-    info = model_summary(path)
-    res.update(parameters=info["parameters"], bits_per_weight=info["bits_per_weight"])
     tic = time.perf_counter()
-    valid = Path(data) / "valid.txt.gz"
-    tokens = mdata.tokenize_files([valid], tok, Path(args.dest) / "cache")[:args.ppl_tokens]
-    ppl = perplexity(model, tokens, window=512, stride=256, batch_size=64, progress=False)
-    res["perplexity"] = {**ppl, "max_tokens": args.ppl_tokens, "seconds": time.perf_counter() - tic,
-                         "command": f"mlxeff eval {path} --perplexity {valid} --window 512 "
-                                    f"--stride 256 --max-tokens {args.ppl_tokens}"}
-    tasks = {"multidoc-qa": dict(docs=args.docs, context_tokens=args.context_tokens),
-             "kv-retrieval": dict(docs=args.pairs), "copy": dict(context_tokens=args.copy_tokens)}
-    res["tasks"] = {}
-    for name, kw in tasks.items():
-        tic = time.perf_counter()
-        r = evaluate_task(model, tok, name, data=data, limit=args.items, split=split,
-                          progress=False, **kw)
+    if unit == "perplexity":
+        valid = Path(data) / "valid.txt.gz"
+        tokens = mdata.tokenize_files([valid], tok, Path(args.dest) / "cache")[:args.ppl_tokens]
+        r = perplexity(model, tokens, window=512, stride=256, batch_size=64, progress=False)
+        r.update(max_tokens=args.ppl_tokens, command=f"mlxeff eval {path} --perplexity {valid} "
+                 f"--window 512 --stride 256 --max-tokens {args.ppl_tokens}")
+    elif unit == "continuations":
+        r = {"texts": [{"prompt": p, "text": generate(model, tok, p, max_tokens=60)} for p in PROMPTS]}
+    else:
+        kw = {"multidoc-qa": dict(docs=args.docs, context_tokens=args.context_tokens),
+              "kv-retrieval": dict(docs=args.pairs), "copy": dict(context_tokens=args.copy_tokens)}[unit]
+        r = evaluate_task(model, tok, unit, data=data, limit=args.items, split=split, progress=False, **kw)
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in kw.items())
-        r.update(seconds=time.perf_counter() - tic,
-                 command=f"mlxeff eval {path} --task {name} --data {data} {flags} --limit {args.items}")
-        res["tasks"][name] = r
-        print(f"== {label} {name}: {100 * r['accuracy']:.1f}% "
-              f"[{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}] ({r['seconds']:.0f} s)",
-              file=sys.stderr)
-    res["continuations"] = [{"prompt": p, "text": generate(model, tok, p, max_tokens=60)}
-                            for p in PROMPTS]
-    print(f"== {label}: perplexity {ppl['ppl']:.3f}, {res['bytes']:,} bytes", file=sys.stderr)
-    return res
+        r["command"] = f"mlxeff eval {path} --task {unit} --data {data} {flags} --limit {args.items}"
+    r["seconds"] = time.perf_counter() - tic
+    return r
+
+
+def evaluate_candidates(candidates: dict, args, deadline: float) -> dict:
+    """Every unit of every candidate, each cached in DEST/evals/; a unit starts only before
+    ``deadline`` (time.monotonic()), so a call stays within its limit and the next one goes on."""
+    import mlx.core as mx
+
+    import mlxeff
+    from mlxeff.summary import model_summary
+    from mlxeff.tasks.corpus import load_split
+
+    evals = Path(args.dest) / "evals"
+    evals.mkdir(exist_ok=True)
+    split, out = None, {}
+    for name, path in candidates.items():
+        size = _size(path)
+        info = model_summary(path)
+        res = {"path": str(path), "bytes": size, "fits": size <= LIMIT_BYTES,
+               "parameters": info["parameters"], "bits_per_weight": info["bits_per_weight"]}
+        model = tok = None
+        for unit in UNITS:
+            cached = evals / f"{name}.{unit}.json"
+            if not cached.is_file():
+                if time.monotonic() > deadline:
+                    continue
+                if model is None:
+                    model, tok = mlxeff.load(path)
+                    if mx.default_device() == mx.cpu:
+                        model.set_dtype(mx.float32)  # as `mlxeff eval --dtype auto` on the CPU
+                if split is None and unit in ("multidoc-qa", "copy"):
+                    split = load_split(args.data, "heldout", Path(args.dest) / "cache")
+                r = measure(unit, path, model, tok, Path(args.data), split, args)
+                cached.write_text(json.dumps(r, indent=1))
+                key = r.get("accuracy", r.get("ppl"))
+                print(f"== {name} {unit}: {key if key is None else round(key, 4)} ({r['seconds']:.0f} s)",
+                      file=sys.stderr)
+            res[unit] = json.loads(cached.read_text())
+        out[name] = res
+    return out
 
 
 def finish(args) -> None:
-    from mlxeff.tasks.corpus import load_split
-
     dest = Path(args.dest)
+    deadline = time.monotonic() + args.seconds
     cli = args.cli.split()
     for name in MODELS:
         if not (dest / name / "model" / "config.json").is_file():
@@ -206,12 +232,12 @@ def finish(args) -> None:
              "--bits", "4", "--group-size", "64")
     _convert(cli, dest / "large" / "model", cand / "large-seedlm4", "--quantize", "seedlm",
              "--bits", "4")
-    candidates = {"small-fp16": dest / "small" / "model", "large-fp16": dest / "large" / "model",
-                  "large-affine4": cand / "large-affine4", "large-seedlm4": cand / "large-seedlm4"}
-    split = load_split(args.data, "heldout", dest / "cache")
+    paths = {"small-fp16": dest / "small" / "model", "large-fp16": dest / "large" / "model",
+             "large-affine4": cand / "large-affine4", "large-seedlm4": cand / "large-seedlm4"}
+    candidates = {n: paths[n] for n in CANDIDATES}
     summary = {"data": str(args.data), "settings": {k: getattr(args, k) for k in (
         "items", "docs", "context_tokens", "pairs", "copy_tokens", "ppl_tokens")},
-        "limit_bytes": LIMIT_BYTES, "candidates": {}}
+        "limit_bytes": LIMIT_BYTES}
     for f in ("plan.json", "mixture.json"):
         if (dest / f).is_file():
             summary[f[:-5]] = json.loads((dest / f).read_text())
@@ -219,23 +245,22 @@ def finish(args) -> None:
         s = json.loads((dest / name / "summary.json").read_text())
         s.pop("history", None)
         summary[f"train_{name}"] = s
-    for name, path in candidates.items():
-        summary["candidates"][name] = evaluate_candidate(name, path, Path(args.data), split, args)
-    fits = {n: c for n, c in summary["candidates"].items() if c["fits"]}
-    summary["best_fitting_by_multidoc"] = max(
-        fits, key=lambda n: fits[n]["tasks"]["multidoc-qa"]["accuracy"]) if fits else None
+    summary["candidates"] = evaluate_candidates(candidates, args, deadline)
+    missing = [f"{n}.{u}" for n, c in summary["candidates"].items() for u in UNITS if u not in c]
+    summary["complete"] = not missing
     (dest / "summary-v2.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps({n: {"bytes": c["bytes"], "ppl": round(c["perplexity"]["ppl"], 3),
-                          **{t: round(r["accuracy"], 4) for t, r in c["tasks"].items()}}
+    print(json.dumps({n: {"bytes": c["bytes"], **{u: round(c[u].get("accuracy", c[u].get("ppl", 0)), 4)
+                                                  for u in UNITS[:4] if u in c}}
                       for n, c in summary["candidates"].items()}, indent=1))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy(dest / "summary-v2.json", out / "summary-v2.json")
-        for name, path in candidates.items():
-            if summary["candidates"][name]["fits"]:
-                with tarfile.open(out / f"{name}.tar", "w") as tar:
-                    tar.add(path, arcname=name)
+        if not missing:
+            for name, path in candidates.items():
+                if summary["candidates"][name]["fits"]:
+                    with tarfile.open(out / f"{name}.tar", "w") as tar:
+                        tar.add(path, arcname=name)
         with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
             for name in MODELS:
                 for f in ("train.log", "summary.json"):
@@ -245,6 +270,10 @@ def finish(args) -> None:
                 if (dest / f).is_file():
                     tar.add(dest / f, arcname=f)
         print(f"== copied to {out}: {sorted(p.name for p in out.iterdir())}", file=sys.stderr)
+    if missing:
+        print(f"== incomplete ({len(missing)} measurements left, e.g. {missing[0]}): run PHASE=finish "
+              "again", file=sys.stderr)
+    print("done" if not missing else "incomplete")
 
 
 def main(argv=None) -> int:
@@ -274,6 +303,8 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", type=int, default=50)
     p.add_argument("--copy-tokens", type=int, default=200)
     p.add_argument("--ppl-tokens", type=int, default=262144)
+    p.add_argument("--seconds", type=float, default=1e9, help="start no measurement after this many "
+                   "seconds (the next call goes on)")
     args = ap.parse_args(argv)
     try:
         {"prepare": prepare, "plan": plan, "status": status, "finish": finish}[args.command](args)

@@ -6,7 +6,8 @@
 #
 #   PHASE=train  bash benchmarks/default_model_v2.sh DATA [DEST]   # first call: prepare, probe, train
 #   PHASE=train  bash benchmarks/default_model_v2.sh DATA [DEST]   # again until it prints "done"
-#   PHASE=finish bash benchmarks/default_model_v2.sh DATA [DEST]   # quantize, evaluate, deliver
+#   PHASE=finish bash benchmarks/default_model_v2.sh DATA [DEST]   # quantize, evaluate, deliver;
+#                                                                   # again until it prints "done"
 #   PHASE=all    bash benchmarks/default_model_v2.sh DATA [DEST]   # everything, no time limit
 #
 # DATA holds train-*.txt.gz and valid.txt.gz (the Gutenberg children's corpus); DEST (default
@@ -31,7 +32,11 @@
 #   4-bit (vocabulary matrix float16), measures sizes, perplexity on valid.txt.gz (window 512,
 #   stride 256, first PPL_TOKENS tokens) and the three tasks on EVAL_ITEMS held-out items
 #   (multi-document QA EVAL_DOCS passages in ~EVAL_CONTEXT tokens, key-value retrieval EVAL_PAIRS
-#   pairs, copy of EVAL_COPY tokens) for every candidate.
+#   pairs, copy of EVAL_COPY tokens) for every candidate, in the order small-fp16, large-affine4,
+#   large-seedlm4, large-fp16 (the float16 large model is the reference for the quantization loss).
+#   Each measurement is cached (DEST/evals/); a call starts none after FINISH_SECONDS (a copy
+#   measurement decodes 200 x 200 tokens at batch 1) and prints "done" or "incomplete". $OUT gets
+#   the (partial) summary every call, the tars once complete.
 #
 # Choices (budget: 16 MB for the shipped directory, tokenizer included; about 18 minutes of H100
 # time for both trainings together, the probe included):
@@ -80,6 +85,7 @@ DTYPE=${DTYPE:-bfloat16}
 PROBE_STEPS=${PROBE_STEPS:-20}
 TRAIN_BUDGET=${TRAIN_BUDGET:-720}   # seconds of side-by-side training (plan.json)
 CALL_SECONDS=${CALL_SECONDS:-540}   # a PHASE=train call stops its runs after this many seconds
+FINISH_SECONDS=${FINISH_SECONDS:-330}  # a PHASE=finish call starts no measurement after this
 SMALL_LAYERS=${SMALL_LAYERS:-17} SMALL_DIM=${SMALL_DIM:-192} SMALL_HEAD=${SMALL_HEAD:-32} SMALL_DIV=${SMALL_DIV:-32} SMALL_LR=${SMALL_LR:-3e-3}
 LARGE_LAYERS=${LARGE_LAYERS:-21} LARGE_DIM=${LARGE_DIM:-320} LARGE_HEAD=${LARGE_HEAD:-32} LARGE_DIV=${LARGE_DIV:-64} LARGE_LR=${LARGE_LR:-2e-3}
 EVAL_ITEMS=${EVAL_ITEMS:-200} EVAL_DOCS=${EVAL_DOCS:-10} EVAL_CONTEXT=${EVAL_CONTEXT:-2000}
@@ -176,7 +182,7 @@ phase_train() {  # phase_train SECONDS
 phase_finish() {
   $HELPER finish --data "$DATA" --dest "$DEST" --cli "$MLXEFF" ${OUT:+--out "$OUT"} \
     --items "$EVAL_ITEMS" --docs "$EVAL_DOCS" --context-tokens "$EVAL_CONTEXT" --pairs "$EVAL_PAIRS" \
-    --copy-tokens "$EVAL_COPY" --ppl-tokens "$PPL_TOKENS"
+    --copy-tokens "$EVAL_COPY" --ppl-tokens "$PPL_TOKENS" --seconds "$1"
 }
 
 case "$PHASE" in
@@ -189,11 +195,11 @@ case "$PHASE" in
     left=$(( CALL_SECONDS - (SECONDS - call_start) ))
     if (( left < 60 )); then echo "== no time left in this call; run PHASE=train again" >&2; $HELPER status --dest "$DEST"; exit 0; fi
     phase_train "$left" ;;
-  finish) phase_finish ;;
+  finish) phase_finish "$FINISH_SECONDS" ;;
   all)
     [[ -f "$DEST/cache/.prepared" ]] || { phase_prepare; touch "$DEST/cache/.prepared"; }
     if [[ -z "${SMALL_STEPS:-}" || -z "${LARGE_STEPS:-}" ]]; then phase_probe; fi
     phase_train 100000000
-    phase_finish ;;
+    phase_finish 1000000000 ;;
   *) echo "error: PHASE must be prepare, probe, train, finish or all (got $PHASE)" >&2; exit 1 ;;
 esac
