@@ -1,4 +1,4 @@
-"""``mlxeff eval``: perplexity of a model on a text file."""
+"""``mlxeff eval``: perplexity of a model on a text file, or its score on a task."""
 
 from __future__ import annotations
 
@@ -18,41 +18,80 @@ def register(app: typer.Typer) -> None:
 def evaluate(
     model: Optional[Path] = typer.Argument(None, help="An mlxeff model directory (default: the "
                                            "embedded model)."),
-    text: Path = typer.Option(..., "--perplexity", help="Text to score: .txt or .txt.gz (one "
-                              "document, followed by EOS, as in training)."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score only the first N "
-                                             "tokens."),
-    window: int = typer.Option(512, "--window", help="Tokens per window (context + scored)."),
-    stride: Optional[int] = typer.Option(None, "--stride", help="Distance between window starts "
-                                         "(default window/2); each token is scored once."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Windows per forward pass."),
+    text: Optional[Path] = typer.Option(None, "--perplexity", help="Text to score: .txt or .txt.gz "
+                                        "(one document, followed by EOS, as in training)."),
+    task: Optional[str] = typer.Option(None, "--task", help="A task instead of --perplexity: "
+                                       "multidoc-qa, kv-retrieval, copy (generated; held-out books), "
+                                       "nq-open-oracle, kv75 (generated from the sets), "
+                                       "lambada_openai, arc_easy, piqa (log-probabilities)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="--task's data: the corpus directory "
+                                        "(valid.txt.gz beside train-*.txt.gz) for multidoc-qa and "
+                                        "copy; the set's .jsonl.gz file, or its directory, for the "
+                                        "others."),
+    docs: Optional[int] = typer.Option(None, "--docs", help="Passages per prompt (multidoc-qa 10, "
+                                       "nq-open-oracle 10) or key-value pairs (kv-retrieval 50, "
+                                       "kv75 75)."),
+    context_tokens: Optional[int] = typer.Option(None, "--context-tokens", help="Prompt size in "
+                                                 "tokens (multidoc-qa, about; default 2000) or the "
+                                                 "passage to copy (copy; default 200)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Items to score (generated tasks: "
+                                        "default 200; sets: all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the generated items and distractors."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="--perplexity: score only "
+                                             "the first N tokens."),
+    window: int = typer.Option(512, "--window", help="--perplexity: tokens per window (context + "
+                               "scored)."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="--perplexity: distance between "
+                                         "window starts (default window/2); each token is scored "
+                                         "once."),
+    batch_size: int = typer.Option(16, "--batch-size", help="--perplexity: windows per forward pass."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object (and no progress)."),
 ):
     """Print the number of scored tokens, their mean negative log-likelihood (nats), the
-    perplexity and bits per byte of the text."""
+    perplexity and bits per byte of a text (--perplexity), or a model's accuracy on a task with its
+    95% interval (--task; generated tasks run greedy decoding through the generation engine)."""
 
+    if (text is None) == (task is None):
+        fail("give either --perplexity FILE or --task NAME")
+    if task is not None:
+        task_command(model, task, data=data, docs=docs, context_tokens=context_tokens, limit=limit,
+                     seed=seed, dtype=dtype, json_output=json_output, hooks={})
+        return
+    perplexity_command(model, text, max_tokens=max_tokens, window=window, stride=stride,
+                       batch_size=batch_size, dtype=dtype, json_output=json_output)
+
+
+def _load(model: Optional[Path], dtype: str):
     import mlxeff
-    from mlxeff import data
-    from mlxeff.eval import perplexity
     from mlxeff.io import resolve_model_dir
 
-    if max_tokens is not None and max_tokens < 2:
-        fail("--max-tokens must be at least 2")
-    if batch_size < 1:
-        fail("--batch-size must be at least 1")
     path = resolve_model_dir(model)
     net, tokenizer = mlxeff.load(path)
     if tokenizer is None:
         fail(f"{path}: no tokenizer files (tokenizer.json)")
     apply_compute_dtype(net, dtype)
+    return path, net, tokenizer
+
+
+def perplexity_command(model, text: Path, *, max_tokens, window, stride, batch_size, dtype,
+                       json_output) -> None:
+    from mlxeff import data
+    from mlxeff.eval import perplexity
+
+    if max_tokens is not None and max_tokens < 2:
+        fail("--max-tokens must be at least 2")
+    if batch_size < 1:
+        fail("--batch-size must be at least 1")
+    path, net, tokenizer = _load(model, dtype)
     files = data.expand_files([str(text)], "text")
     raw = data.read_text(files[0])
     tokens = data.tokenize_files(files, tokenizer)
     truncated = max_tokens is not None and len(tokens) > max_tokens
     if truncated:
         tokens = tokens[:max_tokens]
-    result = perplexity(net, tokens, window=window, stride=stride, batch_size=batch_size)
+    result = perplexity(net, tokens, window=window, stride=stride, batch_size=batch_size,
+                        progress=False if json_output else None)
     out = {"model": str(path), "file": str(text), **result}
     if not truncated:
         # All tokens but the first are scored; bytes make the figure comparable across tokenizers.
@@ -65,3 +104,47 @@ def evaluate(
     print(f"perplexity: {result['ppl']:.3f}  (window {result['window']}, stride {result['stride']})")
     if "bits_per_byte" in out:
         print(f"bits per byte: {out['bits_per_byte']:.4f}")
+
+
+METRIC_NAMES = {"exact": "exact match", "contains": "contains the answer",
+                "token_accuracy": "tokens copied exactly", "accuracy": "accuracy"}
+
+
+def task_command(model, task: str, *, data, docs, context_tokens, limit, seed, dtype, json_output,
+                 hooks: dict) -> dict:
+    """Score a model on a task; ``hooks`` are engine keyword arguments (``prefill``, ``decode``,
+    ...) that technique options build, passed through unchanged."""
+    from mlxeff.tasks import corpus, get_task, runner
+
+    info = get_task(task)
+    runner.check_options(info, docs, context_tokens, limit, hooks)  # before loading anything
+    path, net, tokenizer = _load(model, dtype)
+    result = runner.evaluate_task(net, tokenizer, task, data=data, docs=docs,
+                                  context_tokens=context_tokens, limit=limit, seed=seed, hooks=hooks,
+                                  cache_dir=corpus.default_cache_dir(),
+                                  progress=False if json_output else None)
+    out = {"model": str(path), "data": None if data is None else str(data), **result}
+    if json_output:
+        print_json(out)
+        return out
+    s = out["settings"]
+    where = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s.items()
+                      if v is not None and k in ("docs", "context_tokens"))
+    print(f"task:                   {task} -- {info.description}" + (f" ({where})" if where else ""))
+    print(f"model:                  {path}")
+    lo, hi = out["ci95"]
+    print(f"items:                  {out['items']:,}")
+    print(f"{METRIC_NAMES[out['metric']] + ':':<24}{100 * out['accuracy']:.1f}%  "
+          f"(95% interval {100 * lo:.1f}-{100 * hi:.1f}%, {out['interval']})")
+    if "accuracy_norm" in out:
+        print(f"{'accuracy per character:':<24}{100 * out['accuracy_norm']:.1f}%")
+    if info.kind == "generate":
+        for key in ("exact", "contains"):
+            if key != out["metric"]:
+                print(f"{METRIC_NAMES[key] + ':':<24}{100 * out[key]:.1f}%")
+        p = out["prompt_tokens"]
+        print(f"prompt tokens:          {p['mean']:,.0f} on average ({p['min']:,}-{p['max']:,})")
+        if "by_position" in out and len(out["by_position"]) <= 20:
+            cells = "  ".join(f"{k}: {100 * v['accuracy']:.0f}%" for k, v in out["by_position"].items())
+            print(f"by gold position:       {cells}")
+    return out

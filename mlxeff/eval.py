@@ -12,6 +12,10 @@
 - ``greedy_tokens`` runs the generation engine (so prefill/decode/attention hooks apply);
   ``greedy_agreement`` is the position-wise match fraction of two token lists and
   ``prefix_agreement`` the fraction of identical leading tokens (both over the shorter length).
+
+Long loops report through ``mlxeff.progress.bar`` (``progress=None``: a bar when stderr is a
+terminal). Generation tasks (multi-document QA, key-value retrieval, copy, ...) live in
+``mlxeff.tasks``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import MlxeffError
+from .progress import bar
 
 
 def _token_logprobs(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.array:
@@ -34,8 +39,9 @@ def _token_logprobs(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx
 
 
 def perplexity(model: nn.Module, tokens, window: int = 512, stride: Optional[int] = None,
-               batch_size: int = 16) -> Dict[str, float]:
-    """Sliding-window perplexity of a 1-D token sequence (see the module docstring)."""
+               batch_size: int = 16, progress: Optional[bool] = None) -> Dict[str, float]:
+    """Sliding-window perplexity of a 1-D token sequence (see the module docstring); ``progress``
+    shows a bar over the windows (None: when stderr is a terminal)."""
     tokens = np.asarray(tokens)
     if window < 2:
         raise MlxeffError(f"window must be at least 2, got {window}")
@@ -59,16 +65,18 @@ def perplexity(model: nn.Module, tokens, window: int = 512, stride: Optional[int
     total, count = 0.0, 0
     full = [s for s in spans if s[1] - s[0] == window]
     rest = [s for s in spans if s[1] - s[0] != window]
-    for group in (full, rest):
-        for i in range(0, len(group), batch_size):
-            chunk = group[i:i + batch_size]
-            batch = mx.array(np.stack([tokens[b:e] for b, e, _ in chunk]).astype(np.int32))
-            lp = _token_logprobs(model, batch[:, :-1], batch[:, 1:])
-            # target j of a window starting at b is position b + 1 + j
-            offs = np.array([f - b - 1 for b, _, f in chunk])
-            mask = mx.array(np.arange(batch.shape[1] - 1)[None, :] >= offs[:, None])
-            total += float((lp * mask).sum().item())
-            count += int(mask.sum().item())
+    with bar(total=len(spans), desc="perplexity", unit="window", show=progress) as pbar:
+        for group in (full, rest):
+            for i in range(0, len(group), batch_size):
+                chunk = group[i:i + batch_size]
+                batch = mx.array(np.stack([tokens[b:e] for b, e, _ in chunk]).astype(np.int32))
+                lp = _token_logprobs(model, batch[:, :-1], batch[:, 1:])
+                # target j of a window starting at b is position b + 1 + j
+                offs = np.array([f - b - 1 for b, _, f in chunk])
+                mask = mx.array(np.arange(batch.shape[1] - 1)[None, :] >= offs[:, None])
+                total += float((lp * mask).sum().item())
+                count += int(mask.sum().item())
+                pbar.update(len(chunk))
     nll = -total / count
     return {"tokens": count, "nll": nll, "ppl": math.exp(min(nll, 700.0)), "window": window,
             "stride": stride}
@@ -103,47 +111,61 @@ def _encode(tokenizer, text: str) -> List[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def _total(items, limit: Optional[int]) -> Optional[int]:
+    n = len(items) if hasattr(items, "__len__") else None
+    return limit if n is None else (n if limit is None else min(n, limit))
+
+
 def multiple_choice(model: nn.Module, tokenizer, items: Iterable[dict], delimiter: str = " ",
-                    limit: Optional[int] = None) -> Dict[str, float]:
-    """Zero-shot accuracy on {query, choices, gold} items."""
+                    limit: Optional[int] = None, progress: Optional[bool] = None) -> Dict[str, float]:
+    """Zero-shot accuracy on {query, choices, gold} items (``correct``/``correct_norm``: counts)."""
     correct = correct_norm = n = 0
-    for item in items:
-        if limit is not None and n >= limit:
-            break
-        try:
-            query, choices, gold = item["query"], item["choices"], int(item["gold"])
-        except (KeyError, TypeError, ValueError):
-            raise MlxeffError(f"item {n}: expected fields query, choices, gold") from None
-        scores, norms = [], []
-        for choice in choices:
-            ctx, cont = _split_space(query + delimiter, choice)
-            lp, _ = _continuation_scores(model, _encode(tokenizer, ctx), _encode(tokenizer, cont))
-            scores.append(lp)
-            norms.append(lp / max(len(choice), 1))
-        correct += int(np.argmax(scores) == gold)
-        correct_norm += int(np.argmax(norms) == gold)
-        n += 1
+    with bar(total=_total(items, limit), desc="multiple choice", unit="item", show=progress) as pbar:
+        for item in items:
+            if limit is not None and n >= limit:
+                break
+            try:
+                query, choices, gold = item["query"], item["choices"], int(item["gold"])
+            except (KeyError, TypeError, ValueError):
+                raise MlxeffError(f"item {n}: expected fields query, choices, gold") from None
+            scores, norms = [], []
+            for choice in choices:
+                ctx, cont = _split_space(query + delimiter, choice)
+                lp, _ = _continuation_scores(model, _encode(tokenizer, ctx), _encode(tokenizer, cont))
+                scores.append(lp)
+                norms.append(lp / max(len(choice), 1))
+            correct += int(np.argmax(scores) == gold)
+            correct_norm += int(np.argmax(norms) == gold)
+            n += 1
+            pbar.update(1)
     if n == 0:
         raise MlxeffError("no items to score")
-    return {"items": n, "accuracy": correct / n, "accuracy_norm": correct_norm / n}
+    return {"items": n, "accuracy": correct / n, "accuracy_norm": correct_norm / n,
+            "correct": correct, "correct_norm": correct_norm}
 
 
-def lambada(model: nn.Module, tokenizer, items: Iterable[dict],
-            limit: Optional[int] = None) -> Dict[str, float]:
+def lambada(model: nn.Module, tokenizer, items: Iterable[dict], limit: Optional[int] = None,
+            progress: Optional[bool] = None) -> Dict[str, float]:
     """Last-word accuracy and mean log-probability on {context, continuation} items."""
     correct = n = 0
     total_lp = 0.0
-    for item in items:
-        if limit is not None and n >= limit:
-            break
-        ctx, cont = _split_space(item["context"] + " ", item["continuation"].strip())
-        lp, greedy = _continuation_scores(model, _encode(tokenizer, ctx), _encode(tokenizer, cont))
-        correct += int(greedy)
-        total_lp += lp
-        n += 1
+    with bar(total=_total(items, limit), desc="lambada", unit="item", show=progress) as pbar:
+        for item in items:
+            if limit is not None and n >= limit:
+                break
+            try:
+                context, continuation = item["context"], item["continuation"]
+            except (KeyError, TypeError):
+                raise MlxeffError(f"item {n}: expected fields context, continuation") from None
+            ctx, cont = _split_space(context + " ", continuation.strip())
+            lp, greedy = _continuation_scores(model, _encode(tokenizer, ctx), _encode(tokenizer, cont))
+            correct += int(greedy)
+            total_lp += lp
+            n += 1
+            pbar.update(1)
     if n == 0:
         raise MlxeffError("no items to score")
-    return {"items": n, "accuracy": correct / n, "mean_logprob": total_lp / n}
+    return {"items": n, "accuracy": correct / n, "mean_logprob": total_lp / n, "correct": correct}
 
 
 def greedy_tokens(model: nn.Module, prompt_ids: Sequence[int], n: int, **generate_kwargs) -> List[int]:
