@@ -9,10 +9,11 @@ from typing import Optional
 import typer
 
 from .common import DTYPE_HELP, apply_compute_dtype, fail, print_json
+from .techniques import with_techniques
 
 
 def register(app: typer.Typer) -> None:
-    app.command("eval")(evaluate)
+    app.command("eval")(with_techniques(evaluate))
 
 
 def evaluate(
@@ -47,17 +48,21 @@ def evaluate(
     batch_size: int = typer.Option(16, "--batch-size", help="--perplexity: windows per forward pass."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (and no progress)."),
+    techniques: dict = None,
 ):
     """Print the number of scored tokens, their mean negative log-likelihood (nats), the
     perplexity and bits per byte of a text (--perplexity), or a model's accuracy on a task with its
-    95% interval (--task; generated tasks run greedy decoding through the generation engine)."""
+    95% interval (--task; generated tasks run greedy decoding through the generation engine, with
+    the techniques chosen by their flags below)."""
 
     if (text is None) == (task is None):
         fail("give either --perplexity FILE or --task NAME")
     if task is not None:
         task_command(model, task, data=data, docs=docs, context_tokens=context_tokens, limit=limit,
-                     seed=seed, dtype=dtype, json_output=json_output, hooks={})
+                     seed=seed, dtype=dtype, json_output=json_output, techniques=techniques)
         return
+    if techniques:
+        fail("technique options apply to --task (generation), not to --perplexity", code=2)
     perplexity_command(model, text, max_tokens=max_tokens, window=window, stride=stride,
                        batch_size=batch_size, dtype=dtype, json_output=json_output)
 
@@ -111,19 +116,28 @@ METRIC_NAMES = {"exact": "exact match", "contains": "contains the answer",
 
 
 def task_command(model, task: str, *, data, docs, context_tokens, limit, seed, dtype, json_output,
-                 hooks: dict) -> dict:
-    """Score a model on a task; ``hooks`` are engine keyword arguments (``prefill``, ``decode``,
-    ...) that technique options build, passed through unchanged."""
+                 techniques: Optional[dict] = None) -> dict:
+    """Score a model on a task; ``techniques`` (registry specs) become the engine's hooks, passed
+    through the runner unchanged."""
+    from mlxeff.errors import MlxeffError
     from mlxeff.tasks import corpus, get_task, runner
+    from mlxeff.techniques.registry import build_hooks
 
     info = get_task(task)
-    runner.check_options(info, docs, context_tokens, limit, hooks)  # before loading anything
+    runner.check_options(info, docs, context_tokens, limit, techniques)  # before loading anything
     path, net, tokenizer = _load(model, dtype)
+    try:
+        hooks = build_hooks(net, techniques, model_dir=path) if techniques else {}
+    except MlxeffError as e:
+        fail(str(e))
     result = runner.evaluate_task(net, tokenizer, task, data=data, docs=docs,
                                   context_tokens=context_tokens, limit=limit, seed=seed, hooks=hooks,
                                   cache_dir=corpus.default_cache_dir(),
                                   progress=False if json_output else None)
-    out = {"model": str(path), "data": None if data is None else str(data), **result}
+    out = {"model": str(path), "data": None if data is None else str(data),
+           "techniques": {k: {o: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+                              for o, v in opts.items()} for k, opts in (techniques or {}).items()},
+           **result}
     if json_output:
         print_json(out)
         return out
