@@ -170,15 +170,18 @@ def _discard(env: dict) -> None:
 
 
 def _loads(env: dict) -> bool:
-    """Whether a process starts with this environment (the loader finds every preloaded dependency)."""
+    """Whether a process starts with this environment and the loader complains of nothing: a
+    missing dependency of a preloaded library is fatal, an unloadable library only a warning."""
     try:
-        return subprocess.run([sys.executable, "-S", "-I", "-c", ""], env=env, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60).returncode == 0
+        p = subprocess.run([sys.executable, "-S", "-I", "-c", ""], env=env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return False
+    return p.returncode == 0 and not p.stderr.strip()
 
 
 _relaunch_info: Optional[dict] = None  # what the launch recorded, in a re-launched process
+_hinted = False  # the hint is printed once per process
 
 
 def user_preloaded_openblas() -> bool:
@@ -199,13 +202,16 @@ def relaunch_with_openblas(hint: bool = True) -> None:
         return
     if user_preloaded_openblas():
         return
+    # orig_argv repeats the interpreter's own flags (-P, -m ...) exactly as the user gave them; a
+    # caller that rewrote sys.argv (a test running main() in-process) is not what it would re-run.
+    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+    if len(sys.argv) > 1 and argv[len(argv) - len(sys.argv) + 1:] != sys.argv[1:]:
+        return
     for candidate in candidates():
         env = launch_environment(candidate)
         if not _loads(env):
             _discard(env)
             continue
-        # orig_argv repeats the interpreter's own flags (-P, -m ...) exactly as the user gave them.
-        argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
         try:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -213,8 +219,10 @@ def relaunch_with_openblas(hint: bool = True) -> None:
         except OSError:
             _discard(env)
             return
-    if hint and not os.environ.get(NO_HINT) and reference_blas_bundled():
+    global _hinted
+    if hint and not _hinted and not os.environ.get(NO_HINT) and reference_blas_bundled():
         print(HINT, file=sys.stderr, flush=True)
+        _hinted = True
 
 
 def restore_environment() -> Optional[dict]:

@@ -89,11 +89,16 @@ def _computes(args) -> bool:
     return args[0] not in _LIGHT_COMMANDS
 
 
-def _usage_error_line(e: ClickException) -> str:
+def _usage_error_line(e: ClickException, args) -> str:
     message = e.format_message()
-    ctx = getattr(e, "ctx", None)
-    if isinstance(e, UsageError) and ctx is not None:
-        message += f" (see '{ctx.command_path} -h')"
+    if isinstance(e, UsageError):
+        ctx = getattr(e, "ctx", None)
+        if ctx is not None:
+            path = ctx.command_path
+        else:  # the parser raises some errors (an option without its value) before a context exists
+            names = {c.name for c in app.registered_commands}
+            path = f"mlxeff {args[0]}" if args and args[0] in names else "mlxeff"
+        message += f" (see '{path} -h')"
     return f"error: {message}"
 
 
@@ -112,7 +117,7 @@ def main() -> None:
         if type(e).__name__ == "NoArgsIsHelpError":  # bare ``mlxeff``: the help, as typer shows it
             e.show()
         else:  # usage errors: one line, not click's box
-            typer.echo(_usage_error_line(e), err=True)
+            typer.echo(_usage_error_line(e, sys.argv[1:]), err=True)
         code = e.exit_code
     except typer.Abort:  # end of input at a prompt
         typer.echo("error: aborted", err=True)
@@ -122,6 +127,8 @@ def main() -> None:
         code = 1
     except KeyboardInterrupt:  # before the command ran (typer turns one inside it into exit 130)
         code = 130
+    finally:
+        _from_main = False
     if code == 130:  # typer's code for KeyboardInterrupt; no command exits with it itself
         typer.echo("interrupted", err=True)
     sys.exit(code if isinstance(code, int) else 0)
