@@ -102,6 +102,24 @@ def _usage_error_line(e: ClickException, args) -> str:
     return f"error: {message}"
 
 
+class _StderrLineEnd:
+    """``sys.stderr``, remembering whether the last text written ended its line: a progress bar
+    cut short by Ctrl-C leaves the cursor after it, and ``interrupted`` must start a line."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.at_line_start = True
+
+    def write(self, text):
+        n = self._stream.write(text)
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main() -> None:
     global _from_main
     from mlxeff.errors import MlxeffError
@@ -109,6 +127,8 @@ def main() -> None:
 
     _from_main = True
     blas.restore_environment()
+    stderr = sys.stderr = _StderrLineEnd(sys.stderr)
+    message = None
     try:
         if _computes(sys.argv[1:]):
             blas.relaunch_with_openblas()
@@ -117,20 +137,21 @@ def main() -> None:
         if type(e).__name__ == "NoArgsIsHelpError":  # bare ``mlxeff``: the help, as typer shows it
             e.show()
         else:  # usage errors: one line, not click's box
-            typer.echo(_usage_error_line(e, sys.argv[1:]), err=True)
+            message = _usage_error_line(e, sys.argv[1:])
         code = e.exit_code
     except typer.Abort:  # end of input at a prompt
-        typer.echo("error: aborted", err=True)
-        code = 1
+        message, code = "error: aborted", 1
     except (MlxeffError, ConfigError) as e:
-        typer.echo(f"error: {e}", err=True)
-        code = 1
+        message, code = f"error: {e}", 1
     except KeyboardInterrupt:  # before the command ran (typer turns one inside it into exit 130)
         code = 130
     finally:
         _from_main = False
+        sys.stderr = stderr._stream
     if code == 130:  # typer's code for KeyboardInterrupt; no command exits with it itself
-        typer.echo("interrupted", err=True)
+        message = "interrupted"
+    if message:
+        print(message if stderr.at_line_start else "\n" + message, file=sys.stderr, flush=True)
     sys.exit(code if isinstance(code, int) else 0)
 
 
