@@ -1,8 +1,8 @@
 """Which BLAS MLX's CPU backend runs on Linux, and re-launching ``mlxeff`` with OpenBLAS.
 
 MLX's Linux CPU wheel (``mlx[cpu]``) links the reference (netlib) BLAS and LAPACK it bundles: a
-float32 matmul runs there at ~6 GFLOP/s on a 2-core x86-64 VM, OpenBLAS at 130-190 GFLOP/s
-(benchmarks/RESULTS.md, "Fast CPU path"). libmlx resolves ``cblas_sgemm`` and the LAPACK routines
+float32 matmul ran 15-38x faster with OpenBLAS on a 2-core x86-64 VM (benchmarks/RESULTS.md,
+"Fast CPU path"). libmlx resolves ``cblas_sgemm`` and the LAPACK routines
 through the global symbol scope first, so an OpenBLAS in ``LD_PRELOAD`` takes over every call; the
 loader reads that variable only when a process starts, hence the re-launch (``os.execve``: same
 process id, arguments, standard streams and exit status).

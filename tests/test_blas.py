@@ -151,3 +151,34 @@ def test_in_process_main_never_relaunches(monkeypatch):
     monkeypatch.setattr(os, "execve", lambda *a: called.append(a))
     blas.relaunch_with_openblas(hint=False)
     assert called == []
+
+
+@linux_cpu_wheel
+@pip_openblas
+def test_eval_and_generate_state_the_blas_that_ran(saved_dir, tmp_path):
+    """As a user runs them: the pip OpenBLAS, stated on stderr after the results (stdout stays one
+    JSON object); the same perplexity as the reference BLAS to float32 rounding."""
+    import gzip
+
+    from conftest import TEXT
+
+    path, _ = saved_dir
+    text = tmp_path / "text.txt.gz"
+    text.write_bytes(gzip.compress(TEXT.encode()))
+    base = {k: v for k, v in os.environ.items() if k not in (blas.NO_OPENBLAS, "LD_PRELOAD")}
+
+    def mlxeff(*args, **env):
+        p = subprocess.run([sys.executable, "-m", "mlxeff.cli.main", *map(str, args)], capture_output=True,
+                           text=True, timeout=180, env={**base, blas.SEARCH: "pip", **env})
+        assert p.returncode == 0, p.stderr
+        return p.stdout, p.stderr.splitlines()
+
+    args = ("eval", path, "--perplexity", text, "--window", 32, "--stride", 16, "--json")
+    fast_out, fast_err = mlxeff(*args)
+    slow_out, slow_err = mlxeff(*args, **{blas.NO_OPENBLAS: "1"})
+    assert fast_err[-1].startswith("cpu blas: OpenBLAS") and blas.PIP_PACKAGE in fast_err[-1], fast_err
+    assert slow_err[-1] == f"cpu blas: reference BLAS bundled with MLX ({blas.NO_OPENBLAS}=1)", slow_err
+    assert json.loads(fast_out)["ppl"] == pytest.approx(json.loads(slow_out)["ppl"], rel=1e-4)
+    out, err = mlxeff("generate", "Once upon", "--model", path, "--max-tokens", 3, "--json")
+    assert json.loads(out)["generation_tokens"] >= 1
+    assert err[-1].startswith("cpu blas: OpenBLAS"), err
