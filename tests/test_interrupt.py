@@ -20,9 +20,9 @@ from conftest import make_model
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and terminals")
 
 
-def read_until(fd, needle: bytes, seconds: float) -> bytes:
+def read_until(fd, needles, seconds: float) -> bytes:
     out, end = b"", time.monotonic() + seconds
-    while needle not in out and time.monotonic() < end:
+    while not any(n in out for n in needles) and time.monotonic() < end:
         ready, _, _ = select.select([fd], [], [], 0.2)
         if ready:
             try:
@@ -39,8 +39,9 @@ def test_ctrl_c_during_seedlm_encoding(tmp_path):
     import mlxeff
     from mlxeff.models import layerwise_config
 
-    # ~0.4 M weights in the blocks' linear layers: tens of seconds of SeedLM encoding on a CPU
-    model = make_model(layerwise_config(2, 256, 32, vocab_size=96, ffn_dim_divisor=32))
+    # ~2.3 M weights in the blocks' linear layers: minutes of SeedLM encoding on a CPU (interrupted
+    # as soon as it starts, so the test takes seconds)
+    model = make_model(layerwise_config(4, 256, 32, vocab_size=96, ffn_dim_divisor=32))
     src = tmp_path / "src"
     mlxeff.save(model, None, src)
     out = tmp_path / "out"
@@ -52,12 +53,13 @@ def test_ctrl_c_during_seedlm_encoding(tmp_path):
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=env)
     os.close(slave)
     try:
-        seen = read_until(master, b"seedlm", 120)  # the encoding's progress has started
+        # the encoding's progress has started (its label, its block count or a tqdm bar)
+        seen = read_until(master, (b"seedlm", b"blocks", b"%|"), 90)
         assert proc.poll() is None, seen.decode(errors="replace")
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         stdout, _ = proc.communicate(timeout=120)
-        seen += read_until(master, b"\x00", 2)  # the rest of stderr (the child has exited)
+        seen += read_until(master, (b"\x00",), 2)  # the rest of stderr (the child has exited)
     finally:
         if proc.poll() is None:
             proc.kill()
