@@ -81,8 +81,12 @@ def check_options(source, vocab_size, dtype, quantize, bits, group_size, embeddi
     from mlxeff.convert.pipeline import QUANTIZE
     from mlxeff.convert.source import KINDS as SOURCES
     from mlxeff.quant.affine import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-    from mlxeff.quant.seedlm import CONFIGS as SEEDLM_BITS
     from mlxeff.train import DTYPES
+
+    try:  # the SeedLM presets (bits -> C, P) live with the format once it has its own module
+        from mlxeff.quant.seedlm_format import CONFIGS as SEEDLM_BITS
+    except ImportError:
+        from mlxeff.quant.seedlm import CONFIGS as SEEDLM_BITS
 
     QUANTIZERS = [q for q in QUANTIZE if q]
     if source is not None and source not in SOURCES:
