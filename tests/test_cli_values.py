@@ -164,7 +164,7 @@ def test_info_bad_path(monkeypatch, capsys, tmp_path):
     (("eval", "--perplexity", "x.txt", "--window", "wide"), "'--window'"),
     (("eval",), "'--perplexity'"),
     (("generate", "hi", "--max-tokens", "many"), "'--max-tokens'"),
-    (("generate",), "'prompt'"),
+    (("generate",), "prompt"),
     (("conver", "x"), "'conver'"),
     (("--verbose",), "--verbose"),
 ])
