@@ -14,6 +14,18 @@ def fail(message: str, code: int = 1):
     raise typer.Exit(code)
 
 
+def choices(values) -> str:
+    """``a, b or c`` for an error message."""
+    values = [str(v) for v in values]
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
+
+
+def check_at_least(option: str, value, minimum) -> None:
+    """Fail with one line naming ``option`` unless ``value`` is None or at least ``minimum``."""
+    if value is not None and value < minimum:
+        fail(f"{option} must be at least {minimum}, not {value}")
+
+
 def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=_default) + "\n")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -14,14 +15,16 @@ def register(app: typer.Typer) -> None:
 
 
 def info(
-    model: Path = typer.Argument(..., help="An mlxeff model directory."),
+    model: Optional[Path] = typer.Argument(None, help="An mlxeff model directory (default: the "
+                                           "embedded model)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Architecture, parameter count, per-layer table (heads, KV heads, FFN width),
     bits per weight and size on disk."""
+    from mlxeff.io import resolve_model_dir
     from mlxeff.summary import model_summary
 
-    s = model_summary(model)
+    s = model_summary(resolve_model_dir(model))
     if json_output:
         print_json(s)
         return
