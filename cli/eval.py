@@ -56,7 +56,7 @@ def evaluate(
     the techniques chosen by their flags below)."""
 
     if (text is None) == (task is None):
-        fail("give either --perplexity FILE or --task NAME")
+        fail("give either '--perplexity' FILE or '--task' NAME", code=2)
     if task is not None:
         task_command(model, task, data=data, docs=docs, context_tokens=context_tokens, limit=limit,
                      seed=seed, dtype=dtype, json_output=json_output, techniques=techniques)

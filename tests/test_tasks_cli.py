@@ -83,4 +83,4 @@ def test_one_line_on_stderr():
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("error: unknown task")
     r = invoke()
-    assert r.exit_code == 1 and "give either --perplexity FILE or --task NAME" in r.output
+    assert r.exit_code == 2 and "give either '--perplexity' FILE or '--task' NAME" in r.output
