@@ -398,3 +398,18 @@ def test_cli_bad_input_one_line_each(saved_dir, tmp_path):
     other_dir = tmp_path / "other-cache"
     PathCache(other_dir).bind(make_model(tiny_args(vocab_size=96), seed=9))
     _one_line(_cli(*base, two, "--superposition-doc-cache", other_dir), "made by another model")
+
+
+def test_registry_builds_the_hooks_with_command_line_escapes(saved_dir, tmp_path):
+    from mlxeff.techniques.registry import build_hooks
+
+    path, model = saved_dir
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS))
+    hooks = build_hooks(model, {"superposition": {"docs": docs, "query": "\\nQ: {question}\\n",
+                                                  "top_k": 2, "scoring": "attention"}}, model_dir=path)
+    pre = hooks["prefill"]
+    assert pre.template.query == "\nQ: {question}\n" and pre.config.top_k == 2
+    assert isinstance(hooks["decode"], sp.SuperpositionDecode)
+    with pytest.raises(MlxeffError, match="needs --superposition-docs"):
+        build_hooks(model, {"superposition": {}}, model_dir=path)

@@ -328,6 +328,11 @@ def _one_of(allowed):
     return lambda v: None if v in allowed else f"must be one of {', '.join(allowed)}, got {v!r}"
 
 
+def _unescape(text: str) -> str:
+    """Command-line templates spell a line break and a tab as \\n and \\t."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def _build(ctx, o) -> dict:
     from ..io import load_tokenizer
 
@@ -342,7 +347,7 @@ def _build(ctx, o) -> dict:
     if tokenizer is None:
         raise TechniqueError("--superposition needs the model's tokenizer (a model directory with "
                              "tokenizer files)")
-    template = PromptTemplate(o["preamble"], o["document"], o["query"], o["response"])
+    template = PromptTemplate(*(_unescape(o[k]) for k in ("preamble", "document", "query", "response")))
     config = SuperpositionConfig(o["top_k"], o["positions"], o["scoring"], o["reweight"],
                                  o["temperature"], o["batch"])
     cache = PathCache(o["doc_cache"])
@@ -364,13 +369,14 @@ register(Technique(
                check=lambda v: None if v >= 1 else f"must be at least 1, got {v}"),
         Option("doc_cache", Path, None, "Directory keeping the preamble's and the documents' "
                "keys and values across runs (made by one model; created if absent).", metavar="DIR"),
-        Option("preamble", str, DEFAULT_PREAMBLE, "Text before the documents.", metavar="TEXT"),
-        Option("document", str, DEFAULT_DOCUMENT, "Template of one document ({text}, {title}).",
-               metavar="TEMPLATE"),
+        Option("preamble", str, DEFAULT_PREAMBLE, "Text before the documents (\\n: a line "
+               "break).", metavar="TEXT"),
+        Option("document", str, DEFAULT_DOCUMENT, "Template of one document ({text}, {title}; "
+               "\\n: a line break).", metavar="TEMPLATE"),
         Option("query", str, DEFAULT_QUERY, "Template of the query copy after each document "
-               "({question}).", metavar="TEMPLATE"),
-        Option("response", str, DEFAULT_RESPONSE, "Text after the kept paths; the answer follows it.",
-               metavar="TEXT"),
+               "({question}; \\n: a line break).", metavar="TEMPLATE"),
+        Option("response", str, DEFAULT_RESPONSE, "Text after the kept paths; the answer follows "
+               "it (\\n: a line break).", metavar="TEXT"),
         Option("positions", str, "equilibrium", "Path positions: equilibrium (every path spans the "
                "harmonic mean of the document lengths) or left (left-aligned).",
                check=_one_of(POSITION_RULES)),

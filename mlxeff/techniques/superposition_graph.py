@@ -54,7 +54,9 @@ def harmonic_mean(lengths: Sequence[int]) -> Fraction:
 
 
 def _fractions(start: Fraction, step: Fraction, n: int) -> np.ndarray:
-    return np.array([float(start + step * j) for j in range(n)], dtype=np.float64)
+    """``start + step * j`` for ``j < n``: exact integers where start and step are integers (one
+    document, equal lengths), within an ulp of the exact value otherwise."""
+    return float(start) + float(step) * np.arange(n, dtype=np.float64)
 
 
 def layout(rule: str, preamble: int, documents: Sequence[int], query: int, response: int) -> Layout:
