@@ -281,6 +281,11 @@ def test_document_cache_directory_is_reused_across_runs_and_refuses_another_mode
     other = make_model(tiny_args(vocab_size=len(tok), num_gqa_groups=2), seed=6)
     with pytest.raises(MlxeffError, match="made by another model"):
         PathCache(d).bind(other)
+    entry = sorted(d.glob("*.safetensors"))[0]
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated
+    with pytest.raises(MlxeffError, match="corrupt document cache entry"):
+        run(model, tok, DOCS, hook=sp.SuperpositionPrefill(
+            tok, DOCS, config=sp.SuperpositionConfig(top_k=2), path_cache=PathCache(d)))
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "x.txt").write_text("x")

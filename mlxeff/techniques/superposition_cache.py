@@ -190,7 +190,8 @@ class PathCache:
         try:
             layers, meta = load_prompt_cache(str(f), return_metadata=True)
         except Exception as e:  # a truncated or foreign file
-            raise MlxeffError(f"corrupt document cache entry ({e.__class__.__name__}: {e}); delete it", f) from None
+            raise MlxeffError(f"corrupt document cache entry ({e.__class__.__name__}: {e}); "
+                              "delete it", f) from None
         if meta.get("model") != self.fingerprint:
             raise MlxeffError("this document cache entry was made by another model; use another "
                               "--superposition-doc-cache directory", f)

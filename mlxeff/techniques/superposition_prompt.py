@@ -117,8 +117,8 @@ class PromptTemplate:
             if need not in fields:
                 raise MlxeffError(f"{where}-{name} must contain {{{need}}}, got {getattr(self, name)!r}")
             if fields - allowed:
-                raise MlxeffError(f"{where}-{name} may only use {', '.join('{' + a + '}' for a in sorted(allowed))}, "
-                                  f"got {getattr(self, name)!r}")
+                names = ", ".join("{" + a + "}" for a in sorted(allowed))
+                raise MlxeffError(f"{where}-{name} may only use {names}, got {getattr(self, name)!r}")
         for name in ("preamble", "response"):
             if _fields(getattr(self, name)):
                 raise MlxeffError(f"{where}-{name} is literal text (no {{...}} fields)")
