@@ -239,7 +239,8 @@ def run_device(args) -> dict:
 
 def openblas_env() -> dict:
     env = dict(os.environ)
-    if sys.platform == "linux" and "openblas" not in env.get("LD_PRELOAD", ""):
+    if (sys.platform == "linux" and "openblas" not in env.get("LD_PRELOAD", "")
+            and not env.get("MLXEFF_NO_OPENBLAS")):
         from mlxeff.cli.main import OPENBLAS_CANDIDATES
 
         lib = next((p for p in OPENBLAS_CANDIDATES if os.path.exists(p)), None)

@@ -418,3 +418,43 @@ def test_registry_builds_the_hooks_with_command_line_escapes(saved_dir, tmp_path
     assert isinstance(hooks["decode"], sp.SuperpositionDecode)
     with pytest.raises(MlxeffError, match="needs --superposition-docs"):
         build_hooks(model, {"superposition": {}}, model_dir=path)
+
+
+def test_the_benchmark_runs_on_the_cpu(saved_dir, tmp_path):
+    import gzip
+
+    path, _ = saved_dir
+    data = tmp_path / "nq.jsonl.gz"
+    with gzip.open(data, "wt") as f:
+        for i, t in enumerate(DOCS):
+            f.write(json.dumps({"question": f"what is in story {i}?", "answers": [t.split()[-1].strip(".")],
+                                "ctxs": [{"title": f"Story {i}", "text": t}]}) + "\n")
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "superposition.py")
+    env = dict(os.environ, MLXEFF_NO_OPENBLAS="1")
+    env.pop("OUT", None)
+    proc = subprocess.run([sys.executable, script, "--model", path, "--data", data, "--docs", "2",
+                           "--questions", "2", "--trials", "1", "--max-tokens", "2", "--devices", "cpu",
+                           "--quiet", "--json"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)["devices"][0]
+    rows = res["settings"]["2"]["methods"]
+    assert set(rows) == {"naive", "sp-top1", "sp-top2", "sp-top1-nocache", "sp-top2-nocache",
+                         "sp-top1-left", "sp-top1-attention"}
+    assert rows["naive"]["flops_reduction"] == 1.0 and rows["sp-top1"]["flops_reduction"] > 1
+    assert rows["sp-top2"]["gold_kept"] == 1.0  # two documents, two kept
+    assert all(r["ttft_s"] > 0 for r in rows.values())
+    assert rows["sp-top1-nocache"]["accuracy"] is None and 0 <= rows["sp-top1"]["accuracy"] <= 1
+
+
+def test_benchmark_answer_matching():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "superposition_benchmark", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "superposition.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    correct = bench.correct
+
+    assert correct(" The Wilhelm Conrad Röntgen.\nmore", ["Wilhelm Conrad Röntgen"])
+    assert not correct("nobody\nWilhelm Conrad Röntgen", ["Wilhelm Conrad Röntgen"])
+    assert correct("in May 18, 2018", ["may 18 2018"])
