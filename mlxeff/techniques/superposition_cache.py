@@ -43,7 +43,7 @@ MANIFEST = "manifest.json"
 # ---- one segment's keys and values --------------------------------------------------------------
 
 def position_array(positions: np.ndarray) -> mx.array:
-    """Positions for the model: int32 when every one is an integer (RoPE through ``mx.fast.rope``,
+    """Positions for the model: int32 when every one is an integer (the fused integer RoPE,
     as the plain path), float32 otherwise (real-valued RoPE)."""
     p = np.asarray(positions)
     if np.all(p == np.round(p)):
