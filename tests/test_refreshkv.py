@@ -568,3 +568,66 @@ def test_attend_with_a_per_head_subset_and_its_scores():
     np.testing.assert_allclose(np.array(attend(q, k, v, scale=0.3, mask=None, cache=cache)),
                                np.array(mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3)),
                                rtol=1e-6, atol=1e-6)
+
+
+# ---- the benchmark -------------------------------------------------------------------------
+
+def _benchmark_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "refreshkv.py"
+    spec = importlib.util.spec_from_file_location("refreshkv_benchmark", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_speed_runs(capsys, monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
+    bench = _benchmark_module()
+    bench.main(["speed", "--shapes", "default", "--contexts", "160", "--steps", "5", "--trials", "1",
+                "--every", "2", "--dynamic", "--json"])
+    res = json.loads(capsys.readouterr().out)
+    (run,) = res["runs"]
+    assert run["context"] == 160 and run["k"] == 20
+    assert set(run["tok_per_s"]) == {"plain", "refreshkv", "refreshkv_dynamic"}
+    assert all(v > 0 for v in run["tok_per_s"].values())
+    assert 0 < run["full_layer_step_fraction"]["refreshkv"] < 1
+    att = run["attention"]
+    assert all(att[m] > 0 for m in ("plain", "partial", "full", "select", "refreshkv_amortised"))
+
+
+def test_benchmark_quality_runs(capsys, monkeypatch, saved_dir):
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "eval" / "nq-open-oracle.jsonl.gz").exists():
+        pytest.skip("shared/data is not here")
+    monkeypatch.delenv("OUT", raising=False)
+    path, _ = saved_dir
+    bench = _benchmark_module()
+    bench.main(["quality", "--model", str(path), "--context", "96", "--items", "2", "--passages", "2",
+                "--answer-tokens", "2", "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert res["k"] == 12 and res["context"] == 96
+    names = {"full", "refreshkv", "refreshkv_dynamic", "streaming_llm", "h2o"}
+    for task in ("kv_retrieval", "multidoc_qa"):
+        r = res["tasks"][task]
+        assert names <= set(r) and all(r[n]["n"] == 2 and 0 <= r[n]["accuracy"] <= 1 for n in names)
+    ppl = res["tasks"]["book_tail_perplexity"]
+    assert set(ppl) == names and ppl["full"]["tokens_per_passage"] == 48
+    assert all(v["ci95"][0] <= v["perplexity"] <= v["ci95"][1] for v in ppl.values())
+    assert "ratio_to_full" in ppl["refreshkv"] and "ratio_to_full" not in ppl["full"]
+
+
+def test_benchmark_task_prompts_fit_the_context():
+    from mlxeff.io import load_tokenizer, resolve_model_dir
+
+    tokenizer = load_tokenizer(resolve_model_dir(None))  # the embedded model's (it has digits)
+    bench = _benchmark_module()
+    for item in bench.kv_retrieval_items(tokenizer, 200, 3, seed=1):
+        assert len(item["prompt"]) <= 200 and item["answers"][0].isdigit()
+        text = tokenizer.decode(item["prompt"])
+        key = text.rsplit("key ", 1)[1].split(":")[0]
+        assert f"key {key}: value {item['answers'][0]}." in text  # the asked key is in the context
+    assert bench.wilson(0, 10)[0] == 0 and 0 < bench.wilson(5, 10)[0] < 0.5 < bench.wilson(5, 10)[1] < 1

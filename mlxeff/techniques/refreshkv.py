@@ -201,6 +201,7 @@ class RefreshDecode(DecodeStrategy):
         heads = [layer.attn.n_kv_heads for layer in model.layers]
         self._rows = np.concatenate([[0], np.cumsum(heads)]).astype(int)
         self._heads = heads
+        self._row_layer = np.repeat(np.arange(len(heads)), heads)  # the layer of each KV-head row
 
     def _valid(self, cache) -> bool:
         if self._owner is not cache[0] or len(cache) != len(self._mode):
@@ -222,6 +223,7 @@ class RefreshDecode(DecodeStrategy):
         self._query: List[Optional[mx.array]] = [None] * L
         self._bases: List[Optional[mx.array]] = [None] * L
         self._base_all: Optional[mx.array] = None
+        self._start_rows: Optional[mx.array] = None  # _start per KV-head row, on the device
         self._expect = np.array([c.offset for c in cache])
 
     # -- one call ------------------------------------------------------------------------------
@@ -294,10 +296,11 @@ class RefreshDecode(DecodeStrategy):
 
     def _build(self, offsets: np.ndarray):
         if not self.config.grow:
-            rows = np.repeat(np.arange(len(offsets)), self._heads)
-            start = mx.array(self._start[rows].astype(np.int32))
-            current = mx.array(offsets[rows].astype(np.int32))
-            return ring_subset(self._base_all, start, current)
+            if self._start_rows is None:
+                self._start_rows = mx.array(self._start[self._row_layer].astype(np.int32))
+            uniform = bool(np.all(offsets == offsets[0]))  # one slot for every layer (the rule)
+            current = mx.array((offsets[:1] if uniform else offsets[self._row_layer]).astype(np.int32))
+            return ring_subset(self._base_all, self._start_rows, current)
         # no eviction: the selection plus every token decoded since, per layer
         out = {}
         for l, base in enumerate(self._bases):
@@ -328,6 +331,7 @@ class RefreshDecode(DecodeStrategy):
         for l in layers:
             self._start[l] = offsets[l] + 1
             self._check[l] = offsets[l]
+        self._start_rows = None
         ring = [l for l in layers if offsets[l] + 1 > self.k]
         for l in layers:
             if offsets[l] + 1 <= self.k:
