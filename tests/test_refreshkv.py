@@ -303,6 +303,18 @@ def test_with_a_drafter(model):
     assert len(tokens) == 40 and dec.checked > 20  # partial steps between drafted calls
 
 
+def test_a_bounded_cache_is_refused(model):
+    from mlxeff.errors import MlxeffError
+    from mlxeff.server.window_cache import make_window_cache
+
+    for dec, flag in ((rk.RefreshDecode(), "--refreshkv"), (StreamingDecode(8), "--streaming-llm"),
+                      (H2ODecode(8), "--h2o")):
+        cache = make_window_cache(model, 32)
+        model(prompt_ids(20)[None], cache=cache)
+        with pytest.raises(MlxeffError, match=f"{flag} needs a cache that keeps every token"):
+            dec(model, prompt_ids(1), cache)
+
+
 # ---- baselines ----------------------------------------------------------------------------------
 
 @exact

@@ -43,8 +43,11 @@ Deviations and resolved choices:
   check), so a rewound cache (speculative decoding) keeps them consistent.
 - Several tokens in one call (a drafter's proposal verified at once) run as a full step without
   re-selection: every row attends everything, the subset stays as it was (new tokens join it by
-  slot number, so tokens trimmed afterwards leave it by themselves). Drafting stays lossless
-  relative to plain decoding for those calls; decoding with RefreshKV alone keeps its subset.
+  slot number, so tokens trimmed afterwards leave it by themselves). Every token kept is the
+  sampler's choice from the logits this strategy computed, but the output is not RefreshKV
+  alone's: alone, those rows would have been partial steps. Calls without a draft stay partial.
+- A bounded cache (mlx-lm's rotating cache, the server's ``--max-kv-size`` window) is refused:
+  it moves tokens between slots.
 - State lives in this strategy, not in the cache: it is derived (any full step rebuilds it), so a
   cache that was trimmed below a refresh, extended by a new prefill or replaced is detected and the
   next step is a full one.
@@ -126,6 +129,13 @@ def cosine(a: mx.array, b: mx.array) -> mx.array:
     """Row-wise cosine similarity of (B, D) arrays."""
     num = (a * b).sum(axis=-1)
     return num / mx.maximum(mx.sqrt((a * a).sum(axis=-1) * (b * b).sum(axis=-1)), 1e-30)
+
+
+def check_appending(cache, flag: str) -> None:
+    """Refuse a bounded cache (mlx-lm's rotating cache, the server's window): it moves tokens
+    between slots, and a subset names slots."""
+    if any(getattr(c, "max_size", None) is not None for c in cache):
+        raise MlxeffError(f"{flag} needs a cache that keeps every token (not a bounded window)")
 
 
 def default_k(context: int) -> int:
@@ -238,6 +248,7 @@ class RefreshDecode(DecodeStrategy):
             self.used = [None] * len(cache)
             return out
         if not valid:
+            check_appending(cache, "--refreshkv")
             self._reset(model, cache, self.config.k or default_k(cache[0].offset + 1))
             full = np.ones(len(cache), bool)
         else:

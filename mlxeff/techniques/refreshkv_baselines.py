@@ -21,7 +21,8 @@ paper's, arXiv 2411.05787, Table 1). They use the same machinery as ``mlxeff.tec
   (while the cache holds at most K tokens, every step does).
 
 Both: while a layer holds at most K tokens every slot is attended (plain decoding); several tokens
-in one call (a drafter's rows) attend everything and update nothing.
+in one call (a drafter's rows) attend everything (H2O then starts afresh at the next step, with one
+full step). A bounded cache (a sliding window) is refused: it moves tokens between slots.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..engine import DecodeStrategy
-from .refreshkv import default_k, group_max
+from .refreshkv import check_appending, default_k, group_max
 from .registry import Option, Technique, TechniqueError, register
 
 
@@ -62,6 +63,7 @@ class StreamingDecode(DecodeStrategy):
             self.used = None
             return model(tokens[None], cache=cache)[0]
         if self._owner is not cache[0]:
+            check_appending(cache, "--streaming-llm")
             self._owner = cache[0]
             self.k = self.config_k or default_k(cache[0].offset + 1)
             if self.sinks >= self.k:
@@ -93,6 +95,7 @@ class H2ODecode(DecodeStrategy):
         self.used: List[Optional[mx.array]] = []
 
     def _reset(self, model, cache):
+        check_appending(cache, "--h2o")
         self._owner = cache[0]
         self.k = self.config_k or default_k(cache[0].offset + 1)
         self.recent = self.config_recent or max(1, self.k // 2)
