@@ -146,6 +146,8 @@ def attention_step(model, cache, mode: str, subsets=None, k: int = 0, pool: int 
             outs.append(prev)
             if tap.scores is not None:
                 scores.append(rk.group_max(tap.scores, layer.attn.n_kv_heads))
+        if mode == "full":
+            outs += scores  # a full step computes the weights the selection reads
         if mode == "select":
             outs.append(rk.select_top(mx.concatenate(scores, axis=1), k, pool))
         return outs
