@@ -13,9 +13,19 @@ and ``Transformer.forward_layers``); what varies is said with data, not code:
   (rows appended in order after everything cached); an array (boolean, or additive) is used as it
   is (superposition's fork-join graph).
 - the cache: a ``PositionedKVCache`` (``mlxeff.cache``) may name a subset of its slots to attend
-  (``attend_index``, RefreshKV), ask for the last query row's attention weights
-  (``want_scores``: LazyLLM's importance, RefreshKV's selection) and receive the layer's raw keys
-  and values before qk-norm and RoPE (``raw_sink``: KV Prediction).
+  (``attend_index``: RefreshKV, StreamingLLM, H2O), ask for the last query row's attention
+  weights (``want_scores``: LazyLLM's importance, RefreshKV's selection) and receive the layer's
+  raw keys and values before qk-norm and RoPE (``raw_sink``: KV Prediction).
+
+The subset ``attend_index`` is an int array of slots: ``(n,)`` for every head, ``(B, n)`` per
+batch entry, or ``(B|1, KVH, n)`` per KV head (a query head reads its KV head's row). It may also
+be a callable, called with the layer's queries (B, H, T, D) after qk-norm and RoPE, that returns
+the slots or None (every slot): a technique then decides per layer from the queries themselves
+(RefreshKV's query-similarity schedule). One query row appended after everything cached sees
+every listed slot (the pruned-attention kernel on a GPU, reading the cache's buffers in place;
+elsewhere the listed rows gathered for ``mx.fast.scaled_dot_product_attention``); several rows, or
+rows at explicit positions, attend causally by position among the listed slots. With a subset,
+``scores`` are the weights over the listed slots, in the index's order: (B, H, n).
 """
 
 from __future__ import annotations
@@ -86,15 +96,39 @@ def attend(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask, cache=N
     docstring describes: mlx-lm's attention on the plain path, by position or over a subset of
     the cache's slots where a technique asked for it."""
     index = None if cache is None else getattr(cache, "attend_index", None)
+    if callable(index):
+        index = index(q)  # the technique chooses this layer's slots from its queries
     if index is None and (positions is None or mask is not None):
         if isinstance(mask, str) and q.shape[2] == 1:
             mask = None  # one row appended after everything cached sees everything
         out = scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
+    elif index is not None and positions is None and q.shape[2] == 1 and not isinstance(mask, mx.array):
+        out = attend_subset(q, k, v, cache, index, scale)
     else:
         out = attend_by_position(q, k, v, cache, positions, index, scale)
     if cache is not None and getattr(cache, "want_scores", False):
-        cache.scores = last_row_scores(q[:, :, -1:], k, scale)
+        keys = k if index is None else gather_slots(k, index)
+        cache.scores = last_row_scores(q[:, :, -1:], keys, scale)
     return out
+
+
+def gather_slots(x: mx.array, index: mx.array) -> mx.array:
+    """The rows ``index`` ((n,), (B, n) or (B|1, KVH, n)) of ``x`` (B, KVH, S, D): (B, KVH, n, D)."""
+    if index.ndim == 1:
+        return mx.take(x, index, axis=2)
+    B, KVH, _, D = x.shape
+    rows = index[:, :, :, None] if index.ndim == 3 else index[:, None, :, None]
+    return mx.take_along_axis(x, mx.broadcast_to(rows, (B, KVH, index.shape[-1], D)), axis=2)
+
+
+def attend_subset(q, k, v, cache, index, scale):
+    """One query row appended after everything cached, over the listed slots (all of them are at
+    earlier positions, so no mask): on a GPU the pruned-attention kernel reads the cache's whole
+    buffers in place; elsewhere the listed rows are gathered for SDPA."""
+    if kernel_available(q.shape[-1]):
+        return pruned_attention_kernel(q, cache.keys, cache.values, index, scale=scale)
+    return mx.fast.scaled_dot_product_attention(q, gather_slots(k, index), gather_slots(v, index),
+                                                scale=scale)
 
 
 def attend_by_position(q, k, v, cache, positions, index, scale):
@@ -112,9 +146,18 @@ def attend_by_position(q, k, v, cache, positions, index, scale):
         return pruned_attention_kernel(q, cache.keys, cache.values, idx, scale=scale,
                                        q_positions=qpos.astype(mx.int32), k_positions=kpos)
     kpos = kpos[: k.shape[2]]
-    if index is not None:
-        k, v, kpos = mx.take(k, index, axis=2), mx.take(v, index, axis=2), mx.take(kpos, index)
-    mask = position_mask(qpos, kpos)
+    if index is not None and index.ndim > 1:  # per batch entry or per KV head
+        B, H = q.shape[:2]
+        kp = mx.take(kpos, index)  # (B, n) or (B|1, KVH, n)
+        kp = kp[:, None, None, :] if index.ndim == 2 else kp[:, :, None, :]
+        mask = kp <= qpos.reshape(qpos.shape[0], 1, -1, 1)
+        if index.ndim == 3 and mask.shape[1] != H:
+            mask = mx.repeat(mask, H // mask.shape[1], axis=1)  # query head h reads KV head h // G
+        k, v = gather_slots(k, index), gather_slots(v, index)
+    else:
+        if index is not None:
+            k, v, kpos = mx.take(k, index, axis=2), mx.take(v, index, axis=2), mx.take(kpos, index)
+        mask = position_mask(qpos, kpos)
     out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     # a row that sees no key yields zeros, as the kernel does
     return mx.where(mx.any(mask, axis=-1, keepdims=True), out, 0.0).astype(q.dtype)

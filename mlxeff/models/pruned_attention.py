@@ -21,6 +21,10 @@ Three implementations of one algorithm (DESIGN.md, "Kernels"):
 GQA: query head ``h`` uses KV head ``h // (H // KVH)`` (MLX's convention); one threadgroup serves
 all query heads of a KV head, so a gathered row is read once for the group.
 
+The index is one list of slots for every head and batch entry ``(n,)``, one per batch entry
+``(B, n)``, or one per batch entry and KV head ``(B, KVH, n)`` (RefreshKV's per-head selections; a
+leading 1 serves every batch entry): the threadgroup of a (batch entry, KV head) walks its own row.
+
 Choices and limits: ``index`` entries must be distinct slots in ``[0, S)`` (a repeated slot counts
 twice; out-of-range slots are not checked on the GPU); a query row that sees no key returns zeros
 (the reference agrees); the kernel needs ``head_dim`` a multiple of 32 (at most 256) and falls back
@@ -113,7 +117,9 @@ def _validate(q, k, v, index, q_positions, k_positions) -> None:
         raise ValueError(f"{H} query heads do not split into groups of {k.shape[1]} KV heads")
     if (q_positions is None) != (k_positions is None):
         raise ValueError("give both q_positions and k_positions (causal by position) or neither")
-    for x, name in ((index, "index"), (q_positions, "q_positions"), (k_positions, "k_positions")):
+    if index is not None:
+        _index_shape_ok(index, B, k.shape[1])
+    for x, name in ((q_positions, "q_positions"), (k_positions, "k_positions")):
         _batch_shape_ok(x, B, name)
     if q_positions is not None and q_positions.shape[-1] != Lq:
         raise ValueError(f"q_positions has {q_positions.shape[-1]} entries for {Lq} queries")
@@ -121,33 +127,52 @@ def _validate(q, k, v, index, q_positions, k_positions) -> None:
         raise ValueError(f"k_positions has {k_positions.shape[-1]} entries for {k.shape[2]} cache slots")
 
 
+def _index_shape_ok(index: mx.array, batch: int, kv_heads: int) -> None:
+    """(n,), (B, n), or (B or 1, KVH, n): a row per KV head."""
+    if index.ndim == 3:
+        if index.shape[0] not in (1, batch) or index.shape[1] != kv_heads:
+            raise ValueError(f"a per-head index must have shape ({batch} or 1, {kv_heads}, n), "
+                             f"got {tuple(index.shape)}")
+        return
+    _batch_shape_ok(index, batch, "index")
+
+
 def _check(q, k, v, index, q_positions, k_positions):
     _validate(q, k, v, index, q_positions, k_positions)
     B = q.shape[0]
-    return (_as_batched(index, B, "index"), _as_batched(q_positions, B, "q_positions"),
-            _as_batched(k_positions, B, "k_positions"))
+    if index.ndim == 3:
+        idx = index if index.dtype == mx.int32 else index.astype(mx.int32)
+        idx = idx if idx.shape[0] == B else mx.broadcast_to(idx, (B,) + tuple(idx.shape[1:]))
+    else:
+        idx = _as_batched(index, B, "index")
+    return (idx, _as_batched(q_positions, B, "q_positions"), _as_batched(k_positions, B, "k_positions"))
 
 
 def pruned_attention_reference(q: mx.array, k: mx.array, v: mx.array, index: mx.array, *, scale: float,
                                q_positions: Optional[mx.array] = None,
                                k_positions: Optional[mx.array] = None) -> mx.array:
-    """Attention of ``q`` (B, H, Lq, D) over the slots ``index`` ((n,) or (B, n)) of ``k``/``v``
-    (B, KVH, S, D), in plain MLX ops; causal by position when positions are given."""
+    """Attention of ``q`` (B, H, Lq, D) over the slots ``index`` ((n,), (B, n) or per KV head
+    (B|1, KVH, n)) of ``k``/``v`` (B, KVH, S, D), in plain MLX ops; causal by position when
+    positions are given."""
     idx, qpos, kpos = _check(q, k, v, index, q_positions, k_positions)
     B, H, Lq, D = q.shape
     KVH = k.shape[1]
     G = H // KVH
-    n = idx.shape[1]
-    gather = mx.broadcast_to(idx[:, None, :, None], (B, KVH, n, D))
+    n = idx.shape[-1]
+    rows = idx[:, :, :, None] if idx.ndim == 3 else idx[:, None, :, None]  # (B, KVH or 1, n, 1)
+    gather = mx.broadcast_to(rows, (B, KVH, n, D))
     kg = mx.take_along_axis(k, gather, axis=2).astype(mx.float32)
     vg = mx.take_along_axis(v, gather, axis=2).astype(mx.float32)
     # Rows (g, i) of one KV head: query head kvh * G + g, query i.
     qr = q.astype(mx.float32).reshape(B, KVH, G * Lq, D)
     scores = (qr * scale) @ kg.swapaxes(-1, -2)  # (B, KVH, G*Lq, n)
     if qpos is not None:
-        kp = mx.take_along_axis(kpos, idx, axis=1)  # (B, n)
+        if idx.ndim == 3:  # (B, KVH, n): each KV head's own slots
+            kp = mx.take_along_axis(kpos, idx.reshape(B, -1), axis=1).reshape(B, KVH, 1, n)
+        else:
+            kp = mx.take_along_axis(kpos, idx, axis=1)[:, None, None, :]  # (B, 1, 1, n)
         qp = mx.tile(qpos, (1, G))  # (B, G*Lq), row g*Lq + i -> qpos[i]
-        visible = kp[:, None, None, :] <= qp[:, None, :, None]
+        visible = kp <= qp[:, None, :, None]
         scores = mx.where(visible, scores, -mx.inf)
         any_visible = mx.any(visible, axis=-1, keepdims=True)
         probs = mx.where(any_visible, mx.softmax(scores, axis=-1), 0.0)
@@ -213,7 +238,8 @@ def launch_config(q_shape, k_shape, n: int, n_splits: Optional[int] = None,
 
 def kernel_inputs(q, k, v, index, q_positions=None, k_positions=None):
     """The walk's inputs, (q, k, v, index[, qpos, kpos]), and ``causal``. ``index`` goes in as
-    given, (n,) or (B, n) (the kernel reads either): no reshape or broadcast op per call."""
+    given, (n,), (B, n) or (B|1, KVH, n) (the kernel reads each): no reshape or broadcast op per
+    call."""
     _validate(q, k, v, index, q_positions, k_positions)
     if index.dtype != mx.int32:
         index = index.astype(mx.int32)
@@ -372,8 +398,8 @@ def pruned_attention(
     k_positions: Optional[mx.array] = None,
     n_splits: Optional[int] = None,
 ) -> mx.array:
-    """Attention of ``q`` (B, H, Lq, D) over the cache slots ``index`` ((n,) or (B, n); None: every
-    slot) of ``k`` and ``v`` (B, KVH, S, D). With ``q_positions`` ((Lq,) or (B, Lq)) and
+    """Attention of ``q`` (B, H, Lq, D) over the cache slots ``index`` ((n,), (B, n) or per KV head
+    (B|1, KVH, n); None: every slot) of ``k`` and ``v`` (B, KVH, S, D). With ``q_positions`` ((Lq,) or (B, Lq)) and
     ``k_positions`` ((S,) or (B, S)) a key is visible to a query only at a position <= the query's.
     The custom kernel runs on Metal/CUDA GPUs; elsewhere (and for unsupported head sizes) plain MLX:
     the reference, or for every slot ``mx.fast.scaled_dot_product_attention`` with a boolean mask

@@ -29,7 +29,8 @@ from ..errors import MlxeffError
 
 HOOKS = ("prefill", "decode", "drafter", "attention")
 # Modules that register techniques when imported (the registry imports them on first use).
-TECHNIQUE_MODULES = ("lazyllm", "kv_prediction", "prompt_lookup", "superposition")
+TECHNIQUE_MODULES = ("lazyllm", "kv_prediction", "prompt_lookup", "superposition", "refreshkv",
+                     "refreshkv_baselines")
 
 
 class TechniqueError(MlxeffError, ValueError):
