@@ -90,6 +90,19 @@ class Plan:
             c()
 
 
+def check_fits(args: ModelArgs, refs: Dict[str, TensorRef], source) -> None:
+    """Refuse an architecture larger than the checkpoint before building it: at most one layer per
+    tensor, and at least two bytes per parameter (float16/bfloat16, the most compact storage a
+    checkpoint's weights have here)."""
+    if args.num_transformer_layers > len(refs):
+        raise MlxeffError(f"the architecture has {args.num_transformer_layers} layers but the checkpoint "
+                          f"holds {len(refs)} tensors", source)
+    stored = sum(math.prod(r.shape) * itemsize(r.dtype) for r in refs.values())
+    if 2 * args.num_parameters() > stored:
+        raise MlxeffError(f"the architecture has {args.num_parameters():,} parameters but the checkpoint "
+                          f"holds {stored:,} bytes of tensors", source)
+
+
 def expected_shapes(model: Model) -> Dict[str, Tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
