@@ -155,6 +155,10 @@ def short_repr(value, limit: int = 60) -> str:
         return r if len(value) <= limit else r + "..."
     if isinstance(value, (int, float, bool)) or value is None:
         return repr(value)
+    if isinstance(value, (list, tuple)) and len(value) <= 8 and all(
+            v is None or isinstance(v, (int, float, str)) for v in value):
+        inner = ", ".join(short_repr(v, 20) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
     if isinstance(value, (list, tuple, dict)):
         return f"<{type(value).__name__} of {len(value)}>"
     return f"<{type(value).__name__}>"
