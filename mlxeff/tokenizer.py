@@ -23,8 +23,6 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Optional
-
 from .errors import MlxeffError
 from .files import check_regular, read_json, short_repr
 
@@ -157,8 +155,3 @@ def fast_backend(tokenizer):
     if backend is None:
         raise MlxeffError("expected a Hugging Face fast tokenizer (tokenizer.json)")
     return backend
-
-
-def eos_ids(config: Optional[dict]):
-    """The model config's ``eos_token_id`` as mlx-lm's loader takes it (int, list or None)."""
-    return (config or {}).get("eos_token_id")
