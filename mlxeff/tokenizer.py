@@ -11,6 +11,10 @@ mlx-lm's streaming detokenizer) with the checks a directory from a stranger need
   (``tokenizer_file``, ``vocab_file``, ``merges_file``, ``fast_tokenizer_files``) must name
   files inside the directory, and ``chat_template_type``/``tool_parser_type`` (mlx-lm imports a
   module by that name) must be plain identifiers;
+- ``model_max_length`` must be a number (transformers compares it with every encoding's length);
+- the loaded tokenizer must encode and decode a sample text, also through mlx-lm's streaming
+  detokenizer (a config value that transformers only trips over when encoding fails here, not
+  in the middle of generation);
 - any failure of the loaders becomes one ``MlxeffError`` naming the directory.
 
 ``check_vocabulary`` refuses a tokenizer that can produce an id the model has no embedding row
@@ -65,6 +69,9 @@ def check_tokenizer_files(path) -> None:
                 continue
             if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
                 raise MlxeffError(f"{key} {short_repr(name)} does not name a file in this directory", cfg_file)
+    length = cfg.get("model_max_length")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, (int, float))):
+        raise MlxeffError(f"model_max_length must be a number, got {short_repr(length)}", cfg_file)
     for key in MODULE_KEYS:
         value = cfg.get(key)
         if value is not None and not (isinstance(value, str) and re.fullmatch(r"[a-z][a-z0-9_]{0,63}", value)):
@@ -93,12 +100,28 @@ def load_tokenizer(path, required: bool = True, eos_token_ids=None):
 
         # transformers warns that it does not know model_type "openelm"; the tokenizer needs no model.
         hf_logging.set_verbosity_error()
-        return load_tok(path, eos_token_ids=eos_token_ids)
+        tok = load_tok(path, eos_token_ids=eos_token_ids)
+        _smoke_test(tok)
+        return tok
     except MlxeffError:
         raise
     except (Exception, RecursionError) as e:
         text = " ".join(str(e).split())[:200] or type(e).__name__
         raise MlxeffError(f"cannot load the tokenizer ({text})", path) from None
+
+
+SAMPLE_TEXT = "Once upon a time, a café:\n\t日本 🤖 1,000!"
+
+
+def _smoke_test(tok) -> None:
+    ids = tok.encode(SAMPLE_TEXT)
+    tok.decode(ids)
+    detokenizer = tok.detokenizer
+    detokenizer.reset()
+    for i in ids:
+        detokenizer.add_token(i)
+    detokenizer.finalize()
+    detokenizer.text
 
 
 def largest_id(tokenizer) -> int:

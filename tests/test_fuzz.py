@@ -325,7 +325,7 @@ def _header_op(data, h):
         e["dtype"] = data.draw(st.sampled_from(DTYPE_CODES))
     elif op == "dim" and isinstance(e.get("shape"), list) and e["shape"]:
         i = data.draw(st.integers(0, len(e["shape"]) - 1))
-        d = e["shape"][i]
+        d = e["shape"][i] if isinstance(e["shape"][i], int) else 3
         e["shape"][i] = data.draw(st.sampled_from([0, 1, -1, d + 1, d * 2, d + 2 ** 32, 2 ** 31, 2 ** 63,
                                                    float(d), d + 0.5, str(d), True, None]))
     elif op == "rank" and isinstance(e.get("shape"), list):

@@ -67,6 +67,7 @@ def test_oversized_and_dangling(model_dir):
     ("fast_tokenizer_files", ["tokenizer.x/../../y.json"], r"fast_tokenizer_files .* does not name"),
     ("chat_template_type", "..os", r"chat_template_type '..os' is not a plain module name"),
     ("tool_parser_type", 7, r"tool_parser_type 7 is not a plain module name"),
+    ("model_max_length", [], r"model_max_length must be a number, got \[\]"),
 ])
 def test_tokenizer_config_cannot_point_elsewhere(model_dir, key, value, match):
     f = model_dir / "tokenizer_config.json"
