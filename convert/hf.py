@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from mlxeff.errors import MlxeffError
-from mlxeff.files import read_json, short_repr
+from mlxeff.files import printable, read_json, short_repr
 from mlxeff.safetensors_check import read_index
 from mlxeff.tokenizer import has_tokenizer
 from mlxeff.models import ConfigError, Model, ModelArgs, config_from_hf
@@ -120,17 +120,17 @@ def weight_refs(d: Path):
                 closers.append(archive.close)
             dup = sorted(set(part) & set(refs))
             if dup:
-                raise MlxeffError(f"{dup[0]} appears in more than one weight file", f)
+                raise MlxeffError(f"{printable(dup[0])} appears in more than one weight file", f)
             if weight_map is not None:
                 wrong = [n for n in part if weight_map.get(n) != f.name]
                 if wrong:
-                    raise MlxeffError(f"{wrong[0]} is in {f.name} but the index says "
+                    raise MlxeffError(f"{printable(wrong[0])} is in {f.name} but the index says "
                                       f"{short_repr(weight_map.get(wrong[0]))}", index)
             refs.update(part)
         if weight_map is not None:
             absent = [n for n in weight_map if n not in refs]
             if absent:
-                raise MlxeffError(f"the index lists {absent[0]}, which no shard holds", index)
+                raise MlxeffError(f"the index lists {printable(absent[0])}, which no shard holds", index)
     except BaseException:
         for c in closers:
             c()

@@ -19,6 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlxeff.errors import MlxeffError
+from mlxeff.files import printable
 from mlxeff.models import Model, ModelArgs
 
 from .tensors import TensorRef, itemsize, to_mlx
@@ -30,7 +31,7 @@ RECOMPUTED_SUFFIXES = ("rotary_emb.inv_freq", "pos_embedding.inv_freq", "_cached
 def _short(names, n=3):
     names = list(names)
     more = f" (+{len(names) - n} more)" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
+    return ", ".join(printable(x, 120) for x in names[:n]) + more
 
 
 @dataclass

@@ -146,6 +146,17 @@ def read_json(path, limit: int = MAX_JSON_BYTES, what: str = "JSON file", expect
     return obj
 
 
+def printable(name: str, limit: int = 200) -> str:
+    """A name from a file as it can go into a one-line message: itself if printable, else its repr."""
+    text = name[:limit] if isinstance(name, str) else str(name)
+    try:
+        text.encode("utf-8")
+        ok = text.isprintable()
+    except UnicodeEncodeError:
+        ok = False
+    return (text if ok else repr(text)) + ("..." if isinstance(name, str) and len(name) > limit else "")
+
+
 def short_repr(value, limit: int = 60) -> str:
     """``repr`` for error messages that never fails or explodes (huge ints, deep nesting)."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:

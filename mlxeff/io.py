@@ -36,7 +36,7 @@ from mlx.utils import tree_flatten
 
 from .atomic import atomic_directory
 from .errors import MlxeffError
-from .files import read_json, short_repr
+from .files import printable, read_json, short_repr
 from .models import ConfigError, Model, ModelArgs, config_from_hf
 from .quant import apply_quantization_spec, validate_quantized
 from .safetensors_check import Header, check_shards, read_header, read_index
@@ -274,13 +274,13 @@ def read_safetensors(file: Path, header: Optional[Header] = None) -> Dict[str, m
     try:
         arrays = mx.load(str(file))
     except Exception as e:  # mlx raises RuntimeError/ValueError with terse text on corrupt files
-        raise MlxeffError(f"truncated or corrupt safetensors file ({e})", file) from None
+        raise MlxeffError(f"truncated or corrupt safetensors file ({' '.join(str(e).split())[:200]})", file) from None
     if set(arrays) != set(header.tensors):
         raise MlxeffError("mx.load read other tensors than the header lists", file)
     for name, info in header.tensors.items():
         a = arrays[name]
         if tuple(a.shape) != info.shape or str(a.dtype).split(".")[-1] != info.dtype:
-            raise MlxeffError(f"{name}: read as {a.dtype} {tuple(a.shape)}, the header says {info.dtype} "
+            raise MlxeffError(f"{printable(name)}: read as {a.dtype} {tuple(a.shape)}, the header says {info.dtype} "
                               f"{info.shape}", file)
     return arrays
 
@@ -298,18 +298,18 @@ def load_weights_into(model: nn.Module, weights: Dict[str, mx.array], source) ->
         want = expected[k]
         if tuple(v.shape) != tuple(want.shape):
             raise MlxeffError(
-                f"{k} has shape {tuple(v.shape)} but the config implies {tuple(want.shape)}", source,
+                f"{printable(k)} has shape {tuple(v.shape)} but the config implies {tuple(want.shape)}", source,
             )
         floating = mx.issubdtype(want.dtype, mx.floating)
         if (v.dtype not in FLOAT_DTYPES) if floating else (v.dtype != want.dtype):
             need = "float16, bfloat16 or float32" if floating else str(want.dtype).split(".")[-1]
-            raise MlxeffError(f"{k} has dtype {str(v.dtype).split('.')[-1]}, the model needs {need}", source)
+            raise MlxeffError(f"{printable(k)} has dtype {str(v.dtype).split('.')[-1]}, the model needs {need}", source)
     model.load_weights(list(weights.items()), strict=True)
 
 
 def _short(names, n=3):
     more = f" (+{len(names) - n} more)" if len(names) > n else ""
-    return ", ".join(short_repr(x, 120) if not isinstance(x, str) else x[:120] for x in names[:n]) + more
+    return ", ".join(printable(x, 120) for x in names[:n]) + more
 
 
 # For each floating dtype: (signed view, unsigned view, largest allowed magnitude bits). A value

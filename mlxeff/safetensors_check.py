@@ -119,6 +119,10 @@ def _entry(name: str, info, allowed, data_start: int, path) -> TensorInfo:
     label = short_repr(name, 80)
     if not name or len(name) > MAX_NAME:
         raise MlxeffError(f"corrupt safetensors header: tensor name {label} is empty or too long", path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape: valid JSON, not Unicode
+        raise MlxeffError(f"corrupt safetensors header: tensor name {label} is not valid Unicode", path) from None
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         keys = sorted(info)[:5] if isinstance(info, dict) else type(info).__name__
         raise MlxeffError(f"corrupt safetensors entry {label}: expected dtype, shape and data_offsets, "
@@ -177,11 +181,20 @@ def read_index(path) -> Tuple[Dict[str, str], dict]:
     if not isinstance(metadata, dict):
         raise MlxeffError("invalid weight index: metadata is not an object", path)
     for name, file in weight_map.items():
-        if (not isinstance(file, str) or not file or file in (".", "..") or "/" in file or "\\" in file
-                or "\x00" in file):
+        if not _plain_file_name(file):
             raise MlxeffError(f"invalid weight index: {short_repr(name)} maps to {short_repr(file)}, "
                               "not a file name in this directory", path)
     return weight_map, metadata
+
+
+def _plain_file_name(name) -> bool:
+    """A name of a file in the same directory that every filesystem call accepts."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\x00"):
+        return False
+    try:
+        return len(name.encode("utf-8")) <= 255  # lone surrogates do not encode
+    except UnicodeEncodeError:
+        return False
 
 
 def check_shards(index_path, weight_map: Dict[str, str], headers: Dict[str, Header]) -> None:

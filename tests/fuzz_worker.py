@@ -90,6 +90,9 @@ def child(req: dict, wfd: int) -> None:
     # Python's temporary folders (the loaders' scratch folders) go to the case's own folder; the
     # environment's TMPDIR stays, so MLX keeps its compiled-kernel cache across cases.
     tempfile.tempdir = req["tmpdir"]
+    # Libraries may print to stdout (tokenizers does, for unknown options in a tokenizer.json):
+    # that is this process's protocol stream, so the child's stdout goes to /dev/null.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_LIMIT, ADDRESS_LIMIT))
     t = time.perf_counter()
     result = run_case(req)

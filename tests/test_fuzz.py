@@ -342,7 +342,7 @@ def _header_op(data, h):
     elif op == "copy":
         h[name + "_copy"] = dict(e)
     elif op == "rename":
-        h[data.draw(st.sampled_from(names + ["x", ""]))] = h.pop(name)
+        h[data.draw(st.sampled_from(names + ["x", "", "a\nb", "\ud800x", "transformer.norm.weight\x00"]))] = h.pop(name)
     elif op == "metadata":
         h["__metadata__"] = data.draw(NASTY)
     else:
@@ -428,7 +428,7 @@ def _object_mutation(data, path: Path, fmt: str):
             a = np.ones((2, 3) if data.draw(st.booleans()) else (64,), np.float32)
             state[name] = ts.tensor(a.astype(dt))
         elif op == "key":
-            state[data.draw(st.sampled_from([7, 10 ** 100, ("a",), "", "x" * 2000, 2.5, None]))] = state[name]
+            state[data.draw(st.sampled_from([7, 10 ** 100, ("a",), "", "x" * 2000, 2.5, None, "a\nb", "\ud800"]))] = state[name]
         elif op == "value":
             state[name] = data.draw(NASTY)
         elif op == "view" and isinstance(state.get(name), ts.Tensor):

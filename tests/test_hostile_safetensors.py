@@ -194,6 +194,10 @@ def test_sharded_index_and_shards(tmp_path, monkeypatch):
     for change, match in [
         (lambda i: i["weight_map"].update({next(iter(i["weight_map"])): "../model-00001-of-00099.safetensors"}),
          r"not a file name in this directory"),
+        (lambda i: i["weight_map"].update({next(iter(i["weight_map"])): "model-" + "9" * 4301 + ".safetensors"}),
+         r"not a file name in this directory"),
+        (lambda i: i["weight_map"].update({next(iter(i["weight_map"])): "model-\ud800.safetensors"}),
+         r"not a file name in this directory"),
         (lambda i: i["weight_map"].pop(_shared_shard_tensor(i["weight_map"])), r"but the index says None"),
         (lambda i: i["metadata"].update(total_size=1), r"metadata.total_size says 1 bytes"),
         (lambda i: i.update(weight_map=[]), r"no weight_map object"),
@@ -217,3 +221,12 @@ def test_read_header_reports(tmp_path):
     mx.save_safetensors(str(f), {"a": mx.zeros((3, 2)), "b": mx.zeros((0,))}, metadata={"k": "v"})
     h = read_header(f)
     assert h.tensors["a"].shape == (3, 2) and h.tensors["a"].nbytes == 24 and h.metadata == {"k": "v"}
+
+
+@pytest.mark.parametrize("name", ["evil\nname", "\ud800", "x\x00y"])
+def test_strange_tensor_names_stay_on_one_line(f32, name):
+    def rename(h):
+        h[name] = h.pop(first_tensor(h))
+        return h
+    edit_header(f32 / "model.safetensors", rename)
+    refused(f32, r"is not valid Unicode" if name == "\ud800" else r"missing weights: .*|unexpected weights: ")

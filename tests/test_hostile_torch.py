@@ -51,7 +51,8 @@ def test_zero_dim_embedding(tmp_path):
     (7, r"key 7 is not a string"),
     (("a", "b"), r"key \('a', 'b'\) is not a string"),
     ("x" * 5000, r"is not a string of 1 to 1024 characters"),
-], ids=["huge-int", "int", "tuple", "long-string"])
+    ("a\nb", r"unexpected weights: 'a\\nb'"),
+], ids=["huge-int", "int", "tuple", "long-string", "newline"])
 def test_keys_must_be_short_strings(tmp_path, key, match):
     def add(state):
         state[key] = next(iter(state.values()))
