@@ -75,6 +75,16 @@ def bpe_tokenizer(pieces: List[str], scores: List[float], kinds: List[str],
 
     ``kinds[i]``: normal, byte, unknown, bos, eos or control. ``reference(text)`` gives the ids the
     original encoder produces (BOS first); the result must agree on ``SELF_CHECK``."""
+    try:
+        return _bpe_tokenizer(pieces, scores, kinds, reference, path)
+    except (MlxeffError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # tokenizers' Rust panics arrive as pyo3's PanicException(BaseException)
+        raise MlxeffError(f"cannot build a tokenizer from this vocabulary ({' '.join(str(e).split())[:200]})",
+                          path) from None
+
+
+def _bpe_tokenizer(pieces, scores, kinds, reference, path):
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
     from transformers import PreTrainedTokenizerFast
 

@@ -103,9 +103,9 @@ def load_tokenizer(path, required: bool = True, eos_token_ids=None):
         tok = load_tok(path, eos_token_ids=eos_token_ids)
         _smoke_test(tok)
         return tok
-    except MlxeffError:
+    except (MlxeffError, KeyboardInterrupt, SystemExit):
         raise
-    except (Exception, RecursionError) as e:
+    except BaseException as e:  # tokenizers' Rust panics arrive as pyo3's PanicException(BaseException)
         text = " ".join(str(e).split())[:200] or type(e).__name__
         raise MlxeffError(f"cannot load the tokenizer ({text})", path) from None
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import struct
 import zipfile
-from collections import OrderedDict
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 
 TOKENS = [[1, 5, 9, 33, 2, 7]]
 
@@ -97,12 +95,3 @@ def state_with(obj_fn, path: Path) -> Path:
 def pickle_member(path: Path) -> str:
     with zipfile.ZipFile(path) as z:
         return next(n for n in z.namelist() if n.endswith("/data.pkl"))
-
-
-def np_tensor(a):
-    from mlxeff.convert import torch_save as ts
-
-    return ts.tensor(np.asarray(a))
-
-
-__all__ = ["OrderedDict"]

@@ -86,6 +86,24 @@ def test_token_ids_must_fit_the_vocabulary(model_dir):
     refused(model_dir, r"the tokenizer has token id \d+ but the model's vocabulary has \d+ rows")
 
 
+def test_tokenizers_panic_is_one_error(model_dir, monkeypatch):
+    import mlx_lm.tokenizer_utils as tu
+    from tokenizers import Tokenizer
+
+    f = model_dir / "tokenizer.json"
+    tok = json.loads(f.read_text())
+    tok["truncation"] = {"direction": "Right", "max_length": 9, "strategy": "LongestFirst", "stride": 20}
+    f.write_text(json.dumps(tok))
+    refused(model_dir, r"cannot load the tokenizer \(tokenizer stride set to 20")  # transformers catches it
+    # tokenizers itself panics on it; pyo3's PanicException derives from BaseException, not Exception
+
+    def panicking_load(*args, **kwargs):
+        Tokenizer.from_str(json.dumps(tok)).encode("Once upon a time there was a little girl")
+
+    monkeypatch.setattr(tu, "load", panicking_load)
+    refused(model_dir, r"cannot load the tokenizer \(`stride` must be strictly less than `max_len=9`")
+
+
 def test_broken_tokenizer_json_is_one_line(model_dir):
     (model_dir / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": 5}}')
     e = refused(model_dir, r"cannot load the tokenizer")
