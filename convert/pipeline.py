@@ -19,8 +19,9 @@ import mlx.core as mx
 
 from mlxeff.errors import MlxeffError
 from mlxeff.atomic import recover
-from mlxeff.io import check_value_flags, load_model, load_weights_into, model_config_dict, save, value_flags
+from mlxeff.io import load_model, load_weights_into, model_config_dict, save
 from mlxeff.tokenizer import has_tokenizer
+from mlxeff.values import check_weights
 
 from . import corenet, hf
 from . import tokenizer as tok
@@ -106,9 +107,8 @@ def convert(
         description = "mlxeff directory"
         tok_count = tok.check(tokenizer_obj, model_config_dict(model), model.args.vocab_size, src) if tokenizer_obj else None
         model.set_dtype(target)
-        names, flags = value_flags(model)  # loaded lazily: the values are checked as they are cast
-        mx.eval(model.parameters(), flags)
-        check_value_flags(names, flags, src)
+        mx.eval(model.parameters())
+        check_weights(model, src)  # loaded lazily: checked once cast
     else:
         if kind == "corenet":
             plan = corenet.plan(src, config, vocab_size)

@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxeff.errors import MlxeffError
-from mlxeff.io import VALUE_LIMIT, within_value_limit
+from mlxeff.values import VALUE_LIMIT, within_value_limit
 from mlxeff.safetensors_check import DTYPES, read_header
 
 # dtype name -> NumPy dtype of the stored bits (bfloat16 as uint16)
@@ -54,7 +54,7 @@ class TensorRef:
 def to_mlx(arr: np.ndarray, dtype: str, target: Optional[mx.Dtype], name: str, path) -> mx.array:
     """NumPy data of source ``dtype`` -> an evaluated MLX array, cast to ``target`` if given.
 
-    Values must be finite and within ``mlxeff.io.VALUE_LIMIT`` (what ``mlxeff.load`` accepts), and
+    Values must be finite and within ``mlxeff.values.VALUE_LIMIT`` (what ``mlxeff.load`` accepts), and
     still finite after the cast (float16 tops out at 65504)."""
     if dtype not in FLOAT_DTYPES:
         raise MlxeffError(f"{name}: weights must be floating point, got {dtype}", path)

@@ -164,17 +164,25 @@ def test_non_finite_or_huge_data_refused(f32, value):
     refused(f32, rf"{name} holds NaN, infinite or out-of-range values")
 
 
-def test_value_limit_boundaries():
-    from mlxeff.io import within_value_limit
+@pytest.mark.parametrize("check", ["mlx", "numpy"])
+def test_value_limit_boundaries(check, monkeypatch):
+    from mlxeff import values
+
+    monkeypatch.setattr(values, "CHUNK", 3)  # several chunks per array on the NumPy path
+
+    def ok(vals, dtype):
+        a = mx.array(vals, dtype=mx.float32).astype(dtype)
+        mx.eval(a)
+        return values.within_value_limit(a).item() if check == "mlx" else values._within_limit_cpu(a)
 
     for dtype in (mx.float16, mx.bfloat16, mx.float32):
-        assert within_value_limit(mx.array([0.0, -0.0, 1.5, -2.0 ** 15], dtype=dtype)).item()
+        assert ok([0.0, -0.0, 1.5, -2.0 ** 15, 7.0, -65504.0, 3.0], dtype)
         for bad in (np.nan, -np.nan, np.inf, -np.inf):
-            assert not within_value_limit(mx.array([1.0, bad], dtype=dtype)).item(), (dtype, bad)
+            assert not ok([1.0, 2.0, 3.0, 4.0, bad], dtype), (dtype, bad)
     for dtype in (mx.bfloat16, mx.float32):
-        assert within_value_limit(mx.array([2.0 ** 20, -2.0 ** 20], dtype=dtype)).item()
-        assert not within_value_limit(mx.array([2.0 ** 21], dtype=dtype)).item()
-        assert not within_value_limit(mx.array([-2.0 ** 21], dtype=dtype)).item()
+        assert ok([2.0 ** 20, -2.0 ** 20, 1.0, 2.0], dtype)
+        assert not ok([1.0, 2.0, 3.0, 2.0 ** 21], dtype)
+        assert not ok([1.0, 2.0, 3.0, -2.0 ** 21], dtype)
 
 
 def _shared_shard_tensor(weight_map):
