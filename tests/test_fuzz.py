@@ -113,9 +113,10 @@ def bases(tmp_path_factory):
     from conftest import make_tokenizer, write_hf_openelm
     from hostile import corenet_file, mlxeff_dir, tiny_model
 
-    root = tmp_path_factory.mktemp("fuzz-bases")
+    root = tmp_path_factory.mktemp("fuzz")
+    (root / "llama2c").mkdir()
     tok = make_tokenizer()
-    b = {"f32": mlxeff_dir(root / "f32", tokenizer=tok, vocab=len(tok)),
+    b = {"cases": root / "cases", "f32": mlxeff_dir(root / "f32", tokenizer=tok, vocab=len(tok)),
          "f16q": mlxeff_dir(root / "f16q", quantize="affine", dtype=mx.float16)}
     old, io.MAX_SHARD_BYTES = io.MAX_SHARD_BYTES, 30_000
     try:
@@ -127,24 +128,30 @@ def bases(tmp_path_factory):
     b["corenet"] = corenet_file(root / "corenet" / "ckpt.pt", model)
     (root / "corenet" / "config.json").write_text(json.dumps(model.args.to_dict()))
     b["hfbin"] = write_hf_openelm(model, root / "hfbin", fmt="bin")
+    b["cases"].mkdir()
+    if TOK512.exists():
+        b["llama2c"] = root / "llama2c" / TOK512.name
+        shutil.copyfile(TOK512, b["llama2c"])
     return b
 
 
 class Case:
-    """A fresh copy of a base artifact, its output and scratch folders, and a snapshot of it."""
+    """A fresh copy of a base artifact with output and scratch folders, removed on exit."""
 
-    counter = 0
-
-    def __init__(self, base: Path, kind: str):
-        Case.counter += 1
-        self.root = Path(tempfile.mkdtemp(prefix=f"fuzz-{kind}-"))
+    def __init__(self, base: Path, kind: str, cases: Path):
+        self.root = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=cases))
         self.dir = self.root / "case"
         self.dir.mkdir()
         self.target = self.dir / base.name
         (shutil.copytree if base.is_dir() else shutil.copyfile)(base, self.target)
         (self.root / "outparent").mkdir()
         (self.root / "tmp").mkdir()
-        self.kind = kind
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def snapshot(self):
         out = {}
@@ -159,9 +166,6 @@ class Case:
                 else:
                     out[str(p)] = ("other", st_.st_mode, st_.st_size)
         return out
-
-    def cleanup(self):
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def check(sandbox, case: Case, req: dict, stat_kind: str):
@@ -182,7 +186,6 @@ def check(sandbox, case: Case, req: dict, stat_kind: str):
     assert os.listdir(case.root / "tmp") == [], "scratch files were left behind"
     outs = os.listdir(case.root / "outparent")
     assert outs == (["out"] if result["outcome"] == "loaded" and req["kind"] == "convert" else []), outs
-    case.cleanup()
 
 
 # --- value strategies --------------------------------------------------------------------------
@@ -299,9 +302,9 @@ def _resize_layers(data, cfg):
 @SETTINGS
 @given(data=st.data(), variant=st.sampled_from(["f32", "f16q", "sharded"]))
 def test_config_json(sandbox, bases, data, variant):
-    case = Case(bases[variant], "config")
-    json_mutation(data, case.target / "config.json", {"layers": _resize_layers})
-    check(sandbox, case, {"kind": "model", "path": str(case.target)}, "config.json")
+    with Case(bases[variant], "config", bases["cases"]) as case:
+        json_mutation(data, case.target / "config.json", {"layers": _resize_layers})
+        check(sandbox, case, {"kind": "model", "path": str(case.target)}, "config.json")
 
 
 # --- safetensors --------------------------------------------------------------------------------
@@ -387,14 +390,14 @@ def _mutate_safetensors(data, st_file: Path):
 @SETTINGS
 @given(data=st.data(), variant=st.sampled_from(["f32", "f16q", "sharded"]))
 def test_safetensors(sandbox, bases, data, variant):
-    case = Case(bases[variant], "safetensors")
-    files = sorted(case.target.glob("*.safetensors"))
-    index = case.target / "model.safetensors.index.json"
-    if index.exists() and data.draw(st.integers(0, 3)) == 0:
-        json_mutation(data, index)
-    else:
-        _mutate_safetensors(data, data.draw(st.sampled_from(files)))
-    check(sandbox, case, {"kind": "model", "path": str(case.target)}, "safetensors")
+    with Case(bases[variant], "safetensors", bases["cases"]) as case:
+        files = sorted(case.target.glob("*.safetensors"))
+        index = case.target / "model.safetensors.index.json"
+        if index.exists() and data.draw(st.integers(0, 3)) == 0:
+            json_mutation(data, index)
+        else:
+            _mutate_safetensors(data, data.draw(st.sampled_from(files)))
+        check(sandbox, case, {"kind": "model", "path": str(case.target)}, "safetensors")
 
 
 # --- torch zip / pickle -------------------------------------------------------------------------
@@ -491,17 +494,17 @@ def _zip_mutation(data, path: Path):
 @SETTINGS
 @given(data=st.data(), variant=st.sampled_from(["corenet", "hfbin"]))
 def test_torch_checkpoints(sandbox, bases, data, variant):
-    case = Case(bases[variant], "torch")
-    file = case.target if variant == "corenet" else case.target / "pytorch_model.bin"
-    if data.draw(st.integers(0, 2)) == 0:
-        _object_mutation(data, file, "corenet" if variant == "corenet" else "hf")
-    else:
-        _zip_mutation(data, file)
-    req = {"kind": "convert", "path": str(file if variant == "corenet" else case.target),
-           "out": str(case.root / "outparent" / "out")}
-    if variant == "corenet":
-        req["config"] = str(bases["corenet"].parent / "config.json")
-    check(sandbox, case, req, "torch")
+    with Case(bases[variant], "torch", bases["cases"]) as case:
+        file = case.target if variant == "corenet" else case.target / "pytorch_model.bin"
+        if data.draw(st.integers(0, 2)) == 0:
+            _object_mutation(data, file, "corenet" if variant == "corenet" else "hf")
+        else:
+            _zip_mutation(data, file)
+        req = {"kind": "convert", "path": str(file if variant == "corenet" else case.target),
+               "out": str(case.root / "outparent" / "out")}
+        if variant == "corenet":
+            req["config"] = str(bases["corenet"].parent / "config.json")
+        check(sandbox, case, req, "torch")
 
 
 # --- tokenizers ----------------------------------------------------------------------------------
@@ -545,30 +548,30 @@ def test_tokenizer_files(sandbox, bases, data, which):
     if which == "llama2c":
         if not TOK512.exists():
             pytest.skip("shared/data/models/stories260K/tok512.bin is absent")
-        case = Case(TOK512, "tokenizer")
-        raw = bytearray(case.target.read_bytes())
-        op = data.draw(st.sampled_from(["flip", "truncate", "length", "score", "append"]))
-        if op == "flip":
-            for _ in range(data.draw(st.integers(1, 8))):
-                raw[data.draw(st.integers(0, len(raw) - 1))] ^= data.draw(st.integers(1, 255))
-        elif op == "truncate":
-            raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
-        elif op in ("length", "score"):
-            pos = data.draw(st.integers(0, len(raw) // 4 - 1)) * 4
-            raw[pos:pos + 4] = (data.draw(st.integers(-(2 ** 31), 2 ** 31 - 1)).to_bytes(4, "little", signed=True)
-                                if op == "length" else b"\x00\x00\xc0\x7f")
+        with Case(bases["llama2c"], "tokenizer", bases["cases"]) as case:
+            raw = bytearray(case.target.read_bytes())
+            op = data.draw(st.sampled_from(["flip", "truncate", "length", "score", "append"]))
+            if op == "flip":
+                for _ in range(data.draw(st.integers(1, 8))):
+                    raw[data.draw(st.integers(0, len(raw) - 1))] ^= data.draw(st.integers(1, 255))
+            elif op == "truncate":
+                raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
+            elif op in ("length", "score"):
+                pos = data.draw(st.integers(0, len(raw) // 4 - 1)) * 4
+                raw[pos:pos + 4] = (data.draw(st.integers(-(2 ** 31), 2 ** 31 - 1)).to_bytes(4, "little", signed=True)
+                                    if op == "length" else b"\x00\x00\xc0\x7f")
+            else:
+                raw += data.draw(st.binary(min_size=1, max_size=32))
+            case.target.write_bytes(bytes(raw))
+            check(sandbox, case, {"kind": "llama2c", "path": str(case.target)}, "tokenizer")
+            return
+    with Case(bases["f32"], "tokenizer", bases["cases"]) as case:
+        if which == "special":
+            name = data.draw(st.sampled_from(["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                              "chat_template.jinja", "tokenizer.model", "vocab.json"]))
+            _special_file(data, case.target / name)
+        elif which == "tokenizer_config.json":
+            json_mutation(data, case.target / which, {"key": _tokenizer_config_op})
         else:
-            raw += data.draw(st.binary(min_size=1, max_size=32))
-        case.target.write_bytes(bytes(raw))
-        check(sandbox, case, {"kind": "llama2c", "path": str(case.target)}, "tokenizer")
-        return
-    case = Case(bases["f32"], "tokenizer")
-    if which == "special":
-        name = data.draw(st.sampled_from(["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                                          "chat_template.jinja", "tokenizer.model", "vocab.json"]))
-        _special_file(data, case.target / name)
-    elif which == "tokenizer_config.json":
-        json_mutation(data, case.target / which, {"key": _tokenizer_config_op})
-    else:
-        json_mutation(data, case.target / which)
-    check(sandbox, case, {"kind": "model", "path": str(case.target)}, "tokenizer")
+            json_mutation(data, case.target / which)
+        check(sandbox, case, {"kind": "model", "path": str(case.target)}, "tokenizer")
