@@ -39,7 +39,7 @@ from typing import Any, Dict, Tuple
 import numpy as np
 
 from mlxeff.errors import MlxeffError
-from mlxeff.files import short_repr
+from mlxeff.files import open_regular, short_repr
 
 from .tensors import NUMPY_DTYPES, TensorRef, itemsize
 from .zip_reader import ZipReader
@@ -366,7 +366,7 @@ class TorchArchive:
 
     def _check_magic(self):
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path, "checkpoint") as f:  # a FIFO or device is refused unopened
                 head = f.read(64)
         except OSError as e:
             raise MlxeffError(f"cannot read ({e.strerror or e})", self.path) from None

@@ -189,3 +189,15 @@ def test_crc_checked_on_deflated_members(good, tmp_path):
             struct.pack_into("<I", data, pos + 16, struct.unpack_from("<I", data, pos + 16)[0] ^ 1)
     pt.write_bytes(bytes(data))
     refused(pt, tmp_path, r"data/0 is corrupt \(CRC mismatch\)")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_special_files_refused_unopened(tmp_path, kind):
+    import os
+
+    pt = tmp_path / "c.pt"
+    os.mkfifo(pt) if kind == "fifo" else os.symlink(kind, pt)
+    with pytest.raises(MlxeffError, match="expected a regular file"):
+        read_state_dict(pt)
+    with pytest.raises(MlxeffError, match="not a regular file or a directory"):
+        convert(pt, tmp_path / "out", config=tiny_model().args, tokenizer=False, progress=False)
