@@ -14,8 +14,9 @@ property, for every case:
 - with no side effect: the case's files are unchanged, a failed conversion leaves no output and
   no temporary folder, scratch folders are removed.
 
-CI runs ``MLXEFF_FUZZ_EXAMPLES`` (default 30) derandomized examples per file kind (about 2
-minutes on 2 cores). The long campaign (SECURITY.md has its last outcome):
+CI runs ``MLXEFF_FUZZ_EXAMPLES`` (default 200) derandomized examples per file kind (25 s on an
+idle 2-core CPU, a minute or two on a busy one). The long campaign (SECURITY.md has its last
+outcome):
 
     MLXEFF_FUZZ_EXAMPLES=2000 MLXEFF_FUZZ_REPORT=fuzz-report.json python -m pytest -q tests/test_fuzz.py
 
@@ -44,7 +45,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from conftest import SHARED_DATA  # noqa: E402
 
-EXAMPLES = int(os.environ.get("MLXEFF_FUZZ_EXAMPLES", "30"))
+EXAMPLES = int(os.environ.get("MLXEFF_FUZZ_EXAMPLES", "200"))
 LONG = "MLXEFF_FUZZ_EXAMPLES" in os.environ
 TIMEOUT = 20.0
 MAX_RSS_MB = 2048
