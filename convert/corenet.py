@@ -18,20 +18,21 @@ huggingface-hub, so it is always installed with mlxeff).
 
 from __future__ import annotations
 
-import json
 import re
 from numbers import Number
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from mlxeff.errors import MlxeffError
+from mlxeff.files import read_bounded, read_json, short_repr
 from mlxeff.models import ConfigError, Model, ModelArgs, config_from_hf, make_divisible
-from mlxeff.models.config import OPENELM_SIZES, rounded_linspace
+from mlxeff.models.config import OPENELM_SIZES, check_bool, check_float, check_int, rounded_linspace
 
-from .plan import Plan, build_entries, expected_shapes
+from .plan import Plan, build_entries, check_fits, expected_shapes
 from .torch_pickle import read_state_dict
 
 HF_VOCAB = 32000
+MAX_YAML_BYTES = 1 << 20
 
 # CoreNet's GPT defaults (GPTConfig) and its named configurations (gpt_configs).
 GPT_DEFAULTS = dict(
@@ -76,16 +77,17 @@ def gpt_args(fields: Dict[str, Any], vocab_size: int) -> ModelArgs:
         raise ConfigError("only swish activation with rms_norm is supported")
     if not f["ffn_with_glu"]:
         raise ConfigError("only gated FFNs (ffn_with_glu: true) are supported")
-    n, dim, hd, groups = (int(f[k]) for k in ("num_transformer_layers", "model_dim", "head_dim", "num_gqa_groups"))
-    if n < 1 or dim < 1 or hd < 1 or groups < 1:
-        raise ConfigError("layers, model_dim, head_dim and num_gqa_groups must be positive")
+    n = check_int("num_transformer_layers", f["num_transformer_layers"])  # before any per-layer list
+    dim, hd = check_int("model_dim", f["model_dim"]), check_int("head_dim", f["head_dim"])
+    groups = check_int("num_gqa_groups", f["num_gqa_groups"], "num_kv_heads")
 
     def per_layer(m, what):
         if isinstance(m, Number) and not isinstance(m, bool):
-            return [m] * n  # CoreNet does not round a single multiplier
-        if isinstance(m, (list, tuple)) and len(m) == 2 and all(isinstance(x, Number) for x in m):
-            return rounded_linspace(float(m[0]), float(m[1]), n)
-        raise ConfigError(f"{what} must be a number or a pair of numbers, got {m!r}")
+            return [check_float(what, m, "ffn_multipliers")] * n  # CoreNet does not round a single multiplier
+        if isinstance(m, (list, tuple)) and len(m) == 2:
+            lo, hi = (check_float(f"{what}[{i}]", x, "ffn_multipliers") for i, x in enumerate(m))
+            return rounded_linspace(lo, hi, n)
+        raise ConfigError(f"{what} must be a number or a pair of numbers, got {short_repr(m)}")
 
     qkv = per_layer(f["qkv_multipliers"], "qkv_multipliers")
     ffn = per_layer(f["ffn_multipliers"], "ffn_multipliers")
@@ -94,10 +96,11 @@ def gpt_args(fields: Dict[str, Any], vocab_size: int) -> ModelArgs:
     return ModelArgs(
         vocab_size=vocab_size, model_dim=dim, head_dim=hd, num_transformer_layers=n,
         num_query_heads=q_heads, num_kv_heads=[q // groups for q in q_heads],
-        ffn_multipliers=[float(m) for m in ffn], ffn_dim_divisor=int(f["ffn_dim_divisor"]),
-        normalize_qk_projections=bool(f["normalize_qk_projections"]),
-        share_input_output_layers=bool(f["share_input_output_layers"]),
-        rope_freq_constant=float(f["rope_freq_constant"]), max_context_length=int(f["max_context_length"]),
+        ffn_multipliers=[float(m) for m in ffn], ffn_dim_divisor=check_int("ffn_dim_divisor", f["ffn_dim_divisor"]),
+        normalize_qk_projections=check_bool("normalize_qk_projections", f["normalize_qk_projections"]),
+        share_input_output_layers=check_bool("share_input_output_layers", f["share_input_output_layers"]),
+        rope_freq_constant=check_float("rope_freq_constant", f["rope_freq_constant"]),
+        max_context_length=check_int("max_context_length", f["max_context_length"]),
     )
 
 
@@ -105,12 +108,13 @@ def read_yaml(path: Path) -> Dict[str, Any]:
     """The ``model.language_modeling.general_gpt`` section of a CoreNet yaml."""
     import yaml
 
+    raw = read_bounded(path, MAX_YAML_BYTES, "yaml config")
     try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
+        doc = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
         raise MlxeffError(f"cannot read ({e})", path) from None
-    except yaml.YAMLError as e:
-        raise MlxeffError(f"invalid yaml ({str(e).splitlines()[0]})", path) from None
+    except (yaml.YAMLError, RecursionError, ValueError) as e:
+        raise MlxeffError(f"invalid yaml ({(str(e).splitlines() or [type(e).__name__])[0][:200]})", path) from None
     section: Any = doc
     for key in ("model", "language_modeling"):
         section = section.get(key) if isinstance(section, dict) else None
@@ -128,8 +132,17 @@ def read_yaml(path: Path) -> Dict[str, Any]:
     return gpt
 
 
+def _check_rank(refs, path) -> None:
+    """The tensors whose shapes name the architecture must have the rank the model gives them."""
+    for name, rank in (("token_embeddings.weight", 2), ("layers.0.attn.q_norm.weight", 1)):
+        ref = refs.get(name)
+        if ref is not None and len(ref.shape) != rank:
+            raise MlxeffError(f"{name} has shape {tuple(ref.shape)}, expected {rank} dimensions", path)
+
+
 def resolve_architecture(config, refs, vocab_size: Optional[int], path) -> Tuple[ModelArgs, str]:
     """ModelArgs and a description, from ``config`` or, if None, from the checkpoint's shapes."""
+    _check_rank(refs, path)
     rows = refs["token_embeddings.weight"].shape[0] if "token_embeddings.weight" in refs else None
 
     def vocab(default):
@@ -155,18 +168,14 @@ def resolve_architecture(config, refs, vocab_size: Optional[int], path) -> Tuple
             fields = {}
             model_name = gpt.get("model_name")
             if model_name is not None:
-                if model_name not in NAMED:
-                    raise MlxeffError(f"unknown model_name {model_name!r} (known: {', '.join(sorted(NAMED))})", p)
+                if not isinstance(model_name, str) or model_name not in NAMED:
+                    raise MlxeffError(f"unknown model_name {short_repr(model_name)} (known: {', '.join(sorted(NAMED))})", p)
                 fields.update(NAMED[model_name])
             fields.update({k: v for k, v in gpt.items() if k in GPT_DEFAULTS and k != "vocab_size"})
             default = HF_VOCAB if model_name in OFFICIAL else gpt.get("vocab_size")
             return gpt_args(fields, vocab(default)), f"{model_name or 'explicit fields'} from {p.name}"
         if p.suffix.lower() == ".json":
-            try:
-                params = json.loads(p.read_text())
-            except (OSError, ValueError) as e:
-                raise MlxeffError(f"cannot read a JSON config ({e})", p) from None
-            args = config_from_hf(params)
+            args = config_from_hf(read_json(p, what="JSON config"))
             return ModelArgs.from_dict({**args.to_dict(), "vocab_size": vocab(args.vocab_size)}), f"config {p.name}"
         name = canonical_name(cfg)
         if name is None:
@@ -212,6 +221,7 @@ def plan(path, config=None, vocab_size: Optional[int] = None) -> Plan:
     refs = _strip_prefix(refs)
     try:
         args, desc = resolve_architecture(config, refs, vocab_size, path)
+        check_fits(args, refs, path)
         model = Model(args)
         vocab_rows = {"transformer.token_embeddings.weight": args.vocab_size, "lm_head.weight": args.vocab_size}
         entries = build_entries(expected_shapes(model), refs, lambda n: [source_name(n)], path, rows=vocab_rows)

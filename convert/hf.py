@@ -15,15 +15,17 @@ rotate-half RoPE layout, so no row permutation is needed.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from mlxeff.errors import MlxeffError
+from mlxeff.files import printable, read_json, short_repr
+from mlxeff.safetensors_check import read_index
+from mlxeff.tokenizer import has_tokenizer
 from mlxeff.models import ConfigError, Model, ModelArgs, config_from_hf
 
-from .plan import Plan, build_entries, expected_shapes
+from .plan import Plan, build_entries, check_fits, expected_shapes
 from .tensors import TensorRef, safetensors_refs
 from .torch_pickle import read_state_dict
 
@@ -76,57 +78,68 @@ def fetch_hub(repo_id: str) -> Path:
 
 def read_config(d: Path) -> dict:
     f = d / "config.json"
-    if not f.is_file():
+    if not (f.exists() or f.is_symlink()):
         raise MlxeffError("no config.json (is this a Hugging Face model directory?)", d)
-    try:
-        cfg = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise MlxeffError(f"invalid JSON ({e})", f) from None
-    if not isinstance(cfg, dict):
-        raise MlxeffError("expected a JSON object", f)
-    return cfg
+    return read_json(f, what="config.json")
 
 
-def _index_files(index: Path) -> List[Path]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise MlxeffError(f"invalid weight index ({e})", index) from None
-    paths = [index.parent / f for f in files]
+def _index_files(index: Path) -> Tuple[List[Path], Dict[str, str]]:
+    weight_map, _ = read_index(index)
+    paths = [index.parent / f for f in sorted(set(weight_map.values()))]
     for p in paths:
-        if p.parent != index.parent or not p.is_file():
+        if not (p.exists() or p.is_symlink()):
             raise MlxeffError(f"the index names {p.name}, which is missing", index)
-    return paths
+    return paths, weight_map
 
 
 def weight_refs(d: Path):
     """All tensors of the directory's weight files: (name -> TensorRef, closers)."""
-    if (d / "model.safetensors.index.json").is_file():
-        files, kind = _index_files(d / "model.safetensors.index.json"), "safetensors"
-    elif (d / "model.safetensors").is_file():
+    index, weight_map = None, None
+    if _present(d / "model.safetensors.index.json"):
+        index, kind = d / "model.safetensors.index.json", "safetensors"
+    elif _present(d / "model.safetensors"):
         files, kind = [d / "model.safetensors"], "safetensors"
     elif list(d.glob("*.safetensors")):
         files, kind = sorted(d.glob("*.safetensors")), "safetensors"
-    elif (d / "pytorch_model.bin.index.json").is_file():
-        files, kind = _index_files(d / "pytorch_model.bin.index.json"), "torch"
-    elif (d / "pytorch_model.bin").is_file():
+    elif _present(d / "pytorch_model.bin.index.json"):
+        index, kind = d / "pytorch_model.bin.index.json", "torch"
+    elif _present(d / "pytorch_model.bin"):
         files, kind = [d / "pytorch_model.bin"], "torch"
     else:
         raise MlxeffError("no weights (model.safetensors, its index, or pytorch_model.bin)", d)
+    if index is not None:
+        files, weight_map = _index_files(index)
     refs: Dict[str, TensorRef] = {}
     closers = []
-    for f in files:
-        if kind == "safetensors":
-            part = safetensors_refs(f)
-        else:
-            archive, part = read_state_dict(f, keys=("state_dict",))
-            closers.append(archive.close)
-        dup = sorted(set(part) & set(refs))
-        if dup:
-            raise MlxeffError(f"{dup[0]} appears in more than one weight file", f)
-        refs.update(part)
+    try:
+        for f in files:
+            if kind == "safetensors":
+                part = safetensors_refs(f)
+            else:
+                archive, part = read_state_dict(f, keys=("state_dict",))
+                closers.append(archive.close)
+            dup = sorted(set(part) & set(refs))
+            if dup:
+                raise MlxeffError(f"{printable(dup[0])} appears in more than one weight file", f)
+            if weight_map is not None:
+                wrong = [n for n in part if weight_map.get(n) != f.name]
+                if wrong:
+                    raise MlxeffError(f"{printable(wrong[0])} is in {f.name} but the index says "
+                                      f"{short_repr(weight_map.get(wrong[0]))}", index)
+            refs.update(part)
+        if weight_map is not None:
+            absent = [n for n in weight_map if n not in refs]
+            if absent:
+                raise MlxeffError(f"the index lists {printable(absent[0])}, which no shard holds", index)
+    except BaseException:
+        for c in closers:
+            c()
+        raise
     return refs, closers
+
+
+def _present(p: Path) -> bool:
+    return p.exists() or p.is_symlink()
 
 
 def plan(src, vocab_size: Optional[int] = None) -> Plan:
@@ -146,6 +159,12 @@ def plan(src, vocab_size: Optional[int] = None) -> Plan:
             raise MlxeffError(f"vocab_size {vocab_size} exceeds the config's {args.vocab_size}", d / "config.json")
         args = ModelArgs.from_dict({**args.to_dict(), "vocab_size": vocab_size})
     refs, closers = weight_refs(d)
+    try:
+        check_fits(args, refs, d / "config.json")
+    except BaseException:
+        for c in closers:
+            c()
+        raise
     model = Model(args)
     tied = args.share_input_output_layers
     ignore = (lambda n: n == "lm_head.weight") if tied else (lambda n: False)
@@ -159,6 +178,6 @@ def plan(src, vocab_size: Optional[int] = None) -> Plan:
         for c in closers:
             c()
         raise
-    has_tok = any((d / f).is_file() for f in TOKENIZER_FILES)
+    has_tok = has_tokenizer(d)
     desc = f"Hugging Face {model_type} ({'tied' if tied else 'untied'} head)"
     return Plan(args, model, entries, d, desc, tokenizer_dir=d if has_tok else None, closers=closers)

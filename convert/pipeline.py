@@ -18,8 +18,11 @@ from typing import Optional, Union
 import mlx.core as mx
 
 from mlxeff.errors import MlxeffError
+from mlxeff.atomic import recover
 from mlxeff.io import load_model, load_weights_into, model_config_dict, save
 from mlxeff.progress import bar
+from mlxeff.tokenizer import has_tokenizer
+from mlxeff.values import check_weights
 
 from . import corenet, hf
 from . import tokenizer as tok
@@ -87,6 +90,7 @@ def convert(
     _check_options(dtype, quantize, bits, group_size, embedding_bits)
     seedlm_quantize = _seedlm() if quantize == "seedlm" else None
     out = Path(out)
+    recover(out)  # a replacement killed between its two renames left OUT aside: put it back first
     if out.exists() and not force:
         raise MlxeffError("output already exists (use --force to replace it)", out)
     kind = detect(src, source)
@@ -99,11 +103,12 @@ def convert(
         model = load_model(src, lazy=True)
         if quantize and (getattr(model, "mlxeff_meta", None) or {}).get("quantization"):
             raise MlxeffError("the model is already quantized; convert from an unquantized one", src)
-        tokenizer_obj = tok.resolve(tokenizer, Path(src) if _has_tokenizer(src) else None, src)
+        tokenizer_obj = tok.resolve(tokenizer, Path(src) if has_tokenizer(src) else None, src)
         description = "mlxeff directory"
         tok_count = tok.check(tokenizer_obj, model_config_dict(model), model.args.vocab_size, src) if tokenizer_obj else None
         model.set_dtype(target)
         mx.eval(model.parameters())
+        check_weights(model, src)  # loaded lazily: checked once cast
     else:
         if kind == "corenet":
             plan = corenet.plan(src, config, vocab_size)
@@ -167,7 +172,3 @@ def convert(
         "notes": notes,
         "seconds": time.perf_counter() - t0,
     }
-
-
-def _has_tokenizer(path) -> bool:
-    return any((Path(path) / f).is_file() for f in tok.COPY_PATTERNS[:3])

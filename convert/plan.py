@@ -19,6 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlxeff.errors import MlxeffError
+from mlxeff.files import printable
 from mlxeff.models import Model, ModelArgs
 
 from .tensors import TensorRef, itemsize, to_mlx
@@ -30,7 +31,7 @@ RECOMPUTED_SUFFIXES = ("rotary_emb.inv_freq", "pos_embedding.inv_freq", "_cached
 def _short(names, n=3):
     names = list(names)
     more = f" (+{len(names) - n} more)" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
+    return ", ".join(printable(x, 120) for x in names[:n]) + more
 
 
 @dataclass
@@ -88,6 +89,19 @@ class Plan:
     def close(self):
         for c in self.closers:
             c()
+
+
+def check_fits(args: ModelArgs, refs: Dict[str, TensorRef], source) -> None:
+    """Refuse an architecture larger than the checkpoint before building it: at most one layer per
+    tensor, and at least two bytes per parameter (float16/bfloat16, the most compact storage a
+    checkpoint's weights have here)."""
+    if args.num_transformer_layers > len(refs):
+        raise MlxeffError(f"the architecture has {args.num_transformer_layers} layers but the checkpoint "
+                          f"holds {len(refs)} tensors", source)
+    stored = sum(math.prod(r.shape) * itemsize(r.dtype) for r in refs.values())
+    if 2 * args.num_parameters() > stored:
+        raise MlxeffError(f"the architecture has {args.num_parameters():,} parameters but the checkpoint "
+                          f"holds {stored:,} bytes of tensors", source)
 
 
 def expected_shapes(model: Model) -> Dict[str, Tuple[int, ...]]:

@@ -7,10 +7,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mlxeff.errors import MlxeffError
+from mlxeff.files import read_json
 
 from .hf import is_hub_id
 
@@ -32,16 +32,18 @@ def detect(src, source=None) -> str:
         if path.suffix == ".safetensors":
             raise MlxeffError("a lone safetensors file has no config; convert its directory", src)
         return kind
+    if not path.is_dir():
+        raise MlxeffError("not a regular file or a directory", src)
     if source == "corenet":
         raise MlxeffError("a CoreNet checkpoint is a .pt file, this is a directory", src)
     cfg = path / "config.json"
-    if not cfg.is_file():
+    if not (cfg.exists() or cfg.is_symlink()):
         pts = sorted(p.name for p in path.glob("*.pt"))
         hint = f" (for a CoreNet checkpoint pass the file, e.g. {pts[0]})" if pts else ""
         raise MlxeffError(f"no config.json{hint}", src)
     try:
-        has_section = "mlxeff" in json.loads(cfg.read_text())
-    except (OSError, ValueError, TypeError):
-        has_section = False  # the hf reader reports the broken config with its own message
+        has_section = "mlxeff" in read_json(cfg, what="config.json")
+    except MlxeffError:
+        has_section = False  # the hf reader reports the broken config with the same message
     detected = "mlxeff" if has_section else "hf"
     return source or detected

@@ -8,9 +8,6 @@ which NumPy lacks, travels as its uint16 bit pattern and becomes ``mx.bfloat16``
 
 from __future__ import annotations
 
-import json
-import math
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
@@ -19,6 +16,8 @@ import mlx.core as mx
 import numpy as np
 
 from mlxeff.errors import MlxeffError
+from mlxeff.values import VALUE_LIMIT, within_value_limit
+from mlxeff.safetensors_check import DTYPES, read_header
 
 # dtype name -> NumPy dtype of the stored bits (bfloat16 as uint16)
 NUMPY_DTYPES = {
@@ -52,21 +51,26 @@ class TensorRef:
         return arr
 
 
-def to_mlx(arr: np.ndarray, dtype: str, target: Optional[mx.Dtype] = None, name=None, path=None) -> mx.array:
-    """NumPy data of source ``dtype`` -> an evaluated MLX array, cast to ``target`` if given."""
+def to_mlx(arr: np.ndarray, dtype: str, target: Optional[mx.Dtype], name: str, path) -> mx.array:
+    """NumPy data of source ``dtype`` -> an evaluated MLX array, cast to ``target`` if given.
+
+    Values must be finite and within ``mlxeff.values.VALUE_LIMIT`` (what ``mlxeff.load`` accepts), and
+    still finite after the cast (float16 tops out at 65504)."""
     if dtype not in FLOAT_DTYPES:
-        raise MlxeffError(f"weights must be floating point, got {dtype}")
+        raise MlxeffError(f"{name}: weights must be floating point, got {dtype}", path)
     if dtype == "float64":
         # MLX has no float64 on every backend; float32 is the nearest it can hold.
         arr = arr.astype(np.float32)
     a = mx.array(np.ascontiguousarray(arr))
     if dtype == "bfloat16":
         a = a.view(mx.bfloat16)
+    if not within_value_limit(a).item():
+        raise MlxeffError(f"{name} holds NaN, infinite or out-of-range values (beyond +-{VALUE_LIMIT:g})", path)
     if target is not None and a.dtype != target:
         a = a.astype(target)
         if target == mx.float16 and mx.any(mx.isinf(a)).item():
             # float16 tops out at 65504; bf16 and fp32 checkpoints can hold larger values
-            raise MlxeffError(f"{name or 'a tensor'} has values beyond float16's range; use --dtype "
+            raise MlxeffError(f"{name} has values beyond float16's range; use --dtype "
                               "bfloat16 or float32", path)
     mx.eval(a)
     return a
@@ -87,55 +91,14 @@ def read_exact(f, offset: int, nbytes: int, path) -> np.ndarray:
 
 # --- safetensors -----------------------------------------------------------------------------
 
-SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-}
-MAX_HEADER = 100 << 20
-
-
 def safetensors_refs(path) -> Dict[str, TensorRef]:
-    """Parse and validate a safetensors header; every tensor must lie inside the file."""
+    """Lazy tensors of a safetensors file whose header ``mlxeff.safetensors_check`` validated."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise MlxeffError("truncated safetensors file (no header)", path)
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise MlxeffError(
-                    f"truncated or corrupt safetensors file (header of {n} bytes, file of {size})", path
-                )
-            header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MlxeffError(f"corrupt safetensors header ({e})", path) from None
-    except OSError as e:
-        raise MlxeffError(f"cannot read ({e.strerror or e})", path) from None
-    if not isinstance(header, dict):
-        raise MlxeffError("corrupt safetensors header (not a JSON object)", path)
-    data_start, data_size = 8 + n, size - 8 - n
-    refs = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise MlxeffError(f"corrupt safetensors entry for {name!r}: {info!r:.120}", path) from None
-        need = math.prod(shape) * itemsize(dtype)
-        if min(shape, default=0) < 0 or begin < 0 or end - begin != need:
-            raise MlxeffError(f"corrupt safetensors entry for {name!r} (size does not match shape)", path)
-        if end > data_size:
-            raise MlxeffError(
-                f"truncated safetensors file: {name} needs bytes up to {data_start + end}, "
-                f"the file has {size}", path,
-            )
-        refs[name] = TensorRef(name, dtype, shape, path, _safetensors_reader(path, data_start + begin, need, dtype, shape))
-    return refs
+    header = read_header(path, dtypes=[code for code, (_, name) in DTYPES.items() if name in NUMPY_DTYPES])
+    return {
+        name: TensorRef(name, t.dtype, t.shape, path, _safetensors_reader(path, t.begin, t.nbytes, t.dtype, t.shape))
+        for name, t in header.tensors.items()
+    }
 
 
 def _safetensors_reader(path, offset, nbytes, dtype, shape):

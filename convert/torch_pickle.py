@@ -14,6 +14,14 @@ global before unpickling starts, and ``find_class`` refuses at run time whatever
 resolve (names built on the stack). Tensors come out as ``TorchTensor`` placeholders (storage,
 offset, shape, stride) that are checked to lie inside their storage; data are read later, one
 storage at a time, straight from the zip member into a fresh buffer (CRC checked).
+
+Bounded work: ``data.pkl`` is at most ``MAX_PICKLE_BYTES``; the scan refuses a memo index beyond
+the number of objects memoized so far (a 14-byte pickle with ``LONG_BINPUT 2**28`` would make the
+unpickler's memo table grow to 4 GiB) and a length that runs past the data; sizes, strides,
+offsets and storage sizes must be below 2^62 before any arithmetic on them; state-dict keys are
+strings of at most ``MAX_KEY`` characters; a storage member must hold exactly ``numel * itemsize``
+bytes of its declared type (a float32 storage re-declared as float16 is refused); zip members are
+read by ``zip_reader`` (stored or deflate only, ratio-limited, never past the declared size).
 """
 
 from __future__ import annotations
@@ -23,9 +31,6 @@ import math
 import pickle
 import pickletools
 import re
-import struct
-import zipfile
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +39,10 @@ from typing import Any, Dict, Tuple
 import numpy as np
 
 from mlxeff.errors import MlxeffError
+from mlxeff.files import open_regular, short_repr
 
-from .tensors import NUMPY_DTYPES, TensorRef, itemsize, read_exact
+from .tensors import NUMPY_DTYPES, TensorRef, itemsize
+from .zip_reader import ZipReader
 
 STORAGE_DTYPES = {
     "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
@@ -45,6 +52,10 @@ STORAGE_DTYPES = {
 TORCH_DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
                      "uint8", "bool", "double", "float", "half", "long", "int", "short")
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+MAX_PICKLE_BYTES = 4 << 20  # a state dict's pickle takes ~150 bytes per tensor
+MAX_KEY = 1024
+MAX_INT = 1 << 62
+MAX_RANK = 64
 
 
 class UnsafePickle(MlxeffError):
@@ -126,17 +137,23 @@ class TorchTensor(_Sealed):
         return f"TorchTensor({self.storage.dtype}, shape={self.shape})"
 
 
+def _small_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and -MAX_INT < x < MAX_INT
+
+
 def _ints(v, what):
-    if not isinstance(v, (tuple, list)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-        raise pickle.UnpicklingError(f"tensor {what} must be a tuple of integers, got {v!r:.80}")
+    if (not isinstance(v, (tuple, list)) or len(v) > MAX_RANK
+            or not all(_small_int(x) for x in v)):
+        raise pickle.UnpicklingError(f"tensor {what} must be a tuple of at most {MAX_RANK} integers, "
+                                     f"got {short_repr(v)}")
     return tuple(v)
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride):
     if not isinstance(storage, Storage):
         raise pickle.UnpicklingError("tensor storage is not a storage reference")
-    if not isinstance(storage_offset, int) or storage_offset < 0:
-        raise pickle.UnpicklingError(f"bad storage offset {storage_offset!r:.40}")
+    if not _small_int(storage_offset) or storage_offset < 0:
+        raise pickle.UnpicklingError(f"bad storage offset {short_repr(storage_offset)}")
     size, stride = _ints(size, "size"), _ints(stride, "stride")
     if len(size) != len(stride) or min(size, default=0) < 0 or min(stride, default=0) < 0:
         raise pickle.UnpicklingError(f"bad tensor geometry size={size} stride={stride}")
@@ -244,12 +261,21 @@ _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHOR
                "BINSTRING", "STRING"}
 
 
-def scan_globals(data: bytes, path=None) -> None:
-    """Refuse a pickle naming any global outside the allow-list, before anything is unpickled."""
+def scan_globals(data: bytes, path=None, check_globals: bool = True) -> None:
+    """Refuse a pickle naming any global outside the allow-list (``check_globals``), a memo index
+    beyond the objects memoized so far, or a length past the data -- before anything is
+    unpickled (``pickletools.genops`` reads every argument without building objects)."""
     recent = []  # the last two value-producing opcodes (memo writes do not push anything)
+    memoized = 0
     try:
         for op, arg, _ in pickletools.genops(data):
             if op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                if op.name != "MEMOIZE" and not 0 <= arg <= memoized:
+                    raise MlxeffError(f"corrupt pickle in the checkpoint (memo index {short_repr(arg)} after "
+                                      f"{memoized} memoized objects)", path)
+                memoized += 1
+                continue
+            if not check_globals:
                 continue
             if op.name in ("GLOBAL", "INST"):
                 module, _, name = str(arg).partition(" ")
@@ -264,7 +290,11 @@ def scan_globals(data: bytes, path=None) -> None:
     except MlxeffError:
         raise
     except Exception as e:  # pickletools raises ValueError on a truncated or malformed stream
-        raise MlxeffError(f"corrupt pickle in the checkpoint ({e})", path) from None
+        raise MlxeffError(f"corrupt pickle in the checkpoint ({_one_line(e)})", path) from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -285,10 +315,10 @@ class RestrictedUnpickler(pickle.Unpickler):
         _, stype, key, _location, numel = pid
         if not isinstance(stype, StorageType):
             raise pickle.UnpicklingError("storage of an unsupported type")
-        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_]+", key):
-            raise pickle.UnpicklingError(f"bad storage key {key!r:.40}")
-        if not isinstance(numel, int) or numel < 0:
-            raise pickle.UnpicklingError(f"bad storage size {numel!r:.40}")
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_]{1,64}", key):
+            raise pickle.UnpicklingError(f"bad storage key {short_repr(key)}")
+        if not _small_int(numel) or numel < 0:
+            raise pickle.UnpicklingError(f"bad storage size {short_repr(numel)}")
         storage = Storage(key, stype.dtype, numel)
         seen = self.storages.setdefault(key, storage)
         if seen != storage:
@@ -298,15 +328,14 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 def unpickle(data: bytes, path=None, scan: bool = True):
     """Unpickle ``data`` with the allow-list; returns (object, {key: Storage})."""
-    if scan:
-        scan_globals(data, path)
+    scan_globals(data, path, check_globals=scan)  # the memo and length bounds always apply
     up = RestrictedUnpickler(data, path)
     try:
         return up.load(), up.storages
     except MlxeffError:
         raise
     except Exception as e:
-        raise MlxeffError(f"corrupt pickle in the checkpoint ({type(e).__name__}: {e})", path) from None
+        raise MlxeffError(f"corrupt pickle in the checkpoint ({type(e).__name__}: {_one_line(e)})", path) from None
 
 
 # --- the zip archive ------------------------------------------------------------------------
@@ -317,11 +346,8 @@ class TorchArchive:
     def __init__(self, path):
         self.path = Path(path)
         self._check_magic()
-        try:
-            self.zip = zipfile.ZipFile(self.path)
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise MlxeffError(f"not a readable torch checkpoint (truncated or corrupt zip: {e})", self.path) from None
-        names = self.zip.namelist()
+        self.zip = ZipReader(self.path)
+        names = self.zip.names()
         pkls = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
         if any(n.endswith("/constants.pkl") for n in names):
             raise MlxeffError("a TorchScript archive, not a checkpoint of tensors; save a state_dict", self.path)
@@ -330,16 +356,17 @@ class TorchArchive:
         self.prefix = pkls[0][: -len("data.pkl")]
         self.byteorder = "little"
         if self.prefix + "byteorder" in names:
-            self.byteorder = self._read_member(self.prefix + "byteorder").decode("ascii", "replace").strip()
+            self.byteorder = self.zip.read(self.prefix + "byteorder", 16).tobytes().decode("ascii", "replace").strip()
             if self.byteorder not in ("little", "big"):
-                raise MlxeffError(f"unknown byteorder {self.byteorder!r}", self.path)
-        self.obj, self.storages = unpickle(self._read_member(pkls[0]), self.path)
+                raise MlxeffError(f"unknown byteorder {short_repr(self.byteorder)}", self.path)
+        data = self.zip.read(pkls[0], MAX_PICKLE_BYTES).tobytes()
+        self.obj, self.storages = unpickle(data, self.path)
         self._cache: Dict[str, np.ndarray] = {}
         self._uses: Dict[str, int] = {}
 
     def _check_magic(self):
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path, "checkpoint") as f:  # a FIFO or device is refused unopened
                 head = f.read(64)
         except OSError as e:
             raise MlxeffError(f"cannot read ({e.strerror or e})", self.path) from None
@@ -356,33 +383,13 @@ class TorchArchive:
             raise MlxeffError("empty file", self.path)
         raise MlxeffError("not a torch checkpoint (not a zip archive)", self.path)
 
-    def _read_member(self, name: str) -> bytes:
-        try:
-            return self.zip.read(name)
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-            raise MlxeffError(f"corrupt zip member {name} ({e})", self.path) from None
-
     def _storage_bytes(self, storage: Storage) -> np.ndarray:
+        # torch writes exactly numel * itemsize bytes per storage: any other size means the
+        # declared type or size is wrong (a FloatStorage re-declared as HalfStorage).
         name = f"{self.prefix}data/{storage.key}"
-        try:
-            info = self.zip.getinfo(name)
-        except KeyError:
-            raise MlxeffError(f"missing storage {name} (truncated checkpoint?)", self.path) from None
-        need = storage.numel * itemsize(storage.dtype)
-        if info.file_size < need:
-            raise MlxeffError(f"storage {name} holds {info.file_size} bytes, its tensors need {need}", self.path)
-        if info.compress_type != zipfile.ZIP_STORED:
-            return np.frombuffer(self._read_member(name), dtype=np.uint8)[:need]
-        with open(self.path, "rb") as f:
-            f.seek(info.header_offset)
-            local = f.read(30)
-            if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                raise MlxeffError(f"corrupt zip entry {name}", self.path)
-            fn_len, extra_len = struct.unpack("<HH", local[26:30])
-            buf = read_exact(f, info.header_offset + 30 + fn_len + extra_len, info.file_size, self.path)
-        if zlib.crc32(buf) != info.CRC:
-            raise MlxeffError(f"storage {name} is corrupt (CRC mismatch)", self.path)
-        return buf[:need]
+        if name not in self.zip.members:
+            raise MlxeffError(f"missing storage {name} (truncated checkpoint?)", self.path)
+        return self.zip.read(name, storage.numel * itemsize(storage.dtype), exact=True)
 
     def storage_array(self, storage: Storage) -> np.ndarray:
         """The storage as a flat array of its dtype (bfloat16 as uint16), native byte order."""
@@ -437,19 +444,22 @@ def tensors_in(obj) -> Dict[str, TorchTensor]:
         raise TypeError("not a dict")
     out = {}
     for k, v in obj.items():
-        if not isinstance(k, str):
-            raise TypeError(f"non-string key {k!r:.40}")
+        if not isinstance(k, str) or not 0 < len(k) <= MAX_KEY:
+            raise TypeError(f"key {short_repr(k)} is not a string of 1 to {MAX_KEY} characters")
         if isinstance(v, TorchTensor):
             out[k] = v
         else:
-            raise TypeError(f"entry {k!r} is a {type(v).__name__}, not a tensor")
+            raise TypeError(f"entry {short_repr(k)} is a {type(v).__name__}, not a tensor")
     return out
 
 
 def find_state_dict(obj, path, keys=("model_state_dict", "state_dict", "model")) -> Tuple[str, Dict[str, TorchTensor]]:
     """A flat state dict, or the first of ``keys`` holding one (a training checkpoint)."""
     if isinstance(obj, dict) and obj and all(isinstance(v, TorchTensor) for v in obj.values()):
-        return "", tensors_in(obj)
+        try:
+            return "", tensors_in(obj)
+        except TypeError as e:
+            raise MlxeffError(f"not a state dict of tensors ({e})", path) from None
     if isinstance(obj, dict):
         for k in keys:
             if k in obj:
@@ -457,7 +467,8 @@ def find_state_dict(obj, path, keys=("model_state_dict", "state_dict", "model"))
                     return k, tensors_in(obj[k])
                 except TypeError as e:
                     raise MlxeffError(f"'{k}' is not a state dict of tensors ({e})", path) from None
-    what = f"a dict with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, dict) else type(obj).__name__
+    what = (f"a dict with keys {[short_repr(k) for k in list(obj)[:6]]}" if isinstance(obj, dict)
+            else type(obj).__name__)
     raise MlxeffError(f"no state dict of tensors found (the checkpoint holds {what})", path)
 
 

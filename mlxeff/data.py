@@ -32,8 +32,9 @@ from typing import Iterable, Iterator, List, Optional, Sequence
 import numpy as np
 
 from .errors import MlxeffError
-from .io import portable_tokenizer_config
 from .progress import bar
+from .tokenizer import fast_backend as _backend  # noqa: F401  (the one tokenizer loader lives there)
+from .tokenizer import load_tokenizer, portable_tokenizer_config, special_ids, tokenizer_fingerprint  # noqa: F401
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 SPECIAL_TOKENS = [UNK, BOS, EOS]  # ids 0, 1, 2
@@ -153,39 +154,6 @@ def train_tokenizer(files: Sequence[Path], vocab_size: int, out_dir: Path,
     wrapped.save_pretrained(str(out_dir))
     portable_tokenizer_config(out_dir)
     return out_dir
-
-
-def load_tokenizer(path):
-    """A tokenizer directory (or an mlxeff model directory) through mlx-lm's wrapper."""
-    from mlx_lm.tokenizer_utils import load as load_tok
-
-    path = Path(path)
-    if not (path / "tokenizer.json").is_file():
-        raise MlxeffError("no tokenizer.json in this directory", path)
-    try:
-        return load_tok(path)
-    except Exception as e:
-        raise MlxeffError(f"cannot load the tokenizer ({e})", path) from None
-
-
-def special_ids(tokenizer) -> tuple:
-    """(bos_id, eos_id) of a tokenizer (wrapper or HF)."""
-    return tokenizer.bos_token_id, tokenizer.eos_token_id
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    inner = getattr(tokenizer, "_tokenizer", tokenizer)
-    backend = getattr(inner, "backend_tokenizer", None) or getattr(inner, "_tokenizer", None)
-    text = backend.to_str() if backend is not None else repr(sorted(inner.get_vocab().items()))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _backend(tokenizer):
-    inner = getattr(tokenizer, "_tokenizer", tokenizer)
-    backend = getattr(inner, "backend_tokenizer", None)
-    if backend is None:
-        raise MlxeffError("expected a Hugging Face fast tokenizer (tokenizer.json)")
-    return backend
 
 
 def encode_text(tokenizer, text: str) -> np.ndarray:
