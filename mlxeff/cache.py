@@ -57,7 +57,7 @@ class PositionedKVCache(KVCache):
 
     # ---- writing ----------------------------------------------------------------------------
 
-    def update_and_fetch(self, keys, values, positions: Optional[mx.array] = None):
+    def update_and_fetch(self, keys, values, positions=None):
         prev = self.offset
         out = super().update_and_fetch(keys, values)
         n = keys.shape[2]
@@ -66,8 +66,9 @@ class PositionedKVCache(KVCache):
             return out
         if positions is None:
             new = np.arange(self.next_position, self.next_position + n, dtype=self._positions.dtype)
-        else:
-            new = np.array(positions).reshape(-1, n)
+        else:  # a host copy when the caller has one (``mlxeff.models.attention.Positions``)
+            host = getattr(positions, "host", None)
+            new = (np.array(positions) if host is None else host).reshape(-1, n)
             if new.shape[0] > 1 and not (new == new[:1]).all():
                 raise ValueError("a positioned cache holds one position per slot for the whole batch")
             new = new[0]

@@ -3,7 +3,9 @@
 Every technique reaches attention through the model (``Model(inputs, cache, positions=, mask=)``
 and ``Transformer.forward_layers``); what varies is said with data, not code:
 
-- ``positions`` (B, T): the RoPE position of every input token. Integers rotate exactly as
+- ``positions`` (B, T): the RoPE position of every input token, as an ``mx.array``, a numpy array
+  or a ``Positions`` (both forms: the cache records host positions, and reading a device array back
+  would synchronise the GPU in every layer, so a caller that has them on the host passes those). Integers rotate exactly as
   ``nn.RoPE`` does at that offset (``mx.fast.rope`` with one offset per token); real-valued
   positions (superposition prompting's equilibrium positions) use the same rotation computed in
   plain MLX (``rope_real``). Without ``positions`` a token takes the next position of its cache.
@@ -30,13 +32,40 @@ rows at explicit positions, attend causally by position among the listed slots. 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.base import scaled_dot_product_attention
 
 from .pruned_attention import kernel_available, pruned_attention_kernel
+
+
+@dataclass
+class Positions:
+    """Positions (B, T) on the device and, once needed, on the host (read back at most once)."""
+
+    device: mx.array
+    _host: Optional[np.ndarray] = None
+
+    @property
+    def host(self) -> np.ndarray:
+        if self._host is None:
+            self._host = np.array(self.device)
+        return self._host
+
+
+def as_positions(positions) -> Optional[Positions]:
+    """``positions`` as a ``Positions`` of shape (B, T): integers as int32, real values as float32."""
+    if positions is None or isinstance(positions, Positions):
+        return positions
+    if isinstance(positions, np.ndarray):
+        host = positions if positions.ndim == 2 else positions[None]
+        kind = np.float32 if host.dtype.kind == "f" else np.int32
+        return Positions(mx.array(host.astype(kind)), host)
+    return Positions(positions if positions.ndim == 2 else positions[None])
 
 
 def rope_at(x: mx.array, positions: mx.array, rope: nn.RoPE) -> mx.array:

@@ -22,7 +22,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 
 from ..cache import PositionedKVCache
-from .attention import attend, rope_at
+from .attention import as_positions, attend, rope_at
 from .config import ModelArgs
 
 AttentionFn = Callable[..., mx.array]
@@ -86,13 +86,15 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
         else:
-            q, k = rope_at(q, positions, self.rope), rope_at(k, positions, self.rope)
+            positions = as_positions(positions)
+            q, k = rope_at(q, positions.device, self.rope), rope_at(k, positions.device, self.rope)
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v, positions=positions)
         if positions is None:  # an installed attention function need not know about positions
             out = self.attention_fn(q, k, v, scale=self.scale, mask=mask, cache=cache)
         else:
-            out = self.attention_fn(q, k, v, scale=self.scale, mask=mask, cache=cache, positions=positions)
+            out = self.attention_fn(q, k, v, scale=self.scale, mask=mask, cache=cache,
+                                    positions=positions.device)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -146,6 +148,7 @@ class Transformer(nn.Module):
         (without either, the causal mask is built from layer ``start``'s cache, as mlx-lm does)."""
         layers = self.layers[start:stop]
         caches = [None] * len(layers) if cache is None else cache[start:stop]
+        positions = as_positions(positions)  # once for every layer: one device copy, one host copy
         if mask is None and positions is None:
             mask = create_attention_mask(h, caches[0] if caches else None)
         for layer, c in zip(layers, caches):

@@ -257,8 +257,8 @@ def lazy_prefill(model: nn.Module, prompt: mx.array, cache: LazyCache, step_size
             if contiguous:
                 hc = t.forward_layers(h[:, c0:c1], lo, hi, cache)
             else:
-                pc = mx.array(positions[c0:c1].astype(np.int32))[None]
-                hc = t.forward_layers(h[:, c0:c1], lo, hi, cache, positions=pc, mask="causal")
+                hc = t.forward_layers(h[:, c0:c1], lo, hi, cache, positions=positions[c0:c1][None],
+                                      mask="causal")
             outs.append(hc)
             if c1 < n:  # bound the graph as the plain prefill does; the last chunk stays lazy
                 mx.eval(hc, [(cache[l].keys, cache[l].values) for l in range(lo, hi)],
@@ -305,8 +305,7 @@ def lazy_decode(model: nn.Module, token: mx.array, cache: LazyCache) -> mx.array
         m = carried.positions.size
         if m:
             rows = mx.concatenate([carried.hidden, h], axis=1)
-            pos = mx.array(np.append(carried.positions, p).astype(np.int32))[None]
-            out = t.forward_layers(rows, lo, hi, cache, positions=pos)
+            out = t.forward_layers(rows, lo, hi, cache, positions=np.append(carried.positions, p)[None])
             carried.hidden, h = out[:, :m], out[:, m:]
             depth[carried.positions] = hi
             prompt_rows = int(np.count_nonzero(carried.positions < cache.prompt_tokens))
