@@ -59,13 +59,8 @@ def generate(
     """Generate text from PROMPT, streaming it, then print prompt and generation speed,
     peak memory and time to first token (as mlx_lm.generate does). Techniques are chosen with
     their flags below; with a drafter the statistics include accepted tokens per forward."""
-    import mlxeff
     from mlxeff import progress
-    from mlxeff.errors import MlxeffError
-    from mlxeff.generate import format_stats, stats_dict
-    from mlxeff.io import resolve_model_dir
     from mlxeff.sampling import SamplingConfig, SamplingError
-    from mlxeff.techniques.registry import build_hooks
 
     if max_tokens < 1:
         fail(f"--max-tokens must be at least 1, got {max_tokens}", code=2)
@@ -76,8 +71,19 @@ def generate(
     except SamplingError as e:
         fail(str(e), code=2)
     text_in = read_prompt(prompt, prompt_file)
-    if json_output:
-        progress.configure(False)
+    with progress.silenced(json_output):
+        _run(text_in, model, max_tokens, temp, top_p, top_k, min_p, seed, prefill_step_size, dtype,
+             json_output, techniques)
+
+
+def _run(text_in, model, max_tokens, temp, top_p, top_k, min_p, seed, prefill_step_size, dtype,
+         json_output, techniques):
+    import mlxeff
+    from mlxeff.errors import MlxeffError
+    from mlxeff.generate import format_stats, stats_dict
+    from mlxeff.io import resolve_model_dir
+    from mlxeff.techniques.registry import build_hooks
+
     path = resolve_model_dir(model)
     net, tokenizer = mlxeff.load(path)
     if tokenizer is None:

@@ -2,7 +2,7 @@
 
 Training, SeedLM encoding, conversion, evaluation and long prompts all report through ``bar``.
 A bar shows itself only when stderr is a terminal, unless the caller says otherwise; the command
-line turns every bar off for ``--json`` output with ``configure(enabled=False)``. tqdm (which
+line turns every bar off for ``--json`` output with ``silenced()``. tqdm (which
 mlx-lm's own tools use) gives the rate and the ETA, and on an exception -- Ctrl-C included -- its
 context manager closes the bar with a newline, so the next line starts clean.
 """
@@ -10,6 +10,7 @@ context manager closes the bar with a newline, so the next line starts clean.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from typing import Optional
 
 from tqdm.auto import tqdm
@@ -17,10 +18,23 @@ from tqdm.auto import tqdm
 _enabled: Optional[bool] = None  # None: show bars when stderr is a terminal
 
 
-def configure(enabled: Optional[bool]) -> None:
-    """Force every later bar on (True) or off (False); None restores the terminal check."""
+def configure(enabled: Optional[bool]) -> Optional[bool]:
+    """Force every later bar on (True) or off (False); None restores the terminal check. Returns
+    the previous setting."""
     global _enabled
-    _enabled = enabled
+    previous, _enabled = _enabled, enabled
+    return previous
+
+
+@contextmanager
+def silenced(quiet: bool = True):
+    """No bars inside the block when ``quiet`` (e.g. for ``--json`` output); the setting before
+    the block comes back afterwards, also for a command run in-process."""
+    previous = configure(False) if quiet else _enabled
+    try:
+        yield
+    finally:
+        configure(previous)
 
 
 def enabled(requested: Optional[bool] = None) -> bool:
