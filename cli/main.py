@@ -23,8 +23,9 @@ from . import info as _info  # noqa: E402
 from . import kv_prediction as _kv_prediction  # noqa: E402
 from . import train as _train  # noqa: E402
 from . import eval as _eval  # noqa: E402
+from . import m2r2 as _m2r2  # noqa: E402
 
-for _module in (_generate, _info, _convert, _train, _eval, _kv_prediction):
+for _module in (_generate, _info, _convert, _train, _eval, _kv_prediction, _m2r2):
     _module.register(app)
 
 OPENBLAS_CANDIDATES = (
