@@ -81,8 +81,9 @@ class DraftModelDrafter(Drafter):
             check_vocabulary(self.draft_model, model)
             self.draft_model.set_dtype(compute_dtype(model))
             d, m = self.draft_model.args, model.args
-            self.policy.cost = (sum(layer_weight_macs(d)) + head_macs(d)) / \
-                (sum(layer_weight_macs(m)) + head_macs(m))
+            if self.policy.cost is None:
+                self.policy.cost = (sum(layer_weight_macs(d)) + head_macs(d)) / \
+                    (sum(layer_weight_macs(m)) + head_macs(m))
             self._checked = model
         self.cache = self.draft_model.make_cache()
         tokens = mx.array(list(prompt), dtype=mx.uint32)

@@ -92,7 +92,8 @@ class DraftLength:
     """Adaptive draft length from the measured acceptance rate (see the module docstring)."""
 
     max_draft: int = 8
-    cost: float = 0.25  # one drafted token's cost relative to one verify forward
+    cost: Optional[float] = None  # one drafted token's cost relative to one verify forward
+    # (None: the drafter's weight-read ratio)
     decay: float = 0.8  # weight of the past per proposal
     prior: float = 0.6  # acceptance rate assumed before any feedback ...
     prior_weight: float = 2.0  # ... worth this many observed tokens
@@ -106,7 +107,7 @@ class DraftLength:
         return (self._accepted + self.prior * self.prior_weight) / (self._tried + self.prior_weight)
 
     def length(self) -> int:
-        k = best_draft_length(self.alpha, self.cost, self.max_draft)
+        k = best_draft_length(self.alpha, 0.25 if self.cost is None else self.cost, self.max_draft)
         if k == 0 and self._idle + 1 >= self.probe:
             return 1
         return k
@@ -197,7 +198,8 @@ class LayerDrafter(Drafter):
     def start(self, model, prompt, cache) -> None:
         if model is not self.model:
             self.check(model)
-            self.policy.cost = self.draft_cost(model)
+            if self.policy.cost is None:
+                self.policy.cost = self.draft_cost(model)
         self.model, self.cache = model, cache
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
