@@ -214,6 +214,18 @@ def test_draft_length_adapts_and_probes():
     assert p.alpha < 0.25
 
 
+def test_draft_cost_is_measured_from_the_prior_on():
+    p = DraftLength(max_draft=8, prior_cost=0.3, prior=0.9)
+    assert p.draft_cost == 0.3
+    long = p.length()
+    for _ in range(20):
+        p.timed(0.02, 0.01)  # a drafted token costs twice a verify forward
+    assert p.draft_cost == pytest.approx(2.0) and p.length() == 0 < long
+    assert DraftLength(cost=0.1, prior_cost=0.9).draft_cost == 0.1  # a fixed cost stays
+    p.reset()
+    assert p.draft_cost == 0.3 and p.length() == long
+
+
 def test_weight_share_counts_layers_and_head():
     args = layerwise_config(6, 64, 16, vocab_size=96, ffn_dim_divisor=32)
     shares = [weight_share(args, n) for n in range(7)]

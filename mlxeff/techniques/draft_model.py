@@ -28,6 +28,7 @@ Choices:
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -37,7 +38,7 @@ import mlx.nn as nn
 from ..engine import Draft, Drafter
 from ..errors import MlxeffError
 from ..sampling import SamplingConfig
-from .early_exit import DRAFT_OPTION, DraftLength, draw
+from .early_exit import DRAFT_OPTION, DraftLength, Timer, draw
 from .kv_prediction_flops import head_macs, layer_weight_macs
 from .registry import Option, Technique, register
 
@@ -70,6 +71,7 @@ class DraftModelDrafter(Drafter):
         self.policy = policy or DraftLength(max_draft=draft)
         self.step_size = step_size
         self.cache: Optional[list] = None
+        self.timer = Timer()
         self._checked: Optional[nn.Module] = None
 
     @property
@@ -81,9 +83,8 @@ class DraftModelDrafter(Drafter):
             check_vocabulary(self.draft_model, model)
             self.draft_model.set_dtype(compute_dtype(model))
             d, m = self.draft_model.args, model.args
-            if self.policy.cost is None:
-                self.policy.cost = (sum(layer_weight_macs(d)) + head_macs(d)) / \
-                    (sum(layer_weight_macs(m)) + head_macs(m))
+            self.policy.prior_cost = (sum(layer_weight_macs(d)) + head_macs(d)) / \
+                (sum(layer_weight_macs(m)) + head_macs(m))
             self._checked = model
         self.cache = self.draft_model.make_cache()
         tokens = mx.array(list(prompt), dtype=mx.uint32)
@@ -96,6 +97,7 @@ class DraftModelDrafter(Drafter):
         self._written = 0
         if k <= 0:
             return Draft([])
+        started = time.perf_counter()
         cached = self.cache[0].offset
         pending = mx.array(list(context[cached:]), dtype=mx.uint32)[None]  # accepted since, and y
         tokens: List[mx.array] = []
@@ -107,12 +109,14 @@ class DraftModelDrafter(Drafter):
             if p is not None:
                 probs.append(p)
         mx.eval(tokens, probs)
+        self.timer.drafted(started, k)
         self._written = self.cache[0].offset - cached  # the catch-up tokens and k - 1 drafts
         self._catch_up = len(context) - cached
         out = [int(x) for x in mx.concatenate(tokens, axis=1)[0].tolist()]
         return Draft(out, mx.stack(probs) if probs else None)
 
     def feedback(self, proposed: int, accepted: int) -> None:
+        self.timer.verified(self.policy, proposed)
         self.policy.update(proposed, accepted)
         if proposed:
             # keep the catch-up tokens and the accepted drafts the cache holds (the last draft
