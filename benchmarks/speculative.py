@@ -66,6 +66,13 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="compute dtype (default: float32 on the CPU, float16 on a GPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-throughput", action="store_true",
+                   help="instead: training tokens/s of train-m2r2's step against the model's own "
+                   "training step, side by side (to extrapolate train-m2r2's GPU time)")
+    p.add_argument("--rate", type=float, default=4.0, help="with --train-throughput")
+    p.add_argument("--rank", type=int, default=8, help="with --train-throughput")
+    p.add_argument("--batch-size", type=int, default=8, help="with --train-throughput")
+    p.add_argument("--seq-len", type=int, default=128, help="with --train-throughput")
     p.add_argument("--json", action="store_true")
     p.add_argument("--on-device", default=None, help=argparse.SUPPRESS)  # child process
     return p.parse_args(argv)
@@ -240,6 +247,54 @@ def run_device(args) -> dict:
             "model": args.random or str(model_dir)}
 
 
+# ---- training throughput -----------------------------------------------------------------------
+
+def train_throughput(args) -> dict:
+    """Tokens/s of train-m2r2's step and of the model's own training step (``mlxeff.train``'s loop,
+    compiled, float32 on the CPU), alternating ``--trials`` times after ``--warmup`` steps each."""
+    import math
+
+    import mlx.core as mx
+
+    import mlxeff
+    from mlxeff.io import default_model_dir
+    from mlxeff.techniques.m2r2 import FastStream, M2R2Config
+    from mlxeff.techniques.m2r2_train import M2R2LossConfig, M2R2Model, make_loss_fn
+    from mlxeff.train import TrainConfig, lm_loss, train_loop
+
+    dtype = args.dtype or ("float32" if mx.default_device() == mx.cpu else "bfloat16")
+    steps = 3
+    pool = [mx.random.randint(3, 8192, (args.batch_size, args.seq_len + 1), key=mx.random.key(i))
+            for i in range(4)]
+    mx.eval(pool)
+
+    def timed(model, loss_fn):
+        cfg = TrainConfig(steps=args.warmup + steps, batch_size=args.batch_size,
+                          seq_len=args.seq_len, warmup=1, dtype=dtype,
+                          log_every=math.gcd(args.warmup, args.warmup + steps))
+        stamps = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            train_loop(model, loss_fn, lambda k: pool[k % len(pool)], cfg, out_dir=Path(tmp),
+                       log=lambda rec: stamps.__setitem__(rec.get("step"), time.perf_counter()))
+        return steps * cfg.tokens_per_step / (stamps[args.warmup + steps] - stamps[args.warmup])
+
+    rates = {"model": [], "m2r2": []}
+    for _ in range(args.trials):
+        base, _ = mlxeff.load(args.model or default_model_dir())
+        rates["model"].append(timed(base, lambda m, b: lm_loss(m, b, 1e-4)))
+        base, _ = mlxeff.load(args.model or default_model_dir())
+        base.set_dtype(mx.float32 if dtype == "float32" else mx.bfloat16)
+        mx.random.seed(args.seed)
+        stream = FastStream(base.args, M2R2Config.for_model(base.args, args.rate, args.rank))
+        rates["m2r2"].append(timed(M2R2Model(base, stream), make_loss_fn(M2R2LossConfig())))
+    model_tps, m2r2_tps = (statistics.median(rates[k]) for k in ("model", "m2r2"))
+    return {"device": str(mx.default_device()), "dtype": dtype, "batch_size": args.batch_size,
+            "seq_len": args.seq_len, "rate": args.rate, "rank": args.rank, "trials": rates,
+            "model_tokens_per_s": model_tps, "m2r2_tokens_per_s": m2r2_tps,
+            "m2r2_over_model": m2r2_tps / model_tps,
+            "ld_preload": os.environ.get("LD_PRELOAD", "")}
+
+
 # ---- the table ---------------------------------------------------------------------------------------
 
 def table(runs) -> str:
@@ -269,6 +324,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.on_device:
         print(json.dumps(run_device(args)))
+        return
+    if args.train_throughput:
+        print(json.dumps(train_throughput(args), indent=1))
         return
     import mlx.core as mx
 

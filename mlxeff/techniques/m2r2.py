@@ -14,8 +14,11 @@ layer ``i``, ``h_0`` the token embedding, ``p_k`` the fast state after ``k`` ste
 - fast step ``j`` (0-based) is base block ``j`` with every weight matrix ``W`` (``qkv_proj``,
   ``out_proj``, ``proj_1``, ``proj_2``) replaced by ``W + s B_j A_j`` (rank ``R``; ``A`` uniform in
   ``+-1/sqrt(fan_in)``, ``B = 0`` at initialisation, so an untrained fast stream *is* the slow
-  stream; ``s = 1``): ``p_{j+1} = Block_j^{A,B}(p_j)``. The model's block code runs, with
-  ``mlxeff`` linear modules swapped for adapted ones during the fast step (``adapters_on``).
+  stream; ``s = 1``): ``p_{j+1} = Block_j^{A,B}(p_j)``. The model's block code runs, with its
+  linear modules swapped for adapted ones during the fast step (``swapped``). For
+  drafting with a float model the adapter is folded into a copy of the weight (``W + s B A``, the
+  first ``m`` blocks' matrices duplicated), so a fast step launches what a plain block launches;
+  quantized layers (affine, SeedLM) keep the adapter beside them.
 - targets: step ``k`` (1-based) is aligned with slow depth ``d_k = floor(k N / m + 1/2)``, so
   ``d_m = N`` (the last fast state is read by the final norm and the shared head) and the depths
   are spread evenly at rate ``N / m`` (the paper's ``r * k``; ``N`` need not be a multiple of r);
@@ -157,33 +160,46 @@ class StepAdapters(nn.Module):
 _OWNERS = {"qkv_proj": "attn", "out_proj": "attn", "proj_1": "ffn", "proj_2": "ffn"}
 
 
+def merged_linear(base: nn.Module, adapter: LowRankAdapter) -> Optional[nn.Linear]:
+    """A float ``nn.Linear`` whose weight is ``W + s B A`` (None for quantized layers)."""
+    if type(base) is not nn.Linear:
+        return None
+    w = base.weight
+    out = nn.Linear(w.shape[1], w.shape[0], bias="bias" in base)
+    delta = (adapter.b.astype(mx.float32) @ adapter.a.astype(mx.float32)) * adapter.scale
+    out.weight = (w.astype(mx.float32) + delta).astype(w.dtype)
+    if "bias" in base:
+        out.bias = base.bias
+    return out
+
+
 @contextlib.contextmanager
-def adapters_on(block: nn.Module, adapters: StepAdapters, wrapped: Optional[dict] = None):
-    """Run ``block`` (a model's TransformerBlock) with its weight matrices adapted, then restore.
-    ``wrapped`` (a dict) keeps the adapted modules between calls: child modules are items of
-    their parent (an ``nn.Module`` is a dict), and swapping prebuilt items took 20 us per block
-    where building four modules and setting them as attributes took 94 us (busy 2-core CPU)."""
-    owners = [(name, block[owner]) for name, owner in _OWNERS.items()]
+def swapped(block: nn.Module, replacements: Dict[str, nn.Module]):
+    """Run ``block`` (a model's TransformerBlock) with some weight matrices replaced, then restore.
+    Child modules are items of their parent (an ``nn.Module`` is a dict): swapping prebuilt items
+    took 20 us per block where building four modules and setting them as attributes took 94 us
+    (busy 2-core CPU, measured)."""
+    owners = [(name, block[_OWNERS[name]]) for name in replacements]
     saved = [owner[name] for name, owner in owners]
     try:
-        for (name, owner), base in zip(owners, saved):
-            adapted = None if wrapped is None else wrapped.get((id(block), name))
-            if adapted is None or adapted["base"] is not base or adapted["adapter"] is not adapters[name]:
-                adapted = AdaptedLinear(base, adapters[name])
-                if wrapped is not None:
-                    wrapped[(id(block), name)] = adapted
-            owner[name] = adapted
+        for name, owner in owners:
+            owner[name] = replacements[name]
         yield block
     finally:
         for (name, owner), base in zip(owners, saved):
             owner[name] = base
 
 
+def adapters_on(block: nn.Module, adapters: "StepAdapters"):
+    """``swapped`` with every weight matrix of ``block`` plus its adapter."""
+    return swapped(block, {n: AdaptedLinear(block[o][n], adapters[n]) for n, o in _OWNERS.items()})
+
+
 class _Holder:
     """Plain storage on a module that stays out of its parameter tree."""
 
     def __init__(self):
-        self.wrapped: dict = {}
+        self.replacements: dict = {}
 
 
 class Router(nn.Module):
@@ -220,14 +236,39 @@ class FastStream(nn.Module):
     def config(self) -> M2R2Config:
         return self._config
 
+    def replacements(self, model: nn.Module, merge: bool = False) -> List[Dict[str, nn.Module]]:
+        """Per fast step, what replaces each weight matrix of block ``j``: the model's layer plus
+        its adapter, or with ``merge`` a float layer with the adapter folded into its weight
+        (quantized layers keep the adapter beside them). Built once, rebuilt when the model's
+        layers or the adapters' arrays change."""
+        current = [(model.layers[j][o][n],) + ((self.steps[j][n].a, self.steps[j][n].b) if merge
+                                               else ())
+                   for j in range(len(self.steps)) for n, o in _OWNERS.items()]
+        key = (id(model), merge)
+        cached = self._holder.replacements.get(key)
+        if cached is not None and all(x is y for a, b in zip(cached[0], current)
+                                      for x, y in zip(a, b)):
+            return cached[1]
+        out = []
+        for j, adapters in enumerate(self.steps):
+            reps = {}
+            for n, o in _OWNERS.items():
+                base = model.layers[j][o][n]
+                reps[n] = (merge and merged_linear(base, adapters[n])) or \
+                    AdaptedLinear(base, adapters[n])
+            out.append(reps)
+        self._holder.replacements[key] = (current, out)
+        return out
+
     def __call__(self, model: nn.Module, h: mx.array, cache: Optional[Sequence] = None, mask=None,
-                 states: Optional[list] = None) -> mx.array:
+                 states: Optional[list] = None, merge: bool = False) -> mx.array:
         """The fast state after every step from ``h`` (the embedded tokens), through the model's
         blocks ``0..m-1`` (``cache``: the model's cache list, or per-layer stand-ins); each
-        intermediate state is appended to ``states`` when given."""
+        intermediate state is appended to ``states`` when given. ``merge``: see ``replacements``
+        (inference only: the merged weights are constants)."""
         t = model.transformer
-        for j, adapters in enumerate(self.steps):
-            with adapters_on(model.layers[j], adapters, self._holder.wrapped):
+        for j, reps in enumerate(self.replacements(model, merge)):
+            with swapped(model.layers[j], reps):
                 h = t.forward_layers(h, j, j + 1, cache, mask=mask)
             if states is not None:
                 states.append(h)
@@ -323,10 +364,12 @@ class M2R2Drafter(LayerDrafter):
     """Drafts with the fast stream on the model's cache (``early_exit.LayerDrafter``'s loop)."""
 
     def __init__(self, stream: FastStream, draft: int = 8, threshold: float = 0.5,
-                 sampling: Optional[SamplingConfig] = None, policy: Optional[DraftLength] = None):
+                 sampling: Optional[SamplingConfig] = None, policy: Optional[DraftLength] = None,
+                 merge: bool = True):
         super().__init__(stream.config.steps, draft, sampling, policy)
         self.stream = stream
         self.threshold = threshold
+        self.merge = merge
 
     def check(self, model) -> None:
         M2R2(self.stream).check(model)
@@ -335,7 +378,7 @@ class M2R2Drafter(LayerDrafter):
         return weight_share(model.args, self.layers, self.stream.adapter_macs())
 
     def hidden(self, h):
-        return self.stream(self.model, h, self.cache)
+        return self.stream(self.model, h, self.cache, merge=self.merge)
 
     def trusted(self, state, logits):
         if self.threshold <= 0:
