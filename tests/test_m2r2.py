@@ -106,6 +106,20 @@ def test_the_training_forward_predicts_the_first_drafted_token():
         np.testing.assert_allclose(np.array(drafted), np.array(fast[0, pos]), atol=1e-4)
 
 
+def test_merged_adapters_compute_what_the_adapters_beside_the_layers_compute():
+    model = model6()
+    stream = randomise(FastStream(model.args, M2R2Config.for_model(model.args, 2.0, 4)))
+    h = model.transformer.token_embeddings(batch(seed=2)[:, :-1])
+    apart = stream(model, h, mask="causal")
+    merged = stream(model, h, mask="causal", merge=True)
+    assert type(stream.replacements(model, merge=True)[0]["qkv_proj"]) is nn.Linear
+    np.testing.assert_allclose(np.array(merged), np.array(apart), atol=1e-4)
+    stream.steps[0]["proj_2"].b = stream.steps[0]["proj_2"].b * 2  # new arrays: rebuilt
+    assert not np.allclose(np.array(stream(model, h, mask="causal", merge=True)), np.array(merged))
+    nn.quantize(model, group_size=32, bits=4)  # quantized layers keep the adapter beside them
+    assert type(stream.replacements(model, merge=True)[0]["qkv_proj"]).__name__ == "AdaptedLinear"
+
+
 def test_adapters_on_restores_the_block_even_after_an_error():
     model = model6()
     block = model.layers[0]

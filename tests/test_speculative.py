@@ -308,6 +308,14 @@ def test_bad_drafter_options_are_one_line_errors(tmp_path, tiny_tokenizer):
     assert "\n" not in str(info.value)
     with pytest.raises(mlxeff.MlxeffError, match="no such draft model directory"):
         build_hooks(model, {"draft-model": tmp_path / "nowhere"})
+    mlxeff.save(model, tiny_tokenizer, tmp_path / "a")
+    mlxeff.save(layer_pruned_model(model, [0]), tiny_tokenizer, tmp_path / "b")
+    assert set(build_hooks(model, {"draft-model": tmp_path / "b"}, model_dir=tmp_path / "a")) == \
+        {"drafter"}
+    tok = tmp_path / "b" / "tokenizer.json"
+    tok.write_text(tok.read_text() + " ")
+    with pytest.raises(mlxeff.MlxeffError, match="tokenizer.json differs from the model's"):
+        build_hooks(model, {"draft-model": tmp_path / "b"}, model_dir=tmp_path / "a")
 
 
 # ---- the command line ----------------------------------------------------------------------------
