@@ -13,8 +13,14 @@ depth, a draft model (``--draft-model DIR``; by default the model's LP-0.25 laye
 untrained, saved to a temporary directory) and each M2R2 artifact (``--m2r2 NAME|DIR``). Per device,
 task and method it reports the decode speed (generated tokens after the first, over the time after
 the first; summed over the task's prompts), its ratio to plain decoding, the acceptance rate
-(accepted / drafted), tokens per verify forward, the share of decode time spent drafting, and
-whether the tokens equal plain decoding's (greedy is lossless: they must).
+(accepted / drafted), tokens per verify forward, the share of decode time spent drafting, the
+drafted token's cost relative to a verify forward as the draft-length policy measured it at the end
+of each generation (median), and whether the tokens equal plain decoding's (greedy is lossless:
+they must).
+
+Other modes: ``--agreement`` (teacher-forced agreement of every early-exit depth and each M2R2
+artifact with the model's argmax on held-out text) and ``--train-throughput`` (train-m2r2's step
+against the model's own training step, to extrapolate training time from a measured ratio).
 
 Methods are interleaved trial by trial (order rotating) after ``--warmup`` rounds; speeds are the
 median over ``--trials``. Each device runs in its own process (mlx-lm's generation stream belongs to
@@ -66,6 +72,11 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="compute dtype (default: float32 on the CPU, float16 on a GPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--agreement", action="store_true",
+                   help="instead: teacher-forced agreement with the model's argmax of every early-exit "
+                   "depth and of each --m2r2 artifact (the greedy acceptance of a one-token draft), "
+                   "on --windows windows of 256 held-out tokens")
+    p.add_argument("--windows", type=int, default=16, help="with --agreement")
     p.add_argument("--train-throughput", action="store_true",
                    help="instead: training tokens/s of train-m2r2's step against the model's own "
                    "training step, side by side (to extrapolate train-m2r2's GPU time)")
@@ -198,9 +209,10 @@ def run_device(args) -> dict:
         finally:
             if drafter is not None:
                 del drafter.propose
-        return tokens, end - first, draft_time, stats
+        cost = drafter.policy.draft_cost if hasattr(drafter, "policy") else None
+        return tokens, end - first, draft_time, stats, cost
 
-    rows = {(task, m): {"times": [], "draft": 0.0, "decode": 0.0, "drafted": 0, "accepted": 0,
+    rows = {(task, m): {"times": [], "costs": [], "draft": 0.0, "decode": 0.0, "drafted": 0, "accepted": 0,
                         "forwards": 0, "generated": 0, "identical": True}
             for task in prompts for m in methods}
     reference = {}
@@ -211,7 +223,7 @@ def run_device(args) -> dict:
             for m in order:
                 total_time, total_tokens = 0.0, 0
                 for i, ids in enumerate(plist):
-                    tokens, dt, draft_time, stats = decode(ids, hooks[m])
+                    tokens, dt, draft_time, stats, cost = decode(ids, hooks[m])
                     total_time += dt
                     total_tokens += len(tokens) - 1
                     if m == "plain":
@@ -226,6 +238,8 @@ def run_device(args) -> dict:
                         r["accepted"] += stats.accepted
                         r["forwards"] += stats.forwards
                         r["generated"] += stats.generated - 1  # the first token is the prefill's
+                        if cost is not None:
+                            r["costs"].append(cost)
                 if trial >= args.warmup:
                     rows[(task, m)]["times"].append(total_tokens / total_time)
         say(f"[{device}] trial {trial + 1}/{args.warmup + args.trials}"
@@ -240,11 +254,54 @@ def run_device(args) -> dict:
             "acceptance_rate": r["accepted"] / r["drafted"] if r["drafted"] else None,
             "tokens_per_forward": r["generated"] / r["forwards"] if r["forwards"] else None,
             "draft_share": r["draft"] / r["decode"] if r["decode"] else 0.0,
+            "draft_cost": statistics.median(r["costs"]) if r["costs"] else None,
             "identical_to_plain": r["identical"],
         })
     tmp.cleanup()
     return {"device": device, "dtype": str(dtype), "layers": n_layers, "results": results,
             "model": args.random or str(model_dir)}
+
+
+# ---- agreement -------------------------------------------------------------------------------------
+
+def agreement(args) -> dict:
+    """Fraction of positions where a drafter's next-token argmax equals the model's (teacher-forced:
+    every position drafts from the model's own context, as the first token of a draft does)."""
+    import mlx.core as mx
+    import numpy as np
+
+    import mlxeff
+    from mlxeff import data
+    from mlxeff.io import default_model_dir
+    from mlxeff.techniques.m2r2 import M2R2, resolve_dir
+    from mlxeff.techniques.m2r2_train import _SharedKV, shared_mask, slow_pass
+
+    model_dir = args.model or default_model_dir()
+    model, tok = mlxeff.load(model_dir)
+    model.set_dtype(mx.float32)
+    text = np.asarray(data.encode_text(
+        tok, data.read_text(DATA / "gutenberg-children" / "valid.txt.gz")[:2_000_000]))
+    rng = np.random.default_rng(args.seed)
+    starts = rng.integers(0, len(text) - 257, args.windows)
+    t = model.transformer
+    counts = {}
+    for s0 in starts:
+        x = mx.array(text[s0:s0 + 256][None])
+        states, _, logits = slow_pass(model, x, 0)
+        final = mx.argmax(logits, -1)
+        for n in range(1, len(model.layers) + 1):
+            same = (mx.argmax(model.logits(t.norm(states[n])), -1) == final).sum().item()
+            counts[f"early-exit {n}"] = counts.get(f"early-exit {n}", 0) + same
+        for name in args.m2r2:
+            art = M2R2.load(resolve_dir(name, model_dir), model)
+            _, kv, _ = slow_pass(model, x, art.stream.config.steps)
+            h = art.stream(model, states[0], [_SharedKV(k, v) for k, v in kv], mask=shared_mask(256))
+            same = (mx.argmax(model.logits(t.norm(h)), -1) == final).sum().item()
+            key = f"m2r2 {Path(name).name} ({art.stream.config.steps} steps)"
+            counts[key] = counts.get(key, 0) + same
+    total = 256 * len(starts)
+    return {"model": str(model_dir), "layers": len(model.layers), "positions": total,
+            "agreement": {k: v / total for k, v in counts.items()}}
 
 
 # ---- training throughput -----------------------------------------------------------------------
@@ -300,8 +357,9 @@ def train_throughput(args) -> dict:
 def table(runs) -> str:
     devices = [r["device"] for r in runs]
     head = "| task | method | " + " | ".join(
-        f"{d} tok/s | {d} x plain | {d} accepted | {d} tok/fwd | {d} draft time" for d in devices)
-    lines = [head + " | same tokens |", "|" + "---|" * (3 + 5 * len(devices))]
+        f"{d} tok/s | {d} x plain | {d} accepted | {d} tok/fwd | {d} draft time | {d} draft cost"
+        for d in devices)
+    lines = [head + " | same tokens |", "|" + "---|" * (3 + 6 * len(devices))]
     keys = [(r["task"], r["method"]) for r in runs[0]["results"]]
     index = [{(r["task"], r["method"]): r for r in run["results"]} for run in runs]
     for key in keys:
@@ -310,12 +368,13 @@ def table(runs) -> str:
         for ix in index:
             r = ix.get(key)
             if r is None:
-                cells += ["-"] * 5
+                cells += ["-"] * 6
                 continue
             acc = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
             tpf = "-" if r["tokens_per_forward"] is None else f"{r['tokens_per_forward']:.2f}"
+            cost = "-" if r.get("draft_cost") is None else f"{r['draft_cost']:.2f}"
             cells += [f"{r['decode_tps']:.1f}", f"{r['speedup']:.2f}", acc, tpf,
-                      f"{100 * r['draft_share']:.0f}%"]
+                      f"{100 * r['draft_share']:.0f}%", cost]
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + f" | {'yes' if same else 'NO'} |")
     return "\n".join(lines)
 
@@ -324,6 +383,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.on_device:
         print(json.dumps(run_device(args)))
+        return
+    if args.agreement:
+        print(json.dumps(agreement(args), indent=1))
         return
     if args.train_throughput:
         print(json.dumps(train_throughput(args), indent=1))

@@ -48,9 +48,9 @@ Choices and deviations:
   forward's time, both with exponential forgetting: the drafter times its proposal, synchronised,
   and the span until the engine's ``feedback``), starting from the drafter's weight-read ratio
   (the parameters one draft step multiplies by, head included, over the model's: the cost in a
-  memory-bound decode). Measuring matters: on the CPU box a 4-layer draft step of the default
-  model cost about 0.45 of a verify forward against a weight-read ratio of 0.30 (per-layer
-  dispatch overhead). When drafting does not pay (``k = 0``) one token is still proposed every
+  memory-bound decode). Measuring matters where decoding is not memory-bound: on a CPU the
+  per-operation overhead of a small model makes a few-layer draft step cost more than its weight
+  share (``benchmarks/speculative.py`` reports the measured cost). When drafting does not pay (``k = 0``) one token is still proposed every
   ``probe`` steps so that ``alpha`` keeps being measured. Output never depends on ``k``, only speed.
 """
 
@@ -198,7 +198,7 @@ def draw(logits: mx.array, sampling: Optional[SamplingConfig]) -> Tuple[mx.array
 
 
 class LayerDrafter(Drafter):
-    """Drafts with a range of the model's own blocks on its own cache, then the final norm and head.
+    """Drafts with the model's first blocks on the model's cache, then its final norm and head.
 
     Subclasses change what one draft step computes (``hidden``) and may stop a proposal early
     (``trusted``)."""
