@@ -219,8 +219,13 @@ def test_draft_cost_is_measured_from_the_prior_on():
     assert p.draft_cost == 0.3
     long = p.length()
     for _ in range(20):
-        p.timed(0.02, 0.01)  # a drafted token costs twice a verify forward
+        p.timed(2, 0.04, 0.01)  # a drafted token costs twice a verify forward
     assert p.draft_cost == pytest.approx(2.0) and p.length() == 0 < long
+    p.reset()
+    for _ in range(20):
+        p.timed(2, 0.002, 0.014)  # 1 ms per drafted token, 14 ms to verify three rows ...
+        p.timed(0, 0.0, 0.010)  # ... 10 ms for one row: 2 ms per extra row
+    assert p.draft_cost == pytest.approx((0.001 + 0.002) / 0.010)
     assert DraftLength(cost=0.1, prior_cost=0.9).draft_cost == 0.1  # a fixed cost stays
     p.reset()
     assert p.draft_cost == 0.3 and p.length() == long

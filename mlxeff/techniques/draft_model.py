@@ -93,11 +93,12 @@ class DraftModelDrafter(Drafter):
             mx.eval([c.state for c in self.cache])
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
+        started = time.perf_counter()
         k = min(k, self.policy.length())
         self._written = 0
         if k <= 0:
+            self.timer.drafted(started)
             return Draft([])
-        started = time.perf_counter()
         cached = self.cache[0].offset
         pending = mx.array(list(context[cached:]), dtype=mx.uint32)[None]  # accepted since, and y
         tokens: List[mx.array] = []
@@ -109,7 +110,7 @@ class DraftModelDrafter(Drafter):
             if p is not None:
                 probs.append(p)
         mx.eval(tokens, probs)
-        self.timer.drafted(started, k)
+        self.timer.drafted(started)
         self._written = self.cache[0].offset - cached  # the catch-up tokens and k - 1 drafts
         self._catch_up = len(context) - cached
         out = [int(x) for x in mx.concatenate(tokens, axis=1)[0].tolist()]

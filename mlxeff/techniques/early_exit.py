@@ -44,9 +44,10 @@ Choices and deviations:
   model of speculative decoding, Leviathan et al., arXiv 2211.17192), and the next proposal has
   the length ``k`` in ``0..max`` that maximises the expected tokens per unit of time,
   ``(1 - alpha^(k+1)) / (1 - alpha) / (1 + c k)``, where ``c`` is one drafted token's cost relative
-  to one verify forward. ``c`` is measured while decoding (drafting time per token over the verify
-  forward's time, both with exponential forgetting: the drafter times its proposal, synchronised,
-  and the span until the engine's ``feedback``), starting from the drafter's weight-read ratio
+  to one verify forward. ``c`` is measured while decoding: the drafting time per token plus the
+  verify forward's time per extra row, over the time of a one-row forward (the drafter times its
+  proposal, synchronised, and the span until the engine's ``feedback``; steps without a draft give
+  the one-row time; exponential forgetting), starting from the drafter's weight-read ratio
   (the parameters one draft step multiplies by, head included, over the model's: the cost in a
   memory-bound decode). Measuring matters where decoding is not memory-bound: on a CPU the
   per-operation overhead of a small model makes a few-layer draft step cost more than its weight
@@ -100,15 +101,16 @@ class DraftLength:
     # None: measured while decoding, starting from `prior_cost`
     prior_cost: float = 0.25  # drafters set it to their weight-read ratio
     decay: float = 0.8  # weight of the past per proposal (acceptance)
-    time_decay: float = 0.9  # weight of the past per proposal (cost)
+    time_decay: float = 0.9  # weight of the past per step (cost)
     prior: float = 0.6  # acceptance rate assumed before any feedback ...
     prior_weight: float = 2.0  # ... worth this many observed tokens
     probe: int = 8  # when drafting does not pay, still draft one token every `probe` steps
     _accepted: float = field(default=0.0, repr=False)
     _tried: float = field(default=0.0, repr=False)
     _idle: int = field(default=0, repr=False)
-    _draft_s: float = field(default=0.0, repr=False)
-    _verify_s: float = field(default=0.0, repr=False)
+    # exponentially weighted sums: drafted steps (weight, draft s/token, verify s, tokens) and
+    # undrafted steps (weight, verify s)
+    _timed: list = field(default_factory=lambda: [0.0] * 6, repr=False)
 
     @property
     def alpha(self) -> float:
@@ -116,9 +118,19 @@ class DraftLength:
 
     @property
     def draft_cost(self) -> float:
+        """A drafted token's cost relative to a one-row verify forward: its drafting time plus
+        the verify forward's time per extra row (known once a step without a draft was timed;
+        until then taken as 0, the memory-bound case)."""
         if self.cost is not None:
             return self.cost
-        return self._draft_s / self._verify_s if self._verify_s > 0 else self.prior_cost
+        w, d, v, k, w0, v0 = self._timed
+        if w == 0:
+            return self.prior_cost
+        d, v, k = d / w, v / w, k / w
+        if w0 == 0:
+            return d / v
+        v0 = v0 / w0
+        return (d + max(0.0, (v - v0) / k)) / v0
 
     def length(self) -> int:
         k = best_draft_length(self.alpha, self.draft_cost, self.max_draft)
@@ -128,8 +140,9 @@ class DraftLength:
 
     def reset(self) -> None:
         """Forget the measurements (back to the priors)."""
-        self._accepted = self._tried = self._draft_s = self._verify_s = 0.0
+        self._accepted = self._tried = 0.0
         self._idle = 0
+        self._timed = [0.0] * 6
 
     def update(self, proposed: int, accepted: int) -> None:
         if proposed == 0:
@@ -140,10 +153,14 @@ class DraftLength:
         self._accepted = self.decay * self._accepted + accepted
         self._tried = self.decay * self._tried + accepted + rejected
 
-    def timed(self, draft_seconds_per_token: float, verify_seconds: float) -> None:
-        """One proposal's measured drafting time per token and the verify forward's time."""
-        self._draft_s = self.time_decay * self._draft_s + draft_seconds_per_token
-        self._verify_s = self.time_decay * self._verify_s + verify_seconds
+    def timed(self, tokens: int, draft_seconds: float, verify_seconds: float) -> None:
+        """One step's measured drafting time (``tokens`` drafted) and verify forward time."""
+        t, g = self._timed, self.time_decay
+        if tokens:
+            new = [1.0, draft_seconds / tokens, verify_seconds, float(tokens)]
+            t[:4] = [g * a + b for a, b in zip(t[:4], new)]
+        else:
+            t[4:] = [g * t[4] + 1.0, g * t[5] + verify_seconds]
 
 
 class Timer:
@@ -151,17 +168,17 @@ class Timer:
 
     def __init__(self):
         self.proposed_at: Optional[float] = None
-        self.per_token = 0.0
+        self.draft_seconds = 0.0
 
-    def drafted(self, started: float, tokens: int) -> None:
-        """A proposal of ``tokens`` tokens started at ``started`` is ready (evaluated)."""
+    def drafted(self, started: float) -> None:
+        """A proposal started at ``started`` is ready (evaluated), possibly empty."""
         self.proposed_at = time.perf_counter()
-        self.per_token = (self.proposed_at - started) / max(tokens, 1)
+        self.draft_seconds = self.proposed_at - started
 
     def verified(self, policy: DraftLength, proposed: int) -> None:
         """The engine verified the last proposal (``feedback`` is called right after)."""
-        if proposed and self.proposed_at is not None:
-            policy.timed(self.per_token, time.perf_counter() - self.proposed_at)
+        if self.proposed_at is not None:
+            policy.timed(proposed, self.draft_seconds, time.perf_counter() - self.proposed_at)
         self.proposed_at = None
 
 
@@ -246,10 +263,11 @@ class LayerDrafter(Drafter):
         self.model, self.cache = model, cache
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
+        started = time.perf_counter()
         k = min(k, self.policy.length())
         if k <= 0:
+            self.timer.drafted(started)
             return Draft([])
-        started = time.perf_counter()
         t = self.model.transformer
         token = mx.array([[context[-1]]], dtype=mx.uint32)
         tokens: List[mx.array] = []
@@ -272,7 +290,7 @@ class LayerDrafter(Drafter):
             mx.eval(tokens, probs)
         finally:
             undo_writes(self.cache[: self.layers], written)
-        self.timer.drafted(started, len(tokens))
+        self.timer.drafted(started)
         out = [int(x) for x in mx.concatenate(tokens, axis=1)[0].tolist()]
         return Draft(out, mx.stack(probs) if probs else None)
 
