@@ -23,7 +23,7 @@ artifact with the model's argmax on held-out text) and ``--train-throughput`` (t
 against the model's own training step, to extrapolate training time from a measured ratio).
 
 Methods are interleaved trial by trial (order rotating) after ``--warmup`` rounds; speeds are the
-median over ``--trials``. Each device runs in its own process (mlx-lm's generation stream belongs to
+median over ``--trials``, ratios the median of the per-trial ratios. Each device runs in its own process (mlx-lm's generation stream belongs to
 the default device of the process that imports it); ``--devices cpu gpu`` (default: every available
 one) puts them side by side in one table. On Linux the CPU process runs with Debian's OpenBLAS
 preloaded when it is installed. Run from the repository root:
@@ -247,9 +247,11 @@ def run_device(args) -> dict:
     results = []
     for (task, m), r in rows.items():
         tps = statistics.median(r["times"])
-        plain = statistics.median(rows[(task, "plain")]["times"])
+        # the ratio within each trial (methods interleaved), then the median: drift in the
+        # machine's load between trials cancels
+        ratio = statistics.median(a / b for a, b in zip(r["times"], rows[(task, "plain")]["times"]))
         results.append({
-            "device": device, "task": task, "method": m, "decode_tps": tps, "speedup": tps / plain,
+            "device": device, "task": task, "method": m, "decode_tps": tps, "speedup": ratio,
             "trials_tps": r["times"],
             "acceptance_rate": r["accepted"] / r["drafted"] if r["drafted"] else None,
             "tokens_per_forward": r["generated"] / r["forwards"] if r["forwards"] else None,
