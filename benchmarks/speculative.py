@@ -10,7 +10,9 @@ of that shape) and three kinds of prompt:
 
 it runs plain greedy decoding and each drafter: prompt lookup, early exit at each ``--early-exit``
 depth, a draft model (``--draft-model DIR``; by default the model's LP-0.25 layer-pruned copy,
-untrained, saved to a temporary directory) and each M2R2 artifact (``--m2r2 NAME|DIR``). Per device,
+untrained, saved to a temporary directory), each M2R2 artifact (``--m2r2 NAME|DIR``), and a drafter
+that proposes nothing ("empty drafts": the engine's synchronous drafted loop without drafts, the
+fixed cost every drafter starts from, against plain decoding's pipelined loop). Per device,
 task and method it reports the decode speed (generated tokens after the first, over the time after
 the first; summed over the task's prompts), its ratio to plain decoding, the acceptance rate
 (accepted / drafted), tokens per verify forward, the share of decode time spent drafting, the
@@ -62,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--draft-model", type=Path, default=None, metavar="DIR")
     p.add_argument("--m2r2", nargs="*", default=[], metavar="NAME", help="M2R2 artifacts")
     p.add_argument("--no-lookup", action="store_true", help="leave prompt lookup out")
+    p.add_argument("--no-empty", action="store_true", help="leave out the drafter that proposes "
+                   "nothing (the engine's drafted loop with no drafts: its fixed cost)")
     p.add_argument("--draft", type=int, default=8, help="most tokens per draft")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--prompts", type=int, default=4, help="prompts per task")
@@ -174,6 +178,15 @@ def run_device(args) -> dict:
     for name in args.m2r2:
         methods[f"m2r2 {Path(name).name}"] = {"m2r2": {"path": name, "draft": args.draft}}
     hooks = {m: build_hooks(model, spec, model_dir=model_dir) for m, spec in methods.items()}
+    if not args.no_empty:
+        from mlxeff.engine import Draft, Drafter
+
+        class EmptyDrafter(Drafter):
+            def propose(self, context, k):
+                return Draft([])
+
+        hooks["empty drafts"] = {"drafter": EmptyDrafter()}
+        methods["empty drafts"] = {}
 
     prompts = build_prompts(tok, args.tasks, args.prompts, args.seed, args.max_tokens)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True))
