@@ -27,8 +27,8 @@ layer ``i``, ``h_0`` the token embedding, ``p_k`` the fast state after ``k`` ste
   position itself. At inference that is the model's cache plus the drafted tokens' own entries; in
   training the keys are ``[K_slow_j ; K_fast_j]`` with a (T, 2T) mask (slow keys ``s < t``, the fast
   key ``s = t``), so the first drafted token sees exactly what training showed it. Later tokens of a
-  multi-token draft see the earlier drafts' fast entries (not slow ones): a train/inference
-  mismatch the paper's drafting shares;
+  multi-token draft see the earlier drafts' fast entries (no slow ones exist for them yet): a
+  train/inference mismatch accepted here;
 - loss (``m2r2_train``): ``w_align * 1/m sum_k mean_t |rms(p_k) - rms(h_{d_k})|^2 / d
   + w_lm * CE(head(norm(p_m)), next token) + w_kd * KL(softmax(slow logits) || softmax(fast
   logits)) + w_router * BCE(router, agree)``, with ``rms(x) = x / sqrt(mean(x^2) + eps)`` (the
@@ -40,23 +40,29 @@ layer ``i``, ``h_0`` the token embedding, ``p_k`` the fast state after ``k`` ste
   router trusts less than ``threshold`` is proposed but ends the draft (its verify row is nearly
   free; the next draft step is not). ``threshold = 0`` turns the router off.
 
-Where the paper is unclear, and what was chosen:
+What follows the paper and what is this implementation's choice. From the paper: a slow and a
+rate-accelerated residual stream, accelerator adapters on the frozen model, alignment of the fast
+stream's k-th state with the slow stream's at depth ``r k``, the LM loss through the shared head, a
+shared KV cache, a router deciding when the fast prediction can be trusted, self-speculative
+decoding with a lossless verify. Chosen here, where the paper leaves the detail open or this
+engine differs:
 
-- the paper does not publish the adapters' placement or rank: low-rank adapters on all four weight
-  matrices of each fast block, rank 8 by default;
-- the alignment distance is not spelled out: the mean squared error of RMS-normalised states
-  (above); the KL distillation term is an addition (``--kd-weight 0`` drops it): what a drafter
-  needs is agreement with the slow stream's argmax, not with the data;
-- the paper's drafting of several tokens and its parallel fast/slow computation: here the fast
-  stream drafts token by token on the model's cache (as ``early_exit`` does; the writes are undone
-  before the verify), and the verify is the engine's one forward over ``[y] + draft``;
-- ARLA's exit decision is replaced by the probe above (a documented simpler equivalent: same
-  input -- the fast stream -- and the same decision -- trust the fast prediction or not).
+- adapter placement and size: low-rank adapters on all four weight matrices of each fast block,
+  rank 8 by default (``--rank``), ``B = 0`` initialisation (exactness at rate 1);
+- the alignment distance: the mean squared error of RMS-normalised states (above); the KL
+  distillation term is an addition (``--kd-weight 0`` drops it): what a drafter needs is agreement
+  with the slow stream's argmax, not with the data;
+- ``N`` not a multiple of ``r``: ``ceil(N / r)`` steps with evenly spread targets ending at ``N``;
+- drafting: the fast stream drafts token by token on the model's cache (as ``early_exit`` does;
+  its writes are undone before the verify), and the verify is the engine's one forward over
+  ``[y] + draft``; no overlap of the fast and slow computations;
+- the router: a logistic probe (above) rather than ARLA's attention over latent states -- the
+  same input (the fast stream) and the same decision (trust the fast prediction or not).
 
 Artifact (``MODEL/m2r2/NAME/``; ``mlxeff generate --m2r2 NAME`` resolves a bare name there):
 ``m2r2.json`` (``{"mlxeff_artifact": "m2r2", "format_version": 1, "steps", "targets", "rank",
 "scale", "base": {shape signature}, "training": {...}}``) and ``adapters.safetensors``
-(``steps.J.NAME.a/b`` per fast step and weight matrix, ``router.weight/bias``).
+(``steps.J.NAME.a/b`` per fast step and weight matrix, ``router.proj.weight/bias``).
 """
 
 from __future__ import annotations
