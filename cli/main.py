@@ -80,8 +80,9 @@ from . import eval as _eval  # noqa: E402
 from . import serve as _serve  # noqa: E402
 from . import chat as _chat  # noqa: E402
 from . import bench as _bench  # noqa: E402
+from . import m2r2 as _m2r2  # noqa: E402
 
-for _module in (_generate, _info, _convert, _train, _eval, _kv_prediction, _serve, _chat, _bench):
+for _module in (_generate, _info, _convert, _train, _eval, _kv_prediction, _m2r2, _serve, _chat, _bench):
     _module.register(app)
 
 

@@ -30,7 +30,7 @@ from ..errors import MlxeffError
 HOOKS = ("prefill", "decode", "drafter", "attention")
 # Modules that register techniques when imported (the registry imports them on first use).
 TECHNIQUE_MODULES = ("lazyllm", "kv_prediction", "prompt_lookup", "superposition", "refreshkv",
-                     "refreshkv_baselines")
+                     "refreshkv_baselines", "early_exit", "draft_model", "m2r2")
 
 
 class TechniqueError(MlxeffError, ValueError):
