@@ -49,17 +49,13 @@ def _preload_openblas():
         return
     if "openblas" in os.environ.get("LD_PRELOAD", ""):
         return
-    try:
-        from mlxeff.cli.main import OPENBLAS_CANDIDATES
-    except ImportError:  # run from a source tree without installing: cli/ is a top-level package
-        sys.path.insert(0, str(REPO))
-        from cli.main import OPENBLAS_CANDIDATES
+    sys.path.insert(0, str(REPO))  # cli/ imports as a top-level package from the source tree
+    from cli.blas import child_environment
 
-    lib = next((p for p in OPENBLAS_CANDIDATES if os.path.exists(p)), None)
-    if lib is None:
+    env = child_environment()
+    if env is None:
         return
-    env = dict(os.environ, MLXEFF_NO_OPENBLAS="1",
-               LD_PRELOAD=":".join(filter(None, [lib, os.environ.get("LD_PRELOAD")])))
+    env["MLXEFF_NO_OPENBLAS"] = "1"
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 

@@ -410,21 +410,23 @@ def main(argv=None):
     devices = args.devices or (["cpu", "gpu"] if mx.is_available(mx.gpu) else ["cpu"])
     runs = []
     for device in devices:
-        env = dict(os.environ)
-        if device == "cpu" and sys.platform == "linux" and "openblas" not in env.get("LD_PRELOAD", ""):
+        blas_env = None
+        if device == "cpu":
             sys.path.insert(0, str(REPO))
-            from cli.main import OPENBLAS_CANDIDATES
+            from cli.blas import child_environment
 
-            lib = next((p for p in OPENBLAS_CANDIDATES if os.path.exists(p)), None)
-            if lib and not env.get("MLXEFF_NO_OPENBLAS"):
-                env["LD_PRELOAD"] = ":".join(filter(None, [lib, env.get("LD_PRELOAD")]))
+            blas_env = child_environment()
         child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
                  "--on-device", device]
-        proc = subprocess.run(child, env=env, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.run(child, env=blas_env or dict(os.environ), stdout=subprocess.PIPE, text=True)
+        if blas_env:
+            from cli.blas import discard_child_environment
+
+            discard_child_environment(blas_env)
         if proc.returncode != 0:
             sys.exit(f"the {device} run failed (exit {proc.returncode})")
         run = json.loads(proc.stdout)
-        run["ld_preload"] = env.get("LD_PRELOAD", "")
+        run["ld_preload"] = (blas_env or os.environ).get("LD_PRELOAD", "")
         runs.append(run)
     summary = {"machine": platform.node(), "command": " ".join(["python"] + sys.argv),
                "tasks": args.tasks, "prompts": args.prompts, "max_tokens": args.max_tokens,

@@ -238,15 +238,11 @@ def run_device(args) -> dict:
 # ---- the parent: every device, side by side ---------------------------------------------------------
 
 def openblas_env() -> dict:
-    env = dict(os.environ)
-    if (sys.platform == "linux" and "openblas" not in env.get("LD_PRELOAD", "")
-            and not env.get("MLXEFF_NO_OPENBLAS")):
-        from mlxeff.cli.main import OPENBLAS_CANDIDATES
+    """The environment of the CPU child: OpenBLAS preloaded as ``mlxeff``'s re-launch does."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from cli.blas import child_environment
 
-        lib = next((p for p in OPENBLAS_CANDIDATES if os.path.exists(p)), None)
-        if lib:
-            env["LD_PRELOAD"] = ":".join(filter(None, [lib, env.get("LD_PRELOAD")]))
-    return env
+    return child_environment() or dict(os.environ)
 
 
 def gpu_available() -> bool:

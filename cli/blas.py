@@ -225,6 +225,26 @@ def relaunch_with_openblas(hint: bool = True) -> None:
         _hinted = True
 
 
+def child_environment() -> Optional[dict]:
+    """The environment of a child Python process (a benchmark's run per device) with OpenBLAS
+    preloaded as the re-launch would preload it; None where the re-launch would not happen. Pass
+    the result to ``discard_child_environment`` when the child has finished."""
+    if sys.platform != "linux" or os.environ.get(NO_OPENBLAS) or user_preloaded_openblas():
+        return None
+    for candidate in candidates():
+        env = launch_environment(candidate)
+        if _loads(env):
+            return env
+        _discard(env)
+    return None
+
+
+def discard_child_environment(env: Optional[dict]) -> None:
+    """Remove what ``child_environment`` created (the runtime alias directory)."""
+    if env and RELAUNCHED in env:
+        _discard(env)
+
+
 def restore_environment() -> Optional[dict]:
     """In a re-launched process: put ``LD_PRELOAD``/``LD_LIBRARY_PATH`` back as the user had them
     (child processes see the user's environment) and remove the alias directory (the loader has
