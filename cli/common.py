@@ -41,14 +41,18 @@ DTYPE_HELP = ("Compute precision: auto (float32 on the CPU, where float16/bfloat
 
 
 def apply_compute_dtype(net, dtype: str) -> None:
-    """Cast the model's floating-point parameters for computing (``auto``: float32 on the CPU)."""
+    """Cast the model's floating-point parameters for computing (``auto``: float32 on the CPU,
+    where affine 4-bit layers also compute from their dequantized float32 weights:
+    ``mlxeff.quant.affine.dequantize_affine`` says why)."""
     import mlx.core as mx
 
+    from mlxeff.quant.affine import dequantize_affine
     from mlxeff.train import DTYPES
 
     if dtype == "auto":
         if mx.default_device() != mx.cpu:
             return
+        dequantize_affine(net)
         dtype = "float32"
     if dtype not in DTYPES:
         fail(f"--dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")

@@ -74,3 +74,34 @@ def quantize_affine(model: nn.Module, bits: int = 4, group_size: int = 64, embed
     meta["quantization"] = {**(meta.get("quantization") or {}), **spec}
     model.mlxeff_meta = meta
     return model
+
+
+def dequantize_affine(model: nn.Module, dtype=mx.float32) -> int:
+    """Replace every affine-quantized module by its dequantized float form (``dtype``), in place;
+    the number replaced. The weights are exactly ``mx.dequantize`` of the stored ones, so the
+    model computes what it computed, only with dense matmuls. For the CPU: MLX's CPU backend runs
+    4-bit matmuls about 5x slower than float32 matmuls through OpenBLAS (measured on the CPU box:
+    a (4, 512) forward of a 22 M-parameter model took 33.3 s with its affine-4 layers, 6.7 s in
+    float32), and a small model's float32 weights cost little memory."""
+    replacements = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            w = mx.dequantize(module.weight, module.scales, module.biases, module.group_size, module.bits)
+            out_dims, in_dims = w.shape
+            dense = nn.Linear(in_dims, out_dims, bias="bias" in module)
+            dense.weight = w.astype(dtype)
+            if "bias" in module:
+                dense.bias = module.bias.astype(dtype)
+        elif isinstance(module, nn.QuantizedEmbedding):
+            w = mx.dequantize(module.weight, module.scales, module.biases, module.group_size, module.bits)
+            dense = nn.Embedding(*w.shape)
+            dense.weight = w.astype(dtype)
+        else:
+            continue
+        replacements.append((path, dense))
+    if replacements:
+        from mlx.utils import tree_unflatten
+
+        model.update_modules(tree_unflatten(replacements))
+        mx.eval(model.parameters())
+    return len(replacements)

@@ -1,0 +1,19 @@
+"""Affine-quantized models on the CPU compute from their dequantized float32 weights."""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from conftest import make_model, tiny_args
+from mlxeff.quant.affine import dequantize_affine, quantize_affine
+
+
+def test_dequantized_model_computes_exactly_what_the_quantized_one_did():
+    model = make_model(tiny_args(), seed=1)
+    quantize_affine(model, bits=4, group_size=32, embedding_bits=8)
+    x = mx.array([[5, 6, 7, 8, 9, 10]])
+    before = model(x)
+    assert dequantize_affine(model) == 17  # 4 layers x 4 linears, and the tied embedding
+    assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    assert model.transformer.norm.weight.dtype == mx.float32
+    assert mx.array_equal(before, model(x))
+    assert dequantize_affine(model) == 0
