@@ -399,8 +399,9 @@ def pruned_attention(
     n_splits: Optional[int] = None,
 ) -> mx.array:
     """Attention of ``q`` (B, H, Lq, D) over the cache slots ``index`` ((n,), (B, n) or per KV head
-    (B|1, KVH, n); None: every slot) of ``k`` and ``v`` (B, KVH, S, D). With ``q_positions`` ((Lq,) or (B, Lq)) and
-    ``k_positions`` ((S,) or (B, S)) a key is visible to a query only at a position <= the query's.
+    (B|1, KVH, n); None: every slot) of ``k`` and ``v`` (B, KVH, S, D). With ``q_positions``
+    ((Lq,) or (B, Lq)) and ``k_positions`` ((S,) or (B, S)) a key is visible to a query only at a
+    position <= the query's.
     The custom kernel runs on Metal/CUDA GPUs; elsewhere (and for unsupported head sizes) plain MLX:
     the reference, or for every slot ``mx.fast.scaled_dot_product_attention`` with a boolean mask
     (no gathered copy)."""

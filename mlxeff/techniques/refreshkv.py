@@ -25,6 +25,18 @@ to K of its slots (the *subset*), and a full-attention step now and then re-sele
 Exactness: K at least the context, or S = 1, decodes exactly as plain decoding (same tokens, same
 logits: those steps run the model's plain attention; a full step only also reads the weights).
 
+Defaults: K = context/8 and ``pool`` 7 (the paper's, after SnapKV's kernel size); S = 10 (the
+paper's fixed-stride ablation); QC = 5 (its better-quality setting). The threshold has no default:
+the paper tuned it per model (0.85 for Llama-3.1-8B, 0.95 for Qwen2-7B). On the default model the
+similarity of a layer's queries 5 tokens apart has a median of about 0.37 (measured on three
+held-out passages, CPU), so 0.4 there refreshes about as often as S = 10.
+
+Cost: a full step also computes the attention weights of its token in float32 over every slot
+(``want_scores``, about one more attention's work), and the re-selection of all layers is one
+batched top-K; a partial step costs one attention over K slots per layer plus one small op per
+step (the eviction rule in closed form, ``ring_subset``). No step synchronises with the host
+except the dynamic schedule's checks (one read per layer).
+
 Deviations and resolved choices:
 
 - The first selection comes from the first decoded token's full step, not from the prefill's last
@@ -51,9 +63,10 @@ Deviations and resolved choices:
 - State lives in this strategy, not in the cache: it is derived (any full step rebuilds it), so a
   cache that was trimmed below a refresh, extended by a new prefill or replaced is detected and the
   next step is a full one.
+- Ties among equal pooled scores (max pooling makes plateaus) are broken arbitrarily.
 - Option names follow the registry's ``--NAME-OPTION`` rule: ``--refreshkv-k``,
-  ``--refreshkv-every``, ``--refreshkv-threshold``, ``--refreshkv-check-every`` (the issue's
-  ``--refresh-k`` spellings are not available).
+  ``--refreshkv-every``, ``--refreshkv-threshold``, ``--refreshkv-check-every``,
+  ``--refreshkv-pool``, ``--refreshkv-grow`` (the ``--refresh-k`` spellings are not available).
 
 Comparisons (same subset size K, same machinery, ``mlxeff.techniques.refreshkv_baselines``):
 StreamingLLM (attention sinks + recent window) and H2O (heavy hitters + recent window).

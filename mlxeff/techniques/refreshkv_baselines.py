@@ -67,7 +67,8 @@ class StreamingDecode(DecodeStrategy):
             self._owner = cache[0]
             self.k = self.config_k or default_k(cache[0].offset + 1)
             if self.sinks >= self.k:
-                raise TechniqueError(f"--streaming-llm-sinks {self.sinks} leaves no recent slot of K {self.k}")
+                raise TechniqueError(f"--streaming-llm-sinks {self.sinks} leaves no recent slot "
+                                     f"of K {self.k}")
         slots = self.window(cache[0].offset)
         index = None if slots is None else mx.array(slots.astype(np.int32))
         self.used = index
