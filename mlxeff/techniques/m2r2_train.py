@@ -190,7 +190,7 @@ def run_m2r2_training(cfg, *, base_dir, rate: float, rank: int, train_files, val
     (``m2r2``). Checkpoints live in ``work`` (default: a hidden sibling of ``out``) and are removed
     after success unless ``keep_work``."""
     from .. import data, io
-    from ..train import DTYPES, Progress, train_loop
+    from ..train import DTYPES, train_loop
 
     wall = time.perf_counter()
     loss_cfg = loss_cfg or M2R2LossConfig()
@@ -234,17 +234,15 @@ def run_m2r2_training(cfg, *, base_dir, rate: float, rank: int, train_files, val
         f"{rank}, {n_params:,} parameters; {cfg.tokens_per_step:,} tokens per step")
 
     records: List[dict] = []
-    progress = Progress(cfg.steps) if log is None else None
 
     def log_fn(rec: dict) -> None:
         records.append(dict(rec))
-        (log or progress)(rec)
+        if log is not None:
+            log(rec)
 
     result = train_loop(model, make_loss_fn(loss_cfg),
                         lambda k: mx.array(dataset.batch(k, cfg.batch_size)), cfg, out_dir=work,
-                        valid_fn=valid_fn, resume=resume, log=log_fn)
-    if progress is not None:
-        progress.close()
+                        valid_fn=valid_fn, resume=resume, log=log_fn, say=say)
     stream.set_dtype(disk_dtype)
     training = {
         "rate": rate, "loss": vars(loss_cfg), "config": cfg.to_dict(),
