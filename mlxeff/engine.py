@@ -83,8 +83,10 @@ class Drafter:
 
     max_draft: int = 4
 
-    def start(self, model: nn.Module, prompt: Sequence[int], cache: list) -> None:
-        """Called once after the prefill."""
+    def start(self, model: nn.Module, prompt: Sequence[int], cache: list,
+              sampling: Optional[SamplingConfig] = None) -> None:
+        """Called once after the prefill, with the engine's sampling settings (a drafter that
+        samples its proposals draws them under these, so they match the distribution verified)."""
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
         raise NotImplementedError
@@ -182,7 +184,7 @@ def _drafted_loop(prompt, model, max_tokens, sampling, processors, cache, prefil
     with mx.stream(generation_stream):
         lp = row_logprobs(prefill(model, prompt, cache), history, processors)
         y = int(sampling.sampler()(lp).item())
-    drafter.start(model, history, cache)
+    drafter.start(model, history, cache, sampling)
     history.append(y)
     stats.generated += 1
     yield y, lp[0]

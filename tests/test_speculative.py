@@ -187,6 +187,29 @@ def test_sampling_drafters_return_their_distribution(kind):
     assert runs[0] == runs[1] and len(runs[0]) == 12
 
 
+@pytest.mark.parametrize("kind", ["early-exit", "draft-model"])
+def test_the_engine_gives_drafters_its_sampling_settings(kind):
+    """A drafter built without sampling settings proposes under the engine's (its proposals carry
+    their distribution) and goes back to the argmax when the engine decodes greedily."""
+    model = deep_model()
+    sampling = SamplingConfig(temp=0.7, top_k=20)
+    make = {"early-exit": lambda: LayerDrafter(2, 4, policy=DraftLength(4, cost=0.01, prior=0.99)),
+            "draft-model": lambda: DraftModelDrafter(layer_pruned_model(model, [0, 2]), 4,
+                                                     policy=DraftLength(4, cost=0.01, prior=0.99))}[kind]
+    for config, sampled in ((sampling, True), (SamplingConfig(), False)):
+        d = make()
+        if not sampled:
+            d.sampling = sampling  # greedy decoding overrides a drafter's own settings
+        seen = []
+        propose = d.propose
+        d.propose = lambda context, k: seen.append(propose(context, k)) or seen[-1]
+        mx.random.seed(2)
+        out, _ = run(model, list(range(3, 20)), 10, sampling=config, drafter=d)
+        assert len(out) == 10 and any(x.tokens for x in seen)
+        assert all((x.probs is not None) == sampled for x in seen if x.tokens)
+        assert d.sampling == (sampling if sampled else None)
+
+
 # ---- the draft-length policy ---------------------------------------------------------------------
 
 def test_expected_tokens_and_best_length():

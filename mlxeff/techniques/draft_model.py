@@ -78,7 +78,9 @@ class DraftModelDrafter(Drafter):
     def max_draft(self) -> int:  # type: ignore[override]
         return self.policy.max_draft
 
-    def start(self, model, prompt, cache) -> None:
+    def start(self, model, prompt, cache, sampling: Optional[SamplingConfig] = None) -> None:
+        if sampling is not None:  # the engine's settings: proposals drawn as they are verified
+            self.sampling = None if sampling.greedy else sampling
         if self._checked is not model:
             check_vocabulary(self.draft_model, model)
             self.draft_model.set_dtype(compute_dtype(model))

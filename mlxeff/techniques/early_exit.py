@@ -36,8 +36,9 @@ Choices and deviations:
 - **Sampling.** A drafter whose ``sampling`` is set to a non-greedy ``SamplingConfig`` draws its
   tokens from its own distribution under the same temperature/top-p/top-k/min-p transform and
   returns it in ``Draft.probs``, so the engine's standard rule (accept with ``min(1, p/q)``) keeps
-  the target distribution. The engine does not tell a drafter the sampling settings; left unset,
-  a drafter proposes its argmax (a point mass, which the rule also handles exactly).
+  the target distribution. The engine passes its settings to ``start``, so a drafter draws under
+  exactly the transform it is verified against (greedy: the argmax, a point mass, which the rule
+  also handles exactly); used outside the engine, ``sampling`` left unset proposes the argmax.
 - **Draft length** (``DraftLength``, shared by every model-based drafter): the per-token
   acceptance rate ``alpha`` is tracked with exponential forgetting (each proposal counts its
   accepted tokens as successes and its first rejection, if any, as a failure: the geometric
@@ -259,7 +260,9 @@ class LayerDrafter(Drafter):
 
     # ---- the engine's contract --------------------------------------------------------------
 
-    def start(self, model, prompt, cache) -> None:
+    def start(self, model, prompt, cache, sampling: Optional[SamplingConfig] = None) -> None:
+        if sampling is not None:  # the engine's settings: proposals drawn as they are verified
+            self.sampling = None if sampling.greedy else sampling
         if model is not self.model:
             self.check(model)
             self.policy.prior_cost = self.draft_cost(model)

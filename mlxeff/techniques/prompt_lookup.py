@@ -59,7 +59,7 @@ class PromptLookup(Drafter):
     def max_draft(self) -> int:  # type: ignore[override]
         return self.draft
 
-    def start(self, model, prompt: Sequence[int], cache) -> None:
+    def start(self, model, prompt: Sequence[int], cache, sampling=None) -> None:
         self._buffer = np.asarray(list(prompt), dtype=np.int64)
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
