@@ -75,6 +75,7 @@ from .kv_prediction_aux import (  # noqa: F401  (part of this module's API)
     _dtype, auxiliary_from_spec, contiguous_layer_map, layer_pruned_model,
     pruned_layer_map, select_layers, subset_args, validate_layer_map,
 )
+from . import artifacts
 from .registry import Option, Technique, register
 from ..models import Model
 
@@ -237,20 +238,8 @@ class KVPrediction:
         from .. import io
 
         path = Path(path)
-        if not path.is_dir():
-            raise MlxeffError("no such KV prediction directory", path)
-        meta_file = path / META_FILE
-        if not meta_file.is_file():
-            raise MlxeffError(f"missing {META_FILE} (is this a KV prediction directory?)", path)
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MlxeffError(f"invalid JSON ({e})", meta_file) from None
-        if not isinstance(meta, dict) or meta.get("mlxeff_artifact") != ARTIFACT:
-            raise MlxeffError("not a KV prediction artifact (mlxeff_artifact != kv_prediction)",
-                              meta_file)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise MlxeffError(f"unsupported format_version {meta.get('format_version')!r}", meta_file)
+        meta, meta_file = artifacts.read_meta(path, kind=ARTIFACT, label="KV prediction",
+                                              meta_file=META_FILE, format_version=FORMAT_VERSION)
         aux = io.load_model(path / AUX_DIR)
         layer_map = meta.get("layer_map")
         if not isinstance(layer_map, list):
@@ -285,11 +274,7 @@ class KVPrediction:
 
 def resolve_dir(path, model_dir=None) -> Path:
     """``path`` itself, or ``MODEL/kv_prediction/<path>`` when only that exists."""
-    p = Path(path)
-    if p.is_dir() or model_dir is None:
-        return p
-    alt = Path(model_dir) / "kv_prediction" / str(path)
-    return alt if alt.is_dir() else p
+    return artifacts.resolve_dir(path, model_dir, "kv_prediction")
 
 
 # ---------------------------------------------------------------------------------------------

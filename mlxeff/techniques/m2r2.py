@@ -80,6 +80,7 @@ from mlx.utils import tree_flatten
 
 from ..errors import MlxeffError
 from ..sampling import SamplingConfig
+from . import artifacts
 from .early_exit import DRAFT_OPTION, DraftLength, LayerDrafter, weight_share
 from .kv_prediction import base_signature
 from .registry import Option, Technique, register
@@ -323,19 +324,8 @@ class M2R2:
         from .. import io
 
         path = Path(path)
-        if not path.is_dir():
-            raise MlxeffError("no such M2R2 directory", path)
-        meta_file = path / META_FILE
-        if not meta_file.is_file():
-            raise MlxeffError(f"missing {META_FILE} (is this an M2R2 directory?)", path)
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MlxeffError(f"invalid JSON ({e})", meta_file) from None
-        if not isinstance(meta, dict) or meta.get("mlxeff_artifact") != ARTIFACT:
-            raise MlxeffError("not an M2R2 artifact (mlxeff_artifact != m2r2)", meta_file)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise MlxeffError(f"unsupported format_version {meta.get('format_version')!r}", meta_file)
+        meta, meta_file = artifacts.read_meta(path, kind=ARTIFACT, label="M2R2", article="an",
+                                              meta_file=META_FILE, format_version=FORMAT_VERSION)
         try:
             config = M2R2Config(int(meta["steps"]), [int(x) for x in meta["targets"]],
                                 int(meta["rank"]), float(meta["scale"]))
@@ -357,11 +347,7 @@ class M2R2:
 
 def resolve_dir(path, model_dir=None) -> Path:
     """``path`` itself, or ``MODEL/m2r2/<path>`` when only that exists."""
-    p = Path(path)
-    if p.is_dir() or model_dir is None:
-        return p
-    alt = Path(model_dir) / "m2r2" / str(path)
-    return alt if alt.is_dir() else p
+    return artifacts.resolve_dir(path, model_dir, "m2r2")
 
 
 # ---- drafting -----------------------------------------------------------------------------------
