@@ -6,36 +6,13 @@ The source given to ``convert`` does not exist, so a value the options check acc
 "no such file" error instead: either way one line, exit code non-zero, no traceback.
 """
 
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 
+from test_convert_cli import run_inprocess, run_subprocess
+
 MISSING_SRC = "no-such-checkpoint.pt"
-
-
-def run_inprocess(monkeypatch, capsys, *args):
-    """``mlxeff ARGS`` through ``main()`` in this process: (exit code, stdout, stderr)."""
-    from mlxeff.cli.main import main
-
-    monkeypatch.setenv("MLXEFF_NO_OPENBLAS", "1")
-    monkeypatch.setattr(sys, "argv", ["mlxeff", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def run_subprocess(*args, timeout=120):
-    env = dict(os.environ, MLXEFF_NO_OPENBLAS="1")
-    p = subprocess.run([sys.executable, "-m", "mlxeff.cli.main", *map(str, args)],
-                       capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
-    return p.returncode, p.stdout, p.stderr
 
 
 def error_line(result, *needles, code=None):

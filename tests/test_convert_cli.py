@@ -31,7 +31,7 @@ def run_inprocess(monkeypatch, capsys, *args):
 def run_subprocess(*args, timeout=120):
     env = dict(os.environ, MLXEFF_NO_OPENBLAS="1")
     p = subprocess.run([sys.executable, "-m", "mlxeff.cli.main", *map(str, args)],
-                       capture_output=True, text=True, timeout=timeout, env=env)
+                       capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
     return p.returncode, p.stdout, p.stderr
 
 
