@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from .common import DTYPE_HELP, fail
-from .serve import check_max_kv_size, check_techniques, load_for_generation
+from .serve import check_max_kv_size, load_for_chat
 from .techniques import with_techniques
 
 HELP = "Commands: /reset starts a new conversation, /help shows this, /quit (or Ctrl-D) leaves."
@@ -72,7 +72,7 @@ def chat(
     """Chat with a model in the terminal (or over standard input, one message per line). The
     conversation is rendered with the chat template each turn; only the tokens not already in
     the prompt cache are processed. /reset, /help, /quit."""
-    from mlxeff.chat import ChatSession, chat_format
+    from mlxeff.chat import ChatSession
     from mlxeff.errors import MlxeffError
     from mlxeff.server.options import GenerationOptions, RequestError
     from mlxeff.server.runner import Delta
@@ -91,12 +91,8 @@ def chat(
         fail(f"--{str(e).replace('_', '-')}", code=2)
     except MlxeffError as e:
         fail(str(e), code=2)
-    path, net, tokenizer = load_for_generation(model, dtype)
-    check_techniques(net, path, techniques, max_kv_size, prefill_step_size)
-    try:
-        fmt = chat_format(tokenizer, chat_template)
-    except MlxeffError as e:
-        fail(str(e))
+    path, net, tokenizer, fmt = load_for_chat(model, dtype, techniques, max_kv_size,
+                                              prefill_step_size, chat_template)
     if seed is not None:
         import mlx.core as mx
 

@@ -42,6 +42,21 @@ def check_techniques(net, path, techniques: dict, max_kv_size: Optional[int], st
         fail(f"--max-kv-size: {owner} keeps its own cache and cannot run in a bounded window")
 
 
+def load_for_chat(model: Optional[Path], dtype: str, techniques: dict, max_kv_size: Optional[int],
+                  step_size: int, chat_template: Optional[str]):
+    """(path, model, tokenizer, chat format) for ``serve`` and ``chat``: loaded, the techniques
+    checked, the chat template found; each problem ends in one line."""
+    from mlxeff.chat import chat_format
+    from mlxeff.errors import MlxeffError
+
+    path, net, tokenizer = load_for_generation(model, dtype)
+    check_techniques(net, path, techniques, max_kv_size, step_size)
+    try:
+        return path, net, tokenizer, chat_format(tokenizer, chat_template)
+    except MlxeffError as e:
+        fail(str(e))
+
+
 def check_max_kv_size(max_kv_size: Optional[int]) -> None:
     from mlxeff.server.window_cache import SINK_TOKENS
 
@@ -86,8 +101,6 @@ def serve(
     server-wide default; a request's "mlxeff" field (extra_body in the OpenAI clients) replaces it,
     e.g. {"mlxeff": {"lookup": {"draft": 4}}}. Requests run one at a time in arrival order;
     usage reports time to first token and, with a drafter, accepted tokens per forward."""
-    from mlxeff.chat import chat_format
-    from mlxeff.errors import MlxeffError
     from mlxeff.sampling import SamplingConfig, SamplingError
     from mlxeff.server import ServedModel, create_app, serve as run_server
 
@@ -107,12 +120,8 @@ def serve(
         SamplingConfig(temp, top_p, top_k, min_p)
     except SamplingError as e:
         fail(str(e), code=2)
-    path, net, tokenizer = load_for_generation(model, dtype)
-    check_techniques(net, path, techniques, max_kv_size, prefill_step_size)
-    try:
-        fmt = chat_format(tokenizer, chat_template)
-    except MlxeffError as e:
-        fail(str(e))
+    path, net, tokenizer, fmt = load_for_chat(model, dtype, techniques, max_kv_size,
+                                              prefill_step_size, chat_template)
     if max_context is None:
         max_context = getattr(net.args, "max_context_length", None) or 0
     served = ServedModel(
