@@ -25,8 +25,9 @@ def convert(
                                          "(default: inferred from the tensor shapes)."),
     vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Rows of the vocabulary to keep "
                                              "(CoreNet's 32128 become 32000 by default for the official sizes)."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A SentencePiece tokenizer.model or a "
-                                             "tokenizer directory (default: the source's own)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A SentencePiece tokenizer.model, a "
+                                             "llama2.c tokenizer.bin or a tokenizer directory "
+                                             "(default: the source's own)."),
     no_tokenizer: bool = typer.Option(False, "--no-tokenizer", help="Write the weights only (the output "
                                       "loads but cannot generate text)."),
     dtype: str = typer.Option("float16", "--dtype", help="float16, bfloat16 or float32."),
