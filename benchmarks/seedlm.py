@@ -20,11 +20,12 @@
   Hugging Face tokenizer).
 
 (b) encoding speed
-    python benchmarks/seedlm.py speed [--blocks 8192] [--ranks 1 2] [--trials 3] [--json]
+    python benchmarks/seedlm.py speed [--blocks 8192] [--ranks 1 2] [--trials 3] [--backend ring|nccl] [--json]
   Encodes the same random matrix with 1 rank (plain process) and n ranks of the ring backend
   (started by ``mlx.launch -n N --backend ring`` and directly with the environment it sets up,
   MLX_RANK and MLX_HOSTFILE, without its I/O relay), alternating trials, each worker timing one warm encode after a warm-up; each
-  rank gets cpu_count / n BLAS threads.
+  rank gets cpu_count / n BLAS threads. ``--backend nccl`` starts the ranks with
+  ``mlx.launch --backend nccl`` instead (one CUDA GPU per rank; not yet run on a multi-GPU machine).
     python benchmarks/seedlm.py model [--size 270M] [--bits 4] [--layers N] [--json]
   Encodes every Linear of the transformer blocks of an OpenELM-shaped model with random weights
   (``quantize_model``), reporting wall time, blocks/s and the projected time for OpenELM-3B at the
@@ -374,16 +375,17 @@ def _free_ports(n: int):
     return ports
 
 
-def run_ranks(worker, n: int, launcher: str, tmp: Path) -> None:
-    """Run ``worker`` on n local ranks of the ring backend, through ``mlx.launch`` or directly
-    (the same MLX_RANK / MLX_HOSTFILE environment mlx.launch sets up, without its I/O relay)."""
+def run_ranks(worker, n: int, launcher: str, tmp: Path, backend: str = "ring") -> None:
+    """Run ``worker`` on n local ranks of ``backend``: the ring backend through ``mlx.launch`` or
+    directly (the same MLX_RANK / MLX_HOSTFILE environment mlx.launch sets up, without its I/O
+    relay); NCCL (one GPU per rank) through ``mlx.launch`` only."""
     # the cores are shared out between the ranks (no BLAS oversubscription)
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // n)))
     if n == 1:
         subprocess.run(worker, check=True, env=env)
-    elif launcher == "mlx.launch":
+    elif launcher == "mlx.launch" or backend != "ring":
         exe = Path(sys.executable).parent / "mlx.launch"
-        subprocess.run([str(exe), "-n", str(n), "--backend", "ring", "--"] + worker, check=True, env=env)
+        subprocess.run([str(exe), "-n", str(n), "--backend", backend, "--"] + worker, check=True, env=env)
     else:
         hostfile = tmp / "hosts.json"
         hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
@@ -394,7 +396,8 @@ def run_ranks(worker, n: int, launcher: str, tmp: Path) -> None:
 
 
 def cmd_speed(args) -> None:
-    configs = [(n, "-" if n == 1 else lau) for n in args.ranks for lau in args.launchers]
+    launchers = args.launchers if args.backend == "ring" else ["mlx.launch"]
+    configs = [(n, "-" if n == 1 else lau) for n in args.ranks for lau in launchers]
     configs = list(dict.fromkeys(configs))
     runs = {(b, n, lau): [] for b in args.bits for n, lau in configs}
     with tempfile.TemporaryDirectory() as tmp:
@@ -404,7 +407,7 @@ def cmd_speed(args) -> None:
                     res = Path(tmp) / f"r{trial}-{bits}-{n}.json"
                     worker = [sys.executable, __file__, "worker", "--bits", str(bits), "--blocks",
                               str(args.blocks), "--batch", str(args.batch), "--result", str(res)]
-                    run_ranks(worker, n, lau, Path(tmp))
+                    run_ranks(worker, n, lau, Path(tmp), args.backend)
                     runs[(bits, n, lau)].append(json.loads(res.read_text()))
     rows = []
     for (bits, n, lau), rs in runs.items():
@@ -416,7 +419,8 @@ def cmd_speed(args) -> None:
     for r in rows:
         one = next(x for x in rows if x["bits"] == r["bits"] and (x["ranks"], x["launcher"]) == configs[0])
         r["speedup_vs_first"] = r["blocks_per_s_median"] / one["blocks_per_s_median"]
-    result = {"device": device_name(), "cpu_count": os.cpu_count(), "loadavg_1min_after": os.getloadavg()[0],
+    result = {"device": device_name(), "backend": args.backend, "cpu_count": os.cpu_count(),
+              "loadavg_1min_after": os.getloadavg()[0],
               "blas_preload": os.environ.get("LD_PRELOAD", ""), "rows": rows}
     if not args.json:
         for r in rows:
@@ -508,6 +512,8 @@ def main(argv=None) -> None:
     s.add_argument("--trials", type=int, default=3)
     s.add_argument("--launchers", nargs="+", default=["direct", "mlx.launch"], choices=["direct", "mlx.launch"],
                    help="how ranks > 1 start: directly with the ring backend's environment, or mlx.launch")
+    s.add_argument("--backend", choices=["ring", "nccl"], default="ring",
+                   help="ring: CPU processes; nccl: one CUDA GPU per rank (started by mlx.launch)")
     s.add_argument("--json", action="store_true")
     w = sub.add_parser("worker", help=argparse.SUPPRESS)
     w.add_argument("--bits", type=int, required=True)

@@ -56,6 +56,8 @@ def convert(
         tokenizer=False if no_tokenizer else tokenizer, dtype=dtype, quantize=quantize, bits=bits,
         group_size=group_size, embedding_bits=embedding_bits, force=force, progress=not json_output,
     )
+    if not summary.get("written", True):
+        return  # another rank of an mlx.launch run: rank 0 writes and reports
     if json_output:
         print_json(summary)
         return
@@ -73,7 +75,8 @@ def convert(
     print(f"bits/weight   {s['bits_per_weight']:.3f} overall, {s['linear_bits_per_weight']:.3f} in the blocks' linear layers")
     print(f"size          {s['size_on_disk_bytes'] / 1e6:,.2f} MB")
     print(f"tokenizer     {s['tokenizer_size']:,} tokens" if s["tokenizer"] else "tokenizer     none (weights only)")
-    print(f"time          {s['seconds']:.2f} s")
+    ranks = f" on {s['ranks']} ranks" if s.get("ranks", 1) > 1 else ""
+    print(f"time          {s['seconds']:.2f} s{ranks}")
 
 
 def check_options(source, vocab_size, dtype, quantize, bits, group_size, embedding_bits):

@@ -85,12 +85,19 @@ def convert(
     ``'affine'`` (MLX ``bits``/``group_size``, vocabulary matrices at ``embedding_bits``) or
     ``'seedlm'`` (``mlxeff.quant.seedlm.quantize_model``). ``progress``: progress bars on a
     terminal (``mlxeff.progress``); False: none.
+
+    Under ``mlx.launch`` (an ``mx.distributed`` group of several ranks) every rank reads the
+    source and SeedLM encoding is shared out between them; only rank 0 writes ``out`` (the same
+    bytes as a single process writes), and the other ranks return ``{"written": False, ...}``.
     """
     t0 = time.perf_counter()
     _check_options(dtype, quantize, bits, group_size, embedding_bits)
     seedlm_quantize = _seedlm() if quantize == "seedlm" else None
     out = Path(out)
-    recover(out)  # a replacement killed between its two renames left OUT aside: put it back first
+    group = mx.distributed.init()
+    writer = group.rank() == 0
+    if writer:
+        recover(out)  # a replacement killed between its two renames left OUT aside: put it back first
     if out.exists() and not force:
         raise MlxeffError("output already exists (use --force to replace it)", out)
     kind = detect(src, source)
@@ -142,12 +149,15 @@ def convert(
 
         quantize_affine(model, bits=bits, group_size=group_size, embedding_bits=embedding_bits)
     elif quantize == "seedlm":
-        seedlm_quantize(model, bits=bits, progress=progress)
+        seedlm_quantize(model, bits=bits, progress=progress, group=group)
 
-    save(model, tokenizer_obj, out, force=force)
+    if writer:
+        save(model, tokenizer_obj, out, force=force)
     del model
     gc.collect()
     mx.clear_cache()
+    if not writer:
+        return {"written": False, "rank": group.rank(), "ranks": group.size(), "output": str(out)}
 
     from mlxeff.summary import model_summary
 
@@ -170,5 +180,6 @@ def convert(
         "vocab_size": s["vocab_size"],
         "num_layers": s["num_layers"],
         "notes": notes,
+        "ranks": group.size(),
         "seconds": time.perf_counter() - t0,
     }

@@ -25,6 +25,15 @@ TEXT = (
 ) * 4
 
 
+def interruptible() -> None:
+    """``preexec_fn`` for a child that a test interrupts with SIGINT: the default disposition, so
+    that Python installs its KeyboardInterrupt handler even when the test run itself was started
+    with SIGINT ignored (a background job of a non-interactive shell)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def tiny_args(**kw):
     base = dict(vocab_size=96, ffn_dim_divisor=32)
     base.update(kw)

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import make_model
+from conftest import interruptible, make_model
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and terminals")
 
@@ -50,7 +50,8 @@ def test_ctrl_c_during_seedlm_encoding(tmp_path):
     env = dict(os.environ, MLXEFF_NO_OPENBLAS="1")
     proc = subprocess.Popen([sys.executable, "-m", "mlxeff.cli.main", "convert", str(src), "-o", str(out),
                              "--quantize", "seedlm", "--bits", "4", "--no-tokenizer", "--dtype", "float32"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=env)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=env,
+                            preexec_fn=interruptible)
     os.close(slave)
     try:
         # the encoding's progress has started (its label, its block count or a tqdm bar)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import mlxeff
-from conftest import TEXT, make_model
+from conftest import TEXT, interruptible, make_model
 from mlxeff.models import layerwise_config
 from mlxeff.techniques.kv_prediction import KVPrediction
 from mlxeff.techniques.kv_prediction_train import default_work_dir
@@ -161,7 +161,8 @@ def test_ctrl_c_keeps_the_work_outside_the_base_and_resume_finishes(trained):
     env = dict(os.environ, MLXEFF_NO_OPENBLAS="1")
     try:
         proc = subprocess.Popen([sys.executable, "-m", "mlxeff.cli.main", *map(str, args)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                preexec_fn=interruptible)
         deadline = time.monotonic() + 120
         while not list_checkpoints(work) and proc.poll() is None:
             assert time.monotonic() < deadline, "no checkpoint appeared"

@@ -1,6 +1,7 @@
 """SeedLM encoder: full 65535-seed search on a few hundred blocks (fast on the CPU)."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -156,3 +157,30 @@ def test_two_ranks_equal_one(tmp_path):
     assert two["size"] == 2
     assert np.array_equal(one.seeds, two["seeds"]) and np.array_equal(one.exps, two["exps"])
     assert np.array_equal(one.coeffs, two["coeffs"]) and one.exp_base == two["exp_base"]
+
+
+def test_convert_on_two_ranks_writes_what_one_process_writes(tmp_path, saved_dir):
+    """``mlxeff convert --quantize seedlm`` under ``mlx.launch -n 2 --backend ring``: the encoding
+    is shared out, rank 0 alone writes, and the files equal a one-process convert's byte for byte."""
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    if not launcher.exists():
+        pytest.skip("mlx.launch is not installed next to this Python")
+    src, _ = saved_dir
+    env = dict(os.environ, MLXEFF_NO_OPENBLAS="1")
+    cmd = [sys.executable, "-m", "mlxeff.cli.main", "convert", str(src), "--quantize", "seedlm",
+           "--bits", "4", "--dtype", "float32", "-o"]
+    one = subprocess.run(cmd + [str(tmp_path / "one")], timeout=300, capture_output=True,
+                         text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([str(launcher), "-n", "2", "--backend", "ring", "--"] + cmd
+                         + [str(tmp_path / "two")], timeout=300, capture_output=True, text=True,
+                         env=env)
+    if two.returncode != 0 and "Traceback" not in two.stderr + two.stdout:
+        pytest.skip(f"mlx.launch with the ring backend did not run here: {two.stderr.strip()[-200:]}")
+    assert two.returncode == 0, two.stderr + two.stdout
+    assert two.stdout.count("converted ") == 1 and "on 2 ranks" in two.stdout  # rank 0 reports
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "tiny", "two"]  # no leftovers

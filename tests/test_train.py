@@ -8,12 +8,11 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import make_model, tiny_args
+from conftest import interruptible, make_model, tiny_args
 from mlx.utils import tree_flatten
 
 from mlxeff import data
@@ -335,7 +334,8 @@ def test_cli_ctrl_c_checkpoints_and_resume_is_exact(tmp_path, tiny_tokenizer):
     env = dict(os.environ, MLXEFF_NO_OPENBLAS="1")
     proc = subprocess.Popen([sys.executable, "-m", "mlxeff.cli.main", *map(str, args),
                              "--out", str(cut), "--save-every", "10"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=interruptible)
     deadline = time.monotonic() + 120
     while not (cut / "checkpoints" / "step-0000010").is_dir() and proc.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint appeared"
