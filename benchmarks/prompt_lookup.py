@@ -71,6 +71,8 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=200)
     ap.add_argument("--ngram", type=int, default=3)
     ap.add_argument("--draft", type=int, default=8)
+    ap.add_argument("--fixed", action="store_true",
+                    help="propose every match's full continuation (no adaptive draft length)")
     ap.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                     help="auto: float32 on the CPU, the stored precision on a GPU")
     ap.add_argument("--trials", type=int, default=3)
@@ -85,7 +87,7 @@ def main():
             model.set_dtype(mx.float32)
     else:
         model.set_dtype(getattr(mx, args.dtype))
-    lookup = {"lookup": {"ngram": args.ngram, "draft": args.draft}}
+    lookup = {"lookup": {"ngram": args.ngram, "draft": args.draft, "fixed": args.fixed}}
     items = []
     for passage in passages(tokenizer, args.valid, args.items, args.passage_tokens, args.seed):
         prompt = passage + passage[: args.restart_tokens]

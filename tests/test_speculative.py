@@ -237,6 +237,38 @@ def test_draft_length_adapts_and_probes():
     assert p.alpha < 0.25
 
 
+def test_draft_cost_is_the_slope_of_verify_time_over_drafted_rows():
+    """Steps drafted at different lengths (no undrafted step at all) give the per-row cost as
+    the slope of a line through (rows, verify time), and the one-row forward as its intercept."""
+    p = DraftLength(max_draft=8, prior_cost=0.9)
+    for _ in range(10):
+        p.timed(2, 0.0, 0.012)  # 8 ms for one row + 2 ms per extra row
+        p.timed(6, 0.0, 0.020)
+    assert p.draft_cost == pytest.approx(0.002 / 0.008)
+    p.reset()
+    for _ in range(10):
+        p.timed(4, 0.004, 0.018)  # one length only: the extra rows cannot be told apart ...
+    assert p.draft_cost == pytest.approx(0.001 / 0.018)  # ... drafting time over verify time
+
+
+def test_prompt_lookup_shortens_drafts_that_are_rejected():
+    """With every draft rejected the adaptive lookup proposes less and less (down to a probe now
+    and then); fixed, it proposes everything the match offers each time."""
+    context = list(range(20)) * 5
+    for adaptive, expect in ((True, "shrinks"), (False, "stays")):
+        d = PromptLookup(3, 8, adaptive=adaptive)
+        d.start(None, context, None)
+        lengths = []
+        for _ in range(30):
+            draft = d.propose(context, 8)
+            lengths.append(len(draft.tokens))
+            d.feedback(len(draft.tokens), 0)
+        if expect == "shrinks":
+            assert lengths[0] >= 2 and max(lengths[-10:]) <= 1 and 0 in lengths[-10:]
+        else:
+            assert lengths == [8] * 30
+
+
 def test_draft_cost_is_measured_from_the_prior_on():
     p = DraftLength(max_draft=8, prior_cost=0.3, prior=0.9)
     assert p.draft_cost == 0.3

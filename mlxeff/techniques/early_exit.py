@@ -111,9 +111,9 @@ class DraftLength:
     _accepted: float = field(default=0.0, repr=False)
     _tried: float = field(default=0.0, repr=False)
     _idle: int = field(default=0, repr=False)
-    # exponentially weighted sums: drafted steps (weight, draft s/token, verify s, tokens) and
-    # undrafted steps (weight, verify s)
-    _timed: list = field(default_factory=lambda: [0.0] * 6, repr=False)
+    # exponentially weighted sums: drafted steps (weight, draft s/token, verify s, tokens),
+    # undrafted steps (weight, verify s), and drafted steps' tokens^2 and verify s x tokens
+    _timed: list = field(default_factory=lambda: [0.0] * 8, repr=False)
 
     @property
     def alpha(self) -> float:
@@ -122,13 +122,23 @@ class DraftLength:
     @property
     def draft_cost(self) -> float:
         """A drafted token's cost relative to a one-row verify forward: its drafting time plus
-        the verify forward's time per extra row (known once a step without a draft was timed;
-        until then taken as 0, the memory-bound case)."""
+        the verify forward's time per extra row. The latter is the slope of a least-squares line
+        through (rows verified, verify time) over every timed step, once the steps differ in
+        length (steps without a draft count with 0 rows); while all were drafted at one length it
+        is taken as 0, the memory-bound case."""
         if self.cost is not None:
             return self.cost
-        w, d, v, k, w0, v0 = self._timed
+        w, d, v, k, w0, v0, kk, vk = self._timed
         if w == 0:
             return self.prior_cost
+        n = w + w0
+        mean_k, mean_v = k / n, (v + v0) / n
+        var_k = kk / n - mean_k * mean_k
+        if var_k > 1e-6 * max(1.0, mean_k * mean_k):
+            slope = (vk / n - mean_k * mean_v) / var_k
+            one_row = mean_v - slope * mean_k
+            if one_row > 0:
+                return (d / w + max(0.0, slope)) / one_row
         d, v, k = d / w, v / w, k / w
         if w0 == 0:
             return d / v
@@ -145,7 +155,7 @@ class DraftLength:
         """Forget the measurements (back to the priors)."""
         self._accepted = self._tried = 0.0
         self._idle = 0
-        self._timed = [0.0] * 6
+        self._timed = [0.0] * 8
 
     def update(self, proposed: int, accepted: int) -> None:
         if proposed == 0:
@@ -162,8 +172,9 @@ class DraftLength:
         if tokens:
             new = [1.0, draft_seconds / tokens, verify_seconds, float(tokens)]
             t[:4] = [g * a + b for a, b in zip(t[:4], new)]
+            t[6:] = [g * t[6] + tokens * tokens, g * t[7] + verify_seconds * tokens]
         else:
-            t[4:] = [g * t[4] + 1.0, g * t[5] + verify_seconds]
+            t[4:6] = [g * t[4] + 1.0, g * t[5] + verify_seconds]
 
 
 class Timer:
