@@ -213,7 +213,7 @@ def run_kv_training(cfg, *, base_dir, aux_spec: str, train_files, valid_files, o
     import shutil
 
     from .. import io
-    from ..train import DTYPES, list_checkpoints, train_loop
+    from ..train import DTYPES, LogRecorder, list_checkpoints, train_loop
     from ..train.checkpoints import run_folder
     from ..train.corpus import CorpusFiles, load_corpus
     from .kv_prediction import auxiliary_from_spec, base_signature
@@ -240,13 +240,7 @@ def run_kv_training(cfg, *, base_dir, aux_spec: str, train_files, valid_files, o
         say(f"note: --seq-len {cfg.seq_len} exceeds the base's max_context_length "
             f"{base.args.max_context_length}")
 
-    records: List[dict] = []
-
-    def log_fn(rec: dict) -> None:
-        records.append(dict(rec))
-        if log is not None:
-            log(rec)
-
+    log_fn = LogRecorder(log)
     with run_folder(work, say):
         corpus = load_corpus(files, tok, Path(cache_dir) if cache_dir else work / "cache", cfg, say)
         windows = corpus.valid_windows(cfg.seq_len, eval_tokens)
@@ -268,7 +262,7 @@ def run_kv_training(cfg, *, base_dir, aux_spec: str, train_files, valid_files, o
     save_as = disk_dtype if save_dtype == "base" else DTYPES[save_dtype]
     aux.set_dtype(save_as)
     predictor.set_dtype(save_as)
-    train_log = [r for r in records if "loss" in r and "valid_loss" not in r]
+    train_log = log_fn.train_log
     training = {
         "aux_spec": aux_spec, "kv_weight": lam, "base_weight": loss_cfg.base_weight,
         "aux_weight": loss_cfg.aux_weight, "predictor_init": predictor_init,

@@ -190,7 +190,7 @@ def run_m2r2_training(cfg, *, base_dir, rate: float, rank: int, train_files, val
     (``m2r2``). Checkpoints live in ``work`` (default: a hidden sibling of ``out``) and are removed
     after success unless ``keep_work``."""
     from .. import data, io
-    from ..train import DTYPES, train_loop
+    from ..train import DTYPES, LogRecorder, train_loop
 
     wall = time.perf_counter()
     loss_cfg = loss_cfg or M2R2LossConfig()
@@ -233,13 +233,7 @@ def run_m2r2_training(cfg, *, base_dir, rate: float, rank: int, train_files, val
     say(f"fast stream: {config.steps}/{len(base.layers)} steps, targets {config.targets}, rank "
         f"{rank}, {n_params:,} parameters; {cfg.tokens_per_step:,} tokens per step")
 
-    records: List[dict] = []
-
-    def log_fn(rec: dict) -> None:
-        records.append(dict(rec))
-        if log is not None:
-            log(rec)
-
+    log_fn = LogRecorder(log)
     result = train_loop(model, make_loss_fn(loss_cfg),
                         lambda k: mx.array(dataset.batch(k, cfg.batch_size)), cfg, out_dir=work,
                         valid_fn=valid_fn, resume=resume, log=log_fn, say=say)
@@ -253,7 +247,7 @@ def run_m2r2_training(cfg, *, base_dir, rate: float, rank: int, train_files, val
     summary = {"out": str(out), "base": str(base_dir), "steps": config.steps,
                "targets": config.targets, "rank": rank, "parameters": int(n_params), **training,
                "history": result["history"],
-               "train_log": [r for r in records if "loss" in r and "valid_loss" not in r]}
+               "train_log": log_fn.train_log}
     summary["wall_time_s"] = time.perf_counter() - wall
     M2R2(stream, {"training": training}).save(
         out, force=force, base=base, extra_files={"summary.json": json.dumps(summary, indent=1)})

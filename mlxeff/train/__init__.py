@@ -20,12 +20,12 @@ from .checkpoints import (CKPT_PREFIX, check_compatible, list_checkpoints, model
                           read_checkpoint, save_checkpoint)
 from .config import DTYPES, RESUMABLE_FIELDS, TrainConfig
 from .lm import build_args, init_model, run_training
-from .loop import train_loop
+from .loop import LogRecorder, train_loop
 from .losses import cross_entropy_terms, lm_loss, valid_loss_fn
 from .optimizer import current_lr, lr_schedule, make_optimizer
 
 __all__ = [
-    "CKPT_PREFIX", "DTYPES", "RESUMABLE_FIELDS", "TrainConfig", "build_args", "check_compatible",
+    "CKPT_PREFIX", "DTYPES", "LogRecorder", "RESUMABLE_FIELDS", "TrainConfig", "build_args", "check_compatible",
     "cross_entropy_terms", "current_lr", "init_model", "list_checkpoints", "lm_loss",
     "lr_schedule", "make_optimizer", "model_signature", "read_checkpoint", "run_training",
     "save_checkpoint", "train_loop", "valid_loss_fn",

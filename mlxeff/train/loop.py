@@ -49,6 +49,24 @@ def _copy_containers(tree):
     return tree
 
 
+class LogRecorder:
+    """A ``log`` callback for ``train_loop`` that keeps a copy of every record and passes it on to
+    ``forward`` (if any); ``train_log`` is the training-step records (no validations)."""
+
+    def __init__(self, forward: Optional[Callable[[dict], None]] = None):
+        self.records: list = []
+        self.forward = forward
+
+    def __call__(self, rec: dict) -> None:
+        self.records.append(dict(rec))
+        if self.forward is not None:
+            self.forward(rec)
+
+    @property
+    def train_log(self) -> list:
+        return [r for r in self.records if "loss" in r and "valid_loss" not in r]
+
+
 def auto_save_due(elapsed_s: float, last_cost_s: float) -> bool:
     """``save_every=None``: whether ``elapsed_s`` of training since the last checkpoint (or the
     start) calls for one, given what the last one took to write."""
