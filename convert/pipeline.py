@@ -149,7 +149,7 @@ def convert(
 
         quantize_affine(model, bits=bits, group_size=group_size, embedding_bits=embedding_bits)
     elif quantize == "seedlm":
-        seedlm_quantize(model, bits=bits, progress=progress, group=group)
+        seedlm_quantize(model, bits=bits, progress=progress)  # shared by the ranks of mx.distributed
 
     if writer:
         save(model, tokenizer_obj, out, force=force)

@@ -81,6 +81,7 @@ class DraftModelDrafter(Drafter):
     def start(self, model, prompt, cache, sampling: Optional[SamplingConfig] = None) -> None:
         if sampling is not None:  # the engine's settings: proposals drawn as they are verified
             self.sampling = None if sampling.greedy else sampling
+        self.timer.follow(sampling)
         if self._checked is not model:
             check_vocabulary(self.draft_model, model)
             self.draft_model.set_dtype(compute_dtype(model))

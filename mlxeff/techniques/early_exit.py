@@ -178,11 +178,20 @@ class DraftLength:
 
 
 class Timer:
-    """Times a drafter's proposals and the engine's verify forwards for ``DraftLength.timed``."""
+    """Times a drafter's proposals and the engine's verify forwards for ``DraftLength.timed``.
+
+    ``follow(sampling)`` switches the timing off while sampling: the draft lengths then depend on
+    acceptances only, which the seed fixes, so a seeded run repeats itself (wall-clock costs would
+    change the lengths, hence how the random draws fall, from run to run). Greedy output does not
+    depend on the lengths, so greedy decoding is timed."""
 
     def __init__(self):
         self.proposed_at: Optional[float] = None
         self.draft_seconds = 0.0
+        self.active = True
+
+    def follow(self, sampling: Optional[SamplingConfig]) -> None:
+        self.active = sampling is None or sampling.greedy
 
     def drafted(self, started: float) -> None:
         """A proposal started at ``started`` is ready (evaluated), possibly empty."""
@@ -191,7 +200,7 @@ class Timer:
 
     def verified(self, policy: DraftLength, proposed: int) -> None:
         """The engine verified the last proposal (``feedback`` is called right after)."""
-        if self.proposed_at is not None:
+        if self.proposed_at is not None and self.active:
             policy.timed(proposed, self.draft_seconds, time.perf_counter() - self.proposed_at)
         self.proposed_at = None
 
@@ -274,6 +283,7 @@ class LayerDrafter(Drafter):
     def start(self, model, prompt, cache, sampling: Optional[SamplingConfig] = None) -> None:
         if sampling is not None:  # the engine's settings: proposals drawn as they are verified
             self.sampling = None if sampling.greedy else sampling
+        self.timer.follow(sampling)
         if model is not self.model:
             self.check(model)
             self.policy.prior_cost = self.draft_cost(model)

@@ -85,6 +85,7 @@ class PromptLookup(Drafter):
 
     def start(self, model, prompt: Sequence[int], cache, sampling=None) -> None:
         self._buffer = np.asarray(list(prompt), dtype=np.int64)
+        self.timer.follow(sampling)
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
         started = time.perf_counter()
