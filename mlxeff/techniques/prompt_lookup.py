@@ -26,7 +26,8 @@ forgetting, a verified extra row's cost measured from the verify forwards' times
 method always proposes the whole continuation; on the CPU, where a verify forward's extra rows
 are not free, long mostly rejected drafts made decoding slower than plain (0.77-0.89x on
 copy-heavy prompts with the default model) and the adaptive length made it faster (1.16x;
-benchmarks/RESULTS.md). ``--lookup-fixed`` restores the reference behaviour.
+benchmarks/RESULTS.md). ``--lookup-fixed`` restores the reference behaviour. While sampling, the
+verify cost is not re-measured (``early_exit.Timer.follow``), so a seeded run repeats itself.
 """
 
 from __future__ import annotations
