@@ -347,7 +347,7 @@ def main(argv=None):
                 log(f"  {name:32s} {r['median_s'] * 1e3:9.1f} ms  {r['speedup']:5.2f}x  "
                     f"{r['percent_computed']:5.1f}% of prompt tokens computed")
 
-    if tokenizer is not None:
+    if tokenizer is not None and not args.skip_quality:  # a quality measurement
         result["copy_test"] = copy_test(model, tokens, np.random.default_rng(1))  # own stream
         log(f"\nCopy test (plain model, top-1 on a repeated 60-token span): "
             f"random tokens {result['copy_test']['random tokens']:.3f}, "
