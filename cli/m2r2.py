@@ -9,12 +9,18 @@ from typing import List, Optional
 import typer
 
 from .common import print_json
+from .train_options import TrainingRun, training_options
 
 
 def register(app: typer.Typer) -> None:
     app.command("train-m2r2")(train_m2r2)
 
 
+@training_options(defaults=dict(lr=1e-3, min_lr=1e-4, warmup=50, weight_decay=0.0, eval_every=100,
+                                eval_tokens=65_536),
+                  helps=dict(seed="Seed for the adapters' initialisation and the data order.",
+                             eval_every="Validate and checkpoint every N steps (0 = at the end)."),
+                  omit=("z_loss", "save_every"), fixed=dict(z_loss=0.0), folder="WORK")
 def train_m2r2(
     base: Path = typer.Option(..., "--base", "-b", help="The model directory (mlxeff format, with "
                               "its tokenizer). It stays frozen."),
@@ -40,25 +46,7 @@ def train_m2r2(
                                     "on the next-token distribution (0: the paper's loss)."),
     router_weight: float = typer.Option(0.1, "--router-weight", help="Weight of the router's "
                                         "binary cross-entropy."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per training sequence."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Sequences per micro-batch."),
-    accum: int = typer.Option(1, "--accum", help="Micro-batches per optimizer step."),
-    steps: int = typer.Option(1000, "--steps", help="Optimizer steps."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
-    min_lr: float = typer.Option(1e-4, "--min-lr", help="Learning rate at the last step."),
-    warmup: int = typer.Option(50, "--warmup", help="Linear warm-up steps."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW decoupled weight decay."),
-    clip: float = typer.Option(1.0, "--clip", help="Gradient clipping by global norm (0 = off)."),
-    dtype: str = typer.Option("float32", "--dtype", help="Compute precision: float32 or bfloat16."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the adapters' initialisation and the "
-                             "data order."),
-    eval_every: int = typer.Option(100, "--eval-every", help="Validate every N steps (0 = at the "
-                                   "end)."),
-    eval_tokens: int = typer.Option(65_536, "--eval-tokens", help="Validation tokens per evaluation."),
-    log_every: int = typer.Option(10, "--log-every", help="Progress every N steps."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Token cache directory."),
-    no_compile: bool = typer.Option(False, "--no-compile", help="Do not mx.compile the step."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from WORK's newest checkpoint."),
+    run: TrainingRun = None,
     keep_work: bool = typer.Option(False, "--keep-work", help="Keep the checkpoints after success."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -67,21 +55,19 @@ def train_m2r2(
     adapters on the model's first blocks, trained so that their k-th step matches the model's state
     at depth ~ rate * k, plus a router that predicts when the fast prediction agrees with the
     model's. Saves a directory that `mlxeff generate --m2r2 NAME` loads."""
+    from dataclasses import replace
+
     from mlxeff.errors import MlxeffError
     from mlxeff.techniques.m2r2_train import M2R2LossConfig, run_m2r2_training
-    from mlxeff.train import TrainConfig
 
     if rate < 1:
         raise MlxeffError(f"--rate must be at least 1, got {rate}")
     if rank < 1:
         raise MlxeffError(f"--rank must be at least 1, got {rank}")
-    if eval_tokens < seq_len:
-        raise MlxeffError(f"--eval-tokens ({eval_tokens}) must cover one sequence (--seq-len "
-                          f"{seq_len})")
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, accum=accum, lr=lr,
-                      min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
-                      z_loss=0.0, dtype=dtype, seed=seed, eval_every=eval_every,
-                      save_every=max(eval_every, 0), log_every=log_every, compile=not no_compile)
+    if run.eval_tokens < run.cfg.seq_len:
+        raise MlxeffError(f"--eval-tokens ({run.eval_tokens}) must cover one sequence (--seq-len "
+                          f"{run.cfg.seq_len})")
+    cfg = replace(run.cfg, save_every=max(run.cfg.eval_every, 0))  # a checkpoint at each validation
     if out is None:
         out = Path(base) / "m2r2" / (name or f"r{rate:g}-rank{rank}")
     say = (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -89,7 +75,7 @@ def train_m2r2(
         cfg, base_dir=base, rate=rate, rank=rank, train_files=train_files,
         valid_files=valid_files or [], out=out,
         loss_cfg=M2R2LossConfig(align_weight, lm_weight, kd_weight, router_weight), work=work,
-        eval_tokens=eval_tokens, cache_dir=cache_dir, resume=resume, keep_work=keep_work,
+        eval_tokens=run.eval_tokens, cache_dir=run.cache_dir, resume=run.resume, keep_work=keep_work,
         force=force, say=say)
     if json_output:
         print_json(summary)
