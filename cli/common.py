@@ -57,3 +57,18 @@ def apply_compute_dtype(net, dtype: str) -> None:
     if dtype not in DTYPES:
         fail(f"--dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
     net.set_dtype(DTYPES[dtype])
+
+
+def load_for_generation(model, dtype: str):
+    """(path, model, tokenizer) for a command that generates or scores text: the directory
+    resolved (None: the embedded default), loaded, a tokenizer required, the compute dtype
+    applied."""
+    import mlxeff
+    from mlxeff.io import resolve_model_dir
+
+    path = resolve_model_dir(model)
+    net, tokenizer = mlxeff.load(path)
+    if tokenizer is None:
+        fail(f"{path}: no tokenizer files (tokenizer.json or tokenizer.model); convert with --tokenizer")
+    apply_compute_dtype(net, dtype)
+    return path, net, tokenizer

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import DTYPE_HELP, apply_compute_dtype, fail, print_json
+from .common import DTYPE_HELP, fail, load_for_generation, print_json
 from .techniques import with_techniques
 
 
@@ -67,18 +67,6 @@ def evaluate(
                        batch_size=batch_size, dtype=dtype, json_output=json_output)
 
 
-def _load(model: Optional[Path], dtype: str):
-    import mlxeff
-    from mlxeff.io import resolve_model_dir
-
-    path = resolve_model_dir(model)
-    net, tokenizer = mlxeff.load(path)
-    if tokenizer is None:
-        fail(f"{path}: no tokenizer files (tokenizer.json)")
-    apply_compute_dtype(net, dtype)
-    return path, net, tokenizer
-
-
 def perplexity_command(model, text: Path, *, max_tokens, window, stride, batch_size, dtype,
                        json_output) -> None:
     from mlxeff import data
@@ -88,7 +76,7 @@ def perplexity_command(model, text: Path, *, max_tokens, window, stride, batch_s
         fail("--max-tokens must be at least 2")
     if batch_size < 1:
         fail("--batch-size must be at least 1")
-    path, net, tokenizer = _load(model, dtype)
+    path, net, tokenizer = load_for_generation(model, dtype)
     files = data.expand_files([str(text)], "text")
     raw = data.read_text(files[0])
     tokens = data.tokenize_files(files, tokenizer)
@@ -125,7 +113,7 @@ def task_command(model, task: str, *, data, docs, context_tokens, limit, seed, d
 
     info = get_task(task)
     runner.check_options(info, docs, context_tokens, limit, techniques)  # before loading anything
-    path, net, tokenizer = _load(model, dtype)
+    path, net, tokenizer = load_for_generation(model, dtype)
     try:
         hooks = build_hooks(net, techniques, model_dir=path) if techniques else {}
     except MlxeffError as e:

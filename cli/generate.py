@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import DTYPE_HELP, apply_compute_dtype, fail, print_json
+from .common import DTYPE_HELP, fail, load_for_generation, print_json
 from .techniques import with_techniques
 
 
@@ -81,14 +81,9 @@ def _run(text_in, model, max_tokens, temp, top_p, top_k, min_p, seed, prefill_st
     import mlxeff
     from mlxeff.errors import MlxeffError
     from mlxeff.generate import format_stats, stats_dict
-    from mlxeff.io import resolve_model_dir
     from mlxeff.techniques.registry import build_hooks
 
-    path = resolve_model_dir(model)
-    net, tokenizer = mlxeff.load(path)
-    if tokenizer is None:
-        fail(f"{path}: no tokenizer files (tokenizer.json or tokenizer.model); convert with --tokenizer")
-    apply_compute_dtype(net, dtype)
+    path, net, tokenizer = load_for_generation(model, dtype)
     try:
         hooks = build_hooks(net, techniques, model_dir=path, step_size=prefill_step_size) if techniques else {}
     except MlxeffError as e:

@@ -7,25 +7,12 @@ from typing import Optional
 
 import typer
 
-from .common import DTYPE_HELP, apply_compute_dtype, fail
+from .common import DTYPE_HELP, fail, load_for_generation
 from .techniques import with_techniques
 
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(with_techniques(serve))
-
-
-def load_for_generation(model: Optional[Path], dtype: str):
-    """(path, model, tokenizer) as ``mlxeff generate`` loads them (compute dtype applied)."""
-    import mlxeff
-    from mlxeff.io import resolve_model_dir
-
-    path = resolve_model_dir(model)
-    net, tokenizer = mlxeff.load(path)
-    if tokenizer is None:
-        fail(f"{path}: no tokenizer files (tokenizer.json or tokenizer.model); convert with --tokenizer")
-    apply_compute_dtype(net, dtype)
-    return path, net, tokenizer
 
 
 def check_techniques(net, path, techniques: dict, max_kv_size: Optional[int], step_size: int) -> None:
