@@ -124,8 +124,9 @@ class DraftLength:
         """A drafted token's cost relative to a one-row verify forward: its drafting time plus
         the verify forward's time per extra row. The latter is the slope of a least-squares line
         through (rows verified, verify time) over every timed step, once the steps differ in
-        length (steps without a draft count with 0 rows); while all were drafted at one length it
-        is taken as 0, the memory-bound case."""
+        length (steps without a draft count with 0 rows; with one drafted length this is the
+        difference of the two mean verify times per extra row); while all were drafted at one
+        length, or the fit is degenerate, it is taken as 0, the memory-bound case."""
         if self.cost is not None:
             return self.cost
         w, d, v, k, w0, v0, kk, vk = self._timed
@@ -139,11 +140,7 @@ class DraftLength:
             one_row = mean_v - slope * mean_k
             if one_row > 0:
                 return (d / w + max(0.0, slope)) / one_row
-        d, v, k = d / w, v / w, k / w
-        if w0 == 0:
-            return d / v
-        v0 = v0 / w0
-        return (d + max(0.0, (v - v0) / k)) / v0
+        return (d / w) / (v / w)  # drafting time over the mean verify time
 
     def length(self) -> int:
         k = best_draft_length(self.alpha, self.draft_cost, self.max_draft)
