@@ -34,6 +34,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from ..cache import PositionedKVCache, prompt_cache_class
 from ..errors import MlxeffError
+from ..files import read_json
 
 CACHE_FORMAT = "mlxeff-superposition-doc-cache"
 CACHE_VERSION = 1
@@ -215,10 +216,7 @@ def open_directory(directory: Path, fingerprint: str, description: str) -> None:
     if directory.exists() and not directory.is_dir():
         raise MlxeffError("not a directory (--superposition-doc-cache takes a directory)", directory)
     if manifest.is_file():
-        try:
-            info = json.loads(manifest.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-            raise MlxeffError(f"unreadable manifest ({e})", manifest) from None
+        info = read_json(manifest, what="manifest", expect=None)
         if not isinstance(info, dict) or info.get("format") != CACHE_FORMAT:
             raise MlxeffError("not a superposition document cache manifest", manifest)
         if info.get("version") != CACHE_VERSION:
