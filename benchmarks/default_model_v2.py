@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 from mlxeff.errors import MlxeffError  # noqa: E402
 
 LIMIT_BYTES = 16_000_000  # the shipped directory, tokenizer included
-MODELS = ("small", "large")
+MODELS = ("small", "large")  # the shapes the recipe knows; --models picks those trained
 PROMPTS = ("Once upon a time", "The little girl looked at the", "\"Where are you going?\" asked the")
 
 
@@ -97,7 +97,8 @@ def _log_tps(log: Path) -> float:
 def plan(args) -> None:
     dest = Path(args.dest)
     out = {"budget_s": args.budget}
-    for name, tps_step in zip(MODELS, args.tokens_per_step):
+    tps_step = args.tokens_per_step
+    for name in args.models:
         tps = _log_tps(dest / f"probe-{name}" / "train.log")
         steps = max(1, int(args.budget * tps / tps_step))
         out[name] = {"probe_tokens_per_s": tps, "tokens_per_step": tps_step, "steps": steps,
@@ -107,7 +108,7 @@ def plan(args) -> None:
               f"({steps * tps_step / 1e6:.0f} M tokens) in {args.budget} s", file=sys.stderr)
     (dest / "plan.json").write_text(json.dumps(out, indent=1))
     print(" ".join(f"{n.upper()}_STEPS={out[n]['steps']} {n.upper()}_SAVE={out[n]['save_every']}"
-                   for n in MODELS))
+                   for n in args.models))
 
 
 def _newest_step(run: Path) -> int:
@@ -119,7 +120,7 @@ def _newest_step(run: Path) -> int:
 def status(args) -> None:
     dest = Path(args.dest)
     done = True
-    for name in MODELS:
+    for name in args.models:
         run = dest / name
         saved = (run / "model" / "config.json").is_file() and (run / "summary.json").is_file()
         step = _newest_step(run)
@@ -223,25 +224,26 @@ def finish(args) -> None:
     dest = Path(args.dest)
     deadline = time.monotonic() + args.seconds
     cli = args.cli.split()
-    for name in MODELS:
+    for name in args.models:
         if not (dest / name / "model" / "config.json").is_file():
             raise MlxeffError(f"the {name} model is not trained yet (run PHASE=train)", dest / name)
     cand = dest / "candidates"
     cand.mkdir(exist_ok=True)
-    _convert(cli, dest / "large" / "model", cand / "large-affine4", "--quantize", "affine",
-             "--bits", "4", "--group-size", "64")
-    _convert(cli, dest / "large" / "model", cand / "large-seedlm4", "--quantize", "seedlm",
-             "--bits", "4")
+    if "large" in args.models:
+        _convert(cli, dest / "large" / "model", cand / "large-affine4", "--quantize", "affine",
+                 "--bits", "4", "--group-size", "64")
+        _convert(cli, dest / "large" / "model", cand / "large-seedlm4", "--quantize", "seedlm",
+                 "--bits", "4")
     paths = {"small-fp16": dest / "small" / "model", "large-fp16": dest / "large" / "model",
              "large-affine4": cand / "large-affine4", "large-seedlm4": cand / "large-seedlm4"}
-    candidates = {n: paths[n] for n in CANDIDATES}
+    candidates = {n: paths[n] for n in CANDIDATES if n.split("-")[0] in args.models}
     summary = {"data": str(args.data), "settings": {k: getattr(args, k) for k in (
         "items", "docs", "context_tokens", "pairs", "copy_tokens", "ppl_tokens")},
         "limit_bytes": LIMIT_BYTES}
     for f in ("plan.json", "mixture.json"):
         if (dest / f).is_file():
             summary[f[:-5]] = json.loads((dest / f).read_text())
-    for name in MODELS:
+    for name in args.models:
         s = json.loads((dest / name / "summary.json").read_text())
         s.pop("history", None)
         summary[f"train_{name}"] = s
@@ -262,7 +264,7 @@ def finish(args) -> None:
                     with tarfile.open(out / f"{name}.tar", "w") as tar:
                         tar.add(path, arcname=name)
         with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
-            for name in MODELS:
+            for name in args.models:
                 for f in ("train.log", "summary.json"):
                     if (dest / name / f).is_file():
                         tar.add(dest / name / f, arcname=f"{name}/{f}")
@@ -289,7 +291,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("plan")
     p.add_argument("--dest", required=True)
     p.add_argument("--budget", type=float, required=True)
-    p.add_argument("--tokens-per-step", type=int, nargs=2, required=True)
+    p.add_argument("--tokens-per-step", type=int, required=True)
     p = sub.add_parser("status")
     p.add_argument("--dest", required=True)
     p = sub.add_parser("finish")
@@ -305,6 +307,9 @@ def main(argv=None) -> int:
     p.add_argument("--ppl-tokens", type=int, default=262144)
     p.add_argument("--seconds", type=float, default=1e9, help="start no measurement after this many "
                    "seconds (the next call goes on)")
+    for name in ("plan", "status", "finish"):
+        sub.choices[name].add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                                       help="the models this run trains")
     args = ap.parse_args(argv)
     try:
         {"prepare": prepare, "plan": plan, "status": status, "finish": finish}[args.command](args)

@@ -108,6 +108,7 @@ if [[ "$(python -c 'import mlx.core as mx; print(mx.default_device())')" == *cpu
     if [[ -f "$lib" && "${LD_PRELOAD:-}" != *openblas* ]]; then export LD_PRELOAD="$lib${LD_PRELOAD:+:$LD_PRELOAD}"; break; fi
   done
 fi
+MODELS=${MODELS:-small large}  # which of the two shapes to train (and evaluate)
 HELPER="python $REPO/benchmarks/default_model_v2.py"
 MIX="$DEST/tasks/tasks.txt.gz"
 TOKENS_PER_STEP=$(( BATCH * ACCUM * SEQ ))
@@ -144,17 +145,21 @@ phase_prepare() {
 
 phase_probe() {
   [[ -f "$DEST/plan.json" ]] && return 0
-  echo "== probe: $PROBE_STEPS steps of both models side by side" >&2
+  echo "== probe: $PROBE_STEPS steps of each of: $MODELS (side by side)" >&2
   local start=$SECONDS pids=()
-  for name in small large; do
+  for name in $MODELS; do
     rm -rf "$DEST/probe-$name"
     train_run "$name" "$DEST/probe-$name" "$PROBE_STEPS" "$PROBE_STEPS" 600 & pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid"; done
   if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv >&2 || true; fi
   echo "== probe wall time: $(( SECONDS - start )) s" >&2
-  $HELPER plan --dest "$DEST" --budget "$TRAIN_BUDGET" --tokens-per-step "$TOKENS_PER_STEP" "$TOKENS_PER_STEP"
+  $HELPER plan --dest "$DEST" --budget "$TRAIN_BUDGET" --tokens-per-step "$TOKENS_PER_STEP" --models $MODELS
   rm -rf "$DEST"/probe-*/checkpoints "$DEST"/probe-*/model
+}
+
+needs_probe() {  # a model to train without a fixed step count (NAME_STEPS)
+  local name s; for name in $MODELS; do s=${name^^}_STEPS; [[ -z "${!s:-}" ]] && return 0; done; return 1
 }
 
 plan_value() {  # plan_value NAME KEY
@@ -163,7 +168,7 @@ plan_value() {  # plan_value NAME KEY
 
 phase_train() {  # phase_train SECONDS
   local secs=$1 pids=() start=$SECONDS
-  for name in small large; do
+  for name in $MODELS; do
     [[ -f "$DEST/$name/model/config.json" && -f "$DEST/$name/summary.json" ]] && continue
     local p=${name^^}; local s=${p}_STEPS
     local v=${p}_SAVE
@@ -175,12 +180,12 @@ phase_train() {  # phase_train SECONDS
   local rc=0
   for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid" || rc=$?; done
   echo "== train wall time this call: $(( SECONDS - start )) s (exit $rc; 124 = stopped by the call limit)" >&2
-  for name in small large; do tail -n 2 "$DEST/$name/train.log" >&2 || true; done
-  $HELPER status --dest "$DEST"
+  for name in $MODELS; do tail -n 2 "$DEST/$name/train.log" >&2 || true; done
+  $HELPER status --dest "$DEST" --models $MODELS
 }
 
 phase_finish() {
-  $HELPER finish --data "$DATA" --dest "$DEST" --cli "$MLXEFF" ${OUT:+--out "$OUT"} \
+  $HELPER finish --data "$DATA" --dest "$DEST" --cli "$MLXEFF" ${OUT:+--out "$OUT"} --models $MODELS \
     --items "$EVAL_ITEMS" --docs "$EVAL_DOCS" --context-tokens "$EVAL_CONTEXT" --pairs "$EVAL_PAIRS" \
     --copy-tokens "$EVAL_COPY" --ppl-tokens "$PPL_TOKENS" --seconds "$1"
 }
@@ -191,14 +196,14 @@ case "$PHASE" in
   train)
     call_start=$SECONDS
     [[ -f "$DEST/cache/.prepared" ]] || { phase_prepare; touch "$DEST/cache/.prepared"; }
-    if [[ -z "${SMALL_STEPS:-}" || -z "${LARGE_STEPS:-}" ]]; then phase_probe; fi
+    if needs_probe; then phase_probe; fi
     left=$(( CALL_SECONDS - (SECONDS - call_start) ))
-    if (( left < 60 )); then echo "== no time left in this call; run PHASE=train again" >&2; $HELPER status --dest "$DEST"; exit 0; fi
+    if (( left < 60 )); then echo "== no time left in this call; run PHASE=train again" >&2; $HELPER status --dest "$DEST" --models $MODELS; exit 0; fi
     phase_train "$left" ;;
   finish) phase_finish "$FINISH_SECONDS" ;;
   all)
     [[ -f "$DEST/cache/.prepared" ]] || { phase_prepare; touch "$DEST/cache/.prepared"; }
-    if [[ -z "${SMALL_STEPS:-}" || -z "${LARGE_STEPS:-}" ]]; then phase_probe; fi
+    if needs_probe; then phase_probe; fi
     phase_train 100000000
     phase_finish 1000000000 ;;
   *) echo "error: PHASE must be prepare, probe, train, finish or all (got $PHASE)" >&2; exit 1 ;;

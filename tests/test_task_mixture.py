@@ -52,6 +52,21 @@ def test_items_sit_inside_packed_sequences(built, tok):
         assert list(tok.encode(text, add_special_tokens=False)) == item
 
 
+def test_items_carry_followups_that_fit(built, tok):
+    root, out, stats = built
+    text = gzip.decompress(out.read_bytes()).decode()
+    assert text.count("\nQuestion: ") > 2 * stats["items"]["multidoc-qa"]
+    assert text.count("\nKey: ") > 2 * stats["items"]["kv-retrieval"]
+    count = lambda s: len(tok.encode(s, add_special_tokens=False))  # noqa: E731
+    split = corpus.load_split(root, "train")
+    item = next(it for it in (mixture.draw_item(split, k, count, 0, SEQ)[1] for k in range(50))
+                if len(it.followups) > 1)
+    while item.followups:  # trimmed to a limit below the item's size: the last follow-ups go
+        before = len(item.followups)
+        n = mixture.fit_followups(item, count, count(item.text()) - 1)
+        assert len(item.followups) < before and n == count(item.text())
+
+
 def test_items_come_from_training_books(built):
     root, out, stats = built
     text = gzip.decompress(out.read_bytes()).decode()

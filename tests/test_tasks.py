@@ -168,6 +168,34 @@ def test_multidoc_item_is_answerable_from_exactly_one_passage(heldout, count):
         assert count(item.prompt) <= 400
 
 
+def test_followups_leave_the_item_as_is_and_answer_correctly(heldout, count):
+    for i in range(4):
+        base = generators.multidoc_qa(heldout, i, docs=4, context_tokens=400, count=count)
+        more = generators.multidoc_qa(heldout, i, docs=4, context_tokens=400, count=count, followups=5)
+        assert (more.prompt, more.target, more.answers, more.meta) == (base.prompt, base.target,
+                                                                      base.answers, base.meta)
+        assert base.followups == [] and base.text() == base.prompt + base.target + "\n"
+        assert 1 <= len(more.followups) <= 5 and more.text().startswith(base.text())
+        passages = "\n".join(re.findall(r"^Passage \d+: (.*)$", more.prompt, flags=re.M))
+        asked = {more.meta["phrase"].lower()}
+        for line in more.followups:
+            q = re.fullmatch(r'Question: Which word follows "(.*)"\?\nAnswer: (\S+)\n', line)
+            assert q, line
+            phrase, answer = q.groups()
+            assert phrase.lower() not in asked
+            asked.add(phrase.lower())
+            hits = re.findall(r"(?<![A-Za-z'])" + re.escape(phrase) + r" (\S+)", passages, flags=re.I)
+            assert len(hits) == 1 and scoring.exact_match(hits[0], [answer])
+    kv = generators.kv_retrieval(3, pairs=6, split="train", followups=4)
+    assert kv.prompt == generators.kv_retrieval(3, pairs=6, split="train").prompt
+    pairs = dict(re.findall(r'"([0-9a-f]{8})": "([0-9a-f]{8})"', kv.prompt))
+    asked = re.findall(r'Key: "([0-9a-f]{8})"\nCorresponding value: "([0-9a-f]{8})"\n', "".join(kv.followups))
+    assert len(asked) == len(kv.followups) == 4
+    assert all(pairs[k] == v for k, v in asked)
+    assert len({k for k, _ in asked} | {kv.prompt.rsplit('Key: "', 1)[1][:8]}) == 5  # all different
+    assert len(generators.kv_retrieval(3, pairs=3, split="train", followups=9).followups) == 2
+
+
 def test_prompt_sizes_follow_context_tokens(heldout, count):
     for n in (250, 600):
         sizes = [count(generators.multidoc_qa(heldout, i, docs=3, context_tokens=n, count=count).prompt)

@@ -139,7 +139,9 @@ def test_progress_bar_shows_loss_lr_and_tokens_per_s(tmp_path, capsys, monkeypat
     assert "training" in err and "4/4" in err
     assert all(k in err for k in ("loss=", "lr=", "tok/s=")), err
     train_loop(model, lm_loss, batch_fn, cfg, out_dir=tmp_path / "b")  # stderr is no terminal
-    assert capsys.readouterr().err == ""
+    lines = capsys.readouterr().err.splitlines()  # no bar: the first and the last step as lines
+    assert [ln.split("  ")[0] for ln in lines if ln.startswith("step ")] == ["step 2/4", "step 4/4"]
+    assert not [ln for ln in lines if "training" in ln or "\r" in ln]
 
 
 def test_frozen_parameters_stay_frozen(tmp_path):
@@ -353,3 +355,55 @@ def test_cli_ctrl_c_checkpoints_and_resume_is_exact(tmp_path, tiny_tokenizer):
     assert resumed["resumed_from"] == steps[-1]
     assert resumed["history"]["step"] == list(range(1, 301))
     assert resumed["history"]["loss"] == full["history"]["loss"]
+
+
+def test_cli_sigterm_checkpoints_like_ctrl_c(tmp_path, tiny_tokenizer):
+    """A scheduler's or ``timeout``'s SIGTERM stops ``mlxeff train`` as Ctrl-C does: the last
+    completed step is saved, and the handler is gone once the loop ends."""
+    import signal
+    import time
+
+    from conftest import TEXT
+
+    from mlxeff.train import loop
+
+    tok = tmp_path / "tok"
+    tiny_tokenizer.save_pretrained(tok)
+    (tmp_path / "train.txt").write_text(TEXT * 20)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "mlxeff.cli.main", "train", "--train",
+                             str(tmp_path / "train.txt"), "--tokenizer", str(tok), "--steps", "100000",
+                             "--layers", "1", "--model-dim", "32", "--head-dim", "16", "--ffn-divisor",
+                             "16", "--seq-len", "16", "--batch-size", "2", "--log-every", "1000",
+                             "--json", "--out", str(cut), "--save-every", "10"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, MLXEFF_NO_OPENBLAS="1"))
+    deadline = time.monotonic() + 120
+    while not (cut / "checkpoints" / "step-0000010").is_dir() and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    newest = list_checkpoints(cut)[-1]
+    assert f"interrupted at step {int(newest.name.split('-')[1])}/100000: checkpoint {newest}" in err
+    before = signal.getsignal(signal.SIGTERM)
+    restore = loop.terminate_as_interrupt()
+    assert signal.getsignal(signal.SIGTERM) is not before
+    restore()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_report_without_a_bar_writes_step_lines_sparingly():
+    from mlxeff.train.report import TrainReport
+
+    lines = []
+    report = TrainReport(20, 0, say=lines.append, show=False)
+    for step in (5, 10, 15):
+        report({"step": step, "loss": 2.5, "lr": 1e-3, "tokens_per_s": 1234.0})
+    report({"step": 15, "valid_loss": 2.0})
+    report({"step": 20, "loss": 2.25, "lr": 1e-4, "tokens_per_s": 5678.0})
+    report.close()
+    assert lines == ["step 5/20  loss 2.5000  lr 1.00e-03  1,234 tok/s",
+                     "step 15/20  valid loss 2.0000  ppl 7.39",
+                     "step 20/20  loss 2.2500  lr 1.00e-04  5,678 tok/s"]

@@ -26,6 +26,14 @@ copy. Each item is a plain-text prompt (no chat template) and the continuation a
       Text: ...
       Copy: ...
 
+Training items may carry **follow-ups** (``followups=N``): after the answer, N further questions
+about the same passages (multi-document QA) or N further keys of the same object (key-value
+retrieval), each with its answer on its line -- the many-queries-per-context layout of multi-query
+associative recall (Zoology, Arora et al., arXiv 2312.04927). One context then teaches N+1
+retrievals instead of one answer token per ~1,000 tokens of context; the prompt up to the first
+answer is exactly the evaluation item. Follow-ups are drawn after everything else, so an item's
+prompt and answer do not depend on N; evaluation uses N=0.
+
 Items are pure functions of (task, split, seed, index, settings, tokenizer): item ``i`` is the
 same whatever ``--limit`` is. ``split`` is ``"train"`` (training-mixture items, from the training
 books) or ``"heldout"`` (evaluation items, from the held-out books); the two splits also draw from
@@ -67,10 +75,12 @@ class Item:
     answers: List[str]
     max_tokens: int
     meta: dict = field(default_factory=dict)
+    followups: List[str] = field(default_factory=list)
 
     def text(self) -> str:
-        """The whole example as training text: prompt, target, newline."""
-        return self.prompt + self.target + "\n"
+        """The whole example as training text: prompt, target, newline, then the follow-up
+        questions with their answers (one line pair each, training items only)."""
+        return self.prompt + self.target + "\n" + "".join(self.followups)
 
 
 def item_rng(task: str, split: str, seed: int, index: int) -> np.random.Generator:
@@ -150,7 +160,7 @@ def multidoc_budget(docs: int, context_tokens: int, count: CountTokens) -> int:
 
 
 def multidoc_qa(split: BookSplit, index: int, *, docs: int, context_tokens: int,
-                count: CountTokens, seed: int = 0) -> Item:
+                count: CountTokens, seed: int = 0, followups: int = 0) -> Item:
     per = multidoc_budget(docs, context_tokens, count)
     rng = item_rng("multidoc-qa", split.name, seed, index)
     gold = index % docs
@@ -171,7 +181,26 @@ def multidoc_qa(split: BookSplit, index: int, *, docs: int, context_tokens: int,
     phrase, answer = found
     prompt = render_passages(passages) + render_question(phrase_question(phrase))
     return Item(prompt, " " + answer, [answer], ANSWER_TOKENS,
-                {"gold_position": gold, "docs": docs, "phrase": phrase})
+                {"gold_position": gold, "docs": docs, "phrase": phrase},
+                _qa_followups(passages, {phrase.lower()}, rng, followups))
+
+
+def _qa_followups(passages: Sequence[str], asked: set, rng: np.random.Generator, n: int) -> List[str]:
+    """Up to ``n`` further questions about the same passages, each with its answer line. They
+    are drawn after everything the item itself draws, so the item's prompt and answer do not
+    depend on ``n``."""
+    lines = []
+    for _ in range(2 * n):
+        if len(lines) == n:
+            break
+        at = int(rng.integers(0, len(passages)))
+        others = "\n".join(p for i, p in enumerate(passages) if i != at)
+        found = pick_phrase(passages[at], others, rng)
+        if found is None or found[0].lower() in asked:
+            continue
+        asked.add(found[0].lower())
+        lines.append(render_question(phrase_question(found[0])) + " " + found[1] + "\n")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +219,8 @@ def random_hex(rng: np.random.Generator, count: int, digits: int = KEY_DIGITS) -
     return out
 
 
-def kv_retrieval(index: int, *, pairs: int, split: str = "heldout", seed: int = 0) -> Item:
+def kv_retrieval(index: int, *, pairs: int, split: str = "heldout", seed: int = 0,
+                 followups: int = 0) -> Item:
     if pairs < 1:
         raise MlxeffError(f"--docs (key-value pairs) must be at least 1, got {pairs}")
     rng = item_rng("kv-retrieval", split, seed, index)
@@ -198,8 +228,10 @@ def kv_retrieval(index: int, *, pairs: int, split: str = "heldout", seed: int = 
     values = random_hex(rng, pairs)
     gold = index % pairs
     records = list(zip(keys, values))
+    others = [i for i in rng.permutation(pairs).tolist() if i != gold][:max(0, followups)]
     return Item(render_kv(records, keys[gold]), f' "{values[gold]}"', [values[gold]], VALUE_TOKENS,
-                {"gold_position": gold, "docs": pairs})
+                {"gold_position": gold, "docs": pairs},
+                [f'Key: "{keys[i]}"\nCorresponding value: "{values[i]}"\n' for i in others])
 
 
 def copy_task(split: BookSplit, index: int, *, context_tokens: int, count: CountTokens,

@@ -4,9 +4,11 @@
         --tokens 12000000 --seq-len 2048 --seed 0
 
 Items come from the training books only (``corpus.load_split(..., "train")``) and are rendered
-exactly as evaluation renders them (prompt, the reader's continuation, a newline). Each item's
+exactly as evaluation renders them (prompt, the reader's continuation, a newline), followed by
+follow-up questions on the same context (``FOLLOWUPS``: 4-8 per multi-document item, 8-16 per
+key-value item; ``generators`` explains why), as many as fit the training sequence. Each item's
 task and size are drawn per item: multi-document QA with 2-12 passages in up to 2,000 tokens, key-
-value retrieval with 2-80 pairs, copy of 20-600 tokens (weights 2:1:1 by count), so the evaluation
+value retrieval with 2-80 pairs, copy of 20-600 tokens (weights 2:1:1.5 by count), so the evaluation
 settings (10 passages in 2,000 tokens, 50 pairs, 200 tokens) lie inside the training range.
 
 Packing. ``mlxeff train`` concatenates its files' tokens (each file followed by EOS, in the order
@@ -44,11 +46,12 @@ from .corpus import BookSplit, CountTokens, fit_words, load_split
 from .generators import (Item, MIN_PASSAGE_TOKENS, copy_task, item_rng, kv_retrieval,
                          multidoc_budget, multidoc_qa)
 
-WEIGHTS = {"multidoc-qa": 2.0, "kv-retrieval": 1.0, "copy": 1.0}
+WEIGHTS = {"multidoc-qa": 2.0, "kv-retrieval": 1.0, "copy": 1.5}
 MAX_CONTEXT = 2000  # the largest multi-document prompt (the evaluation's size)
 DOCS = (2, 12)
 PAIRS = (2, 80)
 COPY_TOKENS = (20, 600)
+FOLLOWUPS = {"multidoc-qa": (4, 8), "kv-retrieval": (8, 16)}  # further questions per item (range)
 FILLER_SLACK = 8
 CHECK_ITEMS = 64
 
@@ -67,14 +70,33 @@ def draw_item(split: BookSplit, number: int, count: CountTokens, seed: int,
         low = min(longest, docs * (MIN_PASSAGE_TOKENS + 20) + 60)
         ctx = int(rng.integers(low, longest + 1))
         multidoc_budget(docs, ctx, count)  # raises if this seq_len is too short for the task
-        return task, multidoc_qa(split, number, docs=docs, context_tokens=ctx, count=count, seed=seed)
+        more = int(rng.integers(FOLLOWUPS[task][0], FOLLOWUPS[task][1] + 1))
+        return task, multidoc_qa(split, number, docs=docs, context_tokens=ctx, count=count, seed=seed,
+                                 followups=more)
     if task == "kv-retrieval":
         pairs = int(rng.integers(PAIRS[0], PAIRS[1] + 1))
         pairs = min(pairs, max(1, (longest - 64) // 24))  # about 21 tokens per pair
-        return task, kv_retrieval(number, pairs=pairs, split="train", seed=seed)
+        more = int(rng.integers(FOLLOWUPS[task][0], FOLLOWUPS[task][1] + 1))
+        return task, kv_retrieval(number, pairs=pairs, split="train", seed=seed, followups=more)
     n = int(rng.integers(COPY_TOKENS[0], COPY_TOKENS[1] + 1))
     n = max(MIN_PASSAGE_TOKENS, min(n, (longest - 16) // 2))
     return task, copy_task(split, number, context_tokens=n, count=count, seed=seed)
+
+
+def fit_followups(item: Item, count: CountTokens, limit: int) -> int:
+    """Drop the item's last follow-ups until its text has at most ``limit`` tokens (when it can);
+    returns its token count. Pieces add up exactly: each ends with a newline and the next starts
+    with a letter, where byte-level BPE never merges."""
+    n = count(item.prompt + item.target + "\n")
+    keep = 0
+    for line in item.followups:
+        m = count(line)
+        if n + m > limit:
+            break
+        n += m
+        keep += 1
+    del item.followups[keep:]
+    return n
 
 
 def filler(split: BookSplit, rng: np.random.Generator, need: int, count: CountTokens) -> Tuple[str, int]:
@@ -113,8 +135,8 @@ def layout(split: BookSplit, count: CountTokens, *, tokens: int, seq_len: int, s
         while offset < tokens:
             task, item = draw_item(split, number, count, seed, seq_len)
             number += 1
+            n = fit_followups(item, count, seq_len - FILLER_SLACK)
             text = item.text()
-            n = count(text)
             if n > seq_len - FILLER_SLACK:
                 continue  # cannot be placed inside one sequence
             while offset % seq_len + n > seq_len:

@@ -9,7 +9,8 @@
 - checkpoints (``checkpoints.py``) every ``cfg.save_every`` steps, or automatically (``None``:
   every 10 minutes of training, less often when a checkpoint is slow to write, see
   ``config.AUTO_SAVE_*``), at the end, and on ``KeyboardInterrupt`` (Ctrl-C): the loop then writes
-  the state of the last completed step and re-raises. The state written is a snapshot taken at a
+  the state of the last completed step and re-raises (SIGTERM -- a scheduler's or ``timeout``'s
+  stop -- counts as Ctrl-C while the loop runs in the main thread). The state written is a snapshot taken at a
   step boundary (the trees of arrays are copied, the arrays are immutable), so an interrupt that
   lands inside a step, even between the optimizer's update and the model's, still saves a
   consistent step; ``resume=True`` continues from the newest checkpoint and refuses one written
@@ -21,6 +22,8 @@
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional, Tuple
@@ -47,6 +50,20 @@ def _copy_containers(tree):
     if isinstance(tree, (list, tuple)):
         return [_copy_containers(v) for v in tree]
     return tree
+
+
+def terminate_as_interrupt() -> Callable[[], None]:
+    """Make SIGTERM raise ``KeyboardInterrupt`` (so a stopped run saves its step, as on Ctrl-C);
+    returns the function that puts the previous handler back. A no-op outside the main thread,
+    where Python cannot install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 class LogRecorder:
@@ -209,6 +226,7 @@ def train_loop(
     model.train()
     tic = time.perf_counter()
     window_tic, window_tokens, tokens = tic, 0, 0
+    restore_sigterm = terminate_as_interrupt()
     try:
         for step in range(start_step, cfg.steps):
             loss, metrics, norm = one_step(step)
@@ -240,6 +258,7 @@ def train_loop(
         run.interrupted()
         raise
     finally:
+        restore_sigterm()
         report.close()
     return {
         "history": history,

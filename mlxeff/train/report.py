@@ -3,16 +3,21 @@
 A progress bar over the optimizer steps (``mlxeff.progress.bar``: shown on a terminal, quiet for
 ``--json`` or a redirected stderr) with the loss, learning rate and tokens/s of the last logged
 step as its postfix; validation results and the interrupt checkpoint as lines through ``say``,
-written around the bar so it is not torn.
+written around the bar so it is not torn. Without a bar (a log file, ``--json``) the training
+steps become lines too, at most one per ``LINE_SECONDS`` plus the last step's, so an unattended
+run's log shows its loss and throughput.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import time
 from typing import Callable, Optional
 
 from ..progress import bar
+
+LINE_SECONDS = 30.0
 
 
 def say_stderr(text: str) -> None:
@@ -28,6 +33,7 @@ class TrainReport:
         self.total = total
         self.say = say or say_stderr
         self.bar = bar(total, "training", "step", show=show, initial=start)
+        self._line_at = -math.inf
 
     def __call__(self, rec: dict) -> None:
         if "valid_loss" in rec:
@@ -40,6 +46,12 @@ class TrainReport:
                           f"{rec['checkpoint']} (continue with --resume)")
             else:
                 self.note("interrupted before the first step: nothing saved")
+        elif "loss" in rec and self.bar.disable:
+            now = time.monotonic()
+            if now - self._line_at >= LINE_SECONDS or rec["step"] >= self.total:
+                self._line_at = now
+                self.say(f"step {rec['step']}/{self.total}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
+                         f"{rec['tokens_per_s']:,.0f} tok/s")
         elif "loss" in rec:
             self.bar.set_postfix({"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}",
                                   "tok/s": f"{rec['tokens_per_s']:,.0f}"}, refresh=False)
