@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The recipe of mlxeff's default model v2: a model with a 2,048-token context that reads it. Two
-# models train side by side on one GPU, on the books plus synthetic task text; the finish step
-# compares a float16 "small" model with 4-bit forms of a "large" one on held-out books and tasks.
+# The recipe of mlxeff's default model v2: a model with a 2,048-token context that reads it, trained
+# on the books plus synthetic task text on one GPU; the finish step compares 4-bit forms of the
+# "large" model (and, with MODELS="small large", a float16 "small" one trained side by side) on
+# held-out books and tasks.
 # Run from the repository root, as a sequence of calls (each at most ~10 minutes):
 #
 #   PHASE=train  bash benchmarks/default_model_v2.sh DATA [DEST]   # first call: prepare, probe, train
@@ -19,15 +20,19 @@
 #
 # Phases:
 # - prepare: the task mixture from the training books (python -m mlxeff.tasks.mixture, TASK_TOKENS
-#   tokens, items laid out so none straddles two training sequences) and the token cache both runs
-#   share. Runs on the GPU machine's CPU (about 2 minutes for 12 M task tokens).
-# - probe: PROBE_STEPS steps of both models side by side, as they will train; their last logged
-#   tokens/s set each model's steps so both fill TRAIN_BUDGET seconds (plan.json). SMALL_STEPS /
-#   LARGE_STEPS override the plan (both set: no probe), SMALL_SAVE / LARGE_SAVE its checkpoint
+#   tokens, items laid out so none straddles two training sequences) and the token cache the runs
+#   share. The mixture is single-threaded Python (28 M tokens: about 8 minutes on one core), so
+#   build it beforehand where CPU time is cheap and copy it to DEST/tasks/ (tasks.txt.gz and
+#   tasks.json; prepare then only tokenizes: 32 s for the 75 M-token stream on 16 cores).
+# - probe: PROBE_STEPS steps of each model in MODELS, side by side, as they will train; their last
+#   logged tokens/s set each model's steps so they fill TRAIN_BUDGET seconds (plan.json; the probe
+#   itself took 84 s on an H100, mostly loading and compiling). SMALL_STEPS / LARGE_STEPS override
+#   the plan (set for every model in MODELS: no probe), SMALL_SAVE / LARGE_SAVE its checkpoint
 #   intervals (default 50 steps without a plan).
-# - train: both runs in the background with --resume; each call stops them after CALL_SECONDS
-#   (checkpoints every ~45 s, written atomically; the next call resumes from the newest), so a
-#   call fits a 10-minute limit. Prints "done" when both models are saved, else "incomplete".
+# - train: the runs in the background with --resume; each call stops them after CALL_SECONDS
+#   (SIGTERM: a run writes a checkpoint of its last step, as on Ctrl-C; checkpoints also every
+#   ~45 s, written atomically; the next call resumes from the newest), so a call fits a 10-minute
+#   limit. Prints "done" when every model is saved, else "incomplete".
 # - finish: converts the large model to affine 4-bit (group 64, vocabulary matrix 8-bit) and SeedLM
 #   4-bit (vocabulary matrix float16), measures sizes, perplexity on valid.txt.gz (window 512,
 #   stride 256, first PPL_TOKENS tokens) and the three tasks on EVAL_ITEMS held-out items
@@ -38,8 +43,8 @@
 #   measurement decodes 200 x 200 tokens at batch 1) and prints "done" or "incomplete". $OUT gets
 #   the (partial) summary every call, the tars once complete.
 #
-# Choices (budget: 16 MB for the shipped directory, tokenizer included; about 18 minutes of H100
-# time for both trainings together, the probe included):
+# Choices (budget: 16 MB for the shipped directory, tokenizer included; about 20 minutes of H100
+# time for the training, the probe included):
 # - The default tokenizer (8192-token byte-level BPE, 546 kB) is kept, so token caches, the eval
 #   sets' token counts and tests stay valid.
 # - small: the v1 shape (17 layers, width 192, head_dim 32, 2 query heads per KV head, FFN
@@ -55,18 +60,26 @@
 #   small models at a fixed size; the deeper 36 x 256 (23.8 M, also fitting both formats) has 70%
 #   more layers and 40% more attention work per token at 2,048 positions, and with training time
 #   fixed a faster model sees more tokens: LARGE_LAYERS=36 LARGE_DIM=256 trains it instead.
-# - Context 2048 for both (OpenELM's), 16 sequences per micro-batch x 4 accumulated = 131,072
-#   tokens per step, as v1 (256 x 512): micro-batches of 16 keep attention's saved activations
-#   within memory if the backward pass is not fused.
-# - The mixture: TASK_TOKENS (12 M) tokens of task text first in the stream, then the books
-#   (47.4 M tokens): task items are about 15% of the training stream (exact figures in
+# - MODELS: the large shape alone by default. The first run trained both side by side and the
+#   large one was the better candidate even in 4-bit form (benchmarks/RESULTS.md); alone it gets
+#   the whole GPU (462,692 tokens/s in the probe on an H100, against 238,528 side by side).
+# - Context 2048 (OpenELM's), 16 sequences per step, no accumulation: 32,768 tokens per step. The
+#   first run took 131,072-token steps (ACCUM=4, as v1's 256 x 512) and made only 850 optimizer
+#   steps in its time; at a quarter of the batch the same time gives four times the steps, and its
+#   validation perplexity was lower at fewer tokens seen (29.54 after 85.6 M tokens against 32.17
+#   after 111.4 M). Micro-batches of 16 keep attention's saved activations within memory.
+# - The mixture: TASK_TOKENS (28 M) tokens of task text first in the stream, then the books
+#   (47.4 M tokens): task items are 27.8% of the 75.4 M-token stream (exact figures in
 #   mixture.json); the rest of the task file is book filler that aligns items with sequences.
+#   Items carry follow-up questions (4-8 per multi-document item, 8-16 per key-value item; see
+#   mlxeff/tasks/generators.py): the first run's items taught one answer token per ~1,000 tokens
+#   of context, and its model learnt no retrieval.
 # - AdamW (0.9, 0.95), lr 3e-3 (small, as v1) and 2e-3 (large: wider and deeper), warm-up 10% of
 #   the steps (at most 300), cosine to a tenth, weight decay 0.1, clipping 1.0, z-loss 1e-4, bf16
 #   compute with fp32 masters, seed 0.
 #
 # CPU dry run with tiny settings (the whole recipe, every phase, in a few minutes):
-#   SMALL_LAYERS=2 SMALL_DIM=64 SMALL_HEAD=16 LARGE_LAYERS=2 LARGE_DIM=64 LARGE_HEAD=16 SEQ=256 \
+#   MODELS="small large" SMALL_LAYERS=2 SMALL_DIM=64 SMALL_HEAD=16 LARGE_LAYERS=2 LARGE_DIM=64 LARGE_HEAD=16 SEQ=256 \
 #   BATCH=2 ACCUM=1 PROBE_STEPS=3 TRAIN_BUDGET=20 TASK_TOKENS=20000 DTYPE=float32 VALID_TOKENS=2048 \
 #   EVAL_ITEMS=3 EVAL_DOCS=3 EVAL_CONTEXT=200 EVAL_PAIRS=5 EVAL_COPY=30 PPL_TOKENS=4096 \
 #   PHASE=all OUT=/tmp/v2-out bash benchmarks/default_model_v2.sh /tmp/tiny-corpus /tmp/v2-run
@@ -78,12 +91,12 @@ PHASE=${PHASE:-all}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TOKENIZER=${TOKENIZER:-$REPO/mlxeff/assets/default}
 SEQ=${SEQ:-2048}
-TASK_TOKENS=${TASK_TOKENS:-12000000}
+TASK_TOKENS=${TASK_TOKENS:-28000000}
 BATCH=${BATCH:-16}
-ACCUM=${ACCUM:-4}
+ACCUM=${ACCUM:-1}
 DTYPE=${DTYPE:-bfloat16}
-PROBE_STEPS=${PROBE_STEPS:-20}
-TRAIN_BUDGET=${TRAIN_BUDGET:-720}   # seconds of side-by-side training (plan.json)
+PROBE_STEPS=${PROBE_STEPS:-30}
+TRAIN_BUDGET=${TRAIN_BUDGET:-1100}  # seconds of training (plan.json)
 CALL_SECONDS=${CALL_SECONDS:-540}   # a PHASE=train call stops its runs after this many seconds
 FINISH_SECONDS=${FINISH_SECONDS:-330}  # a PHASE=finish call starts no measurement after this
 SMALL_LAYERS=${SMALL_LAYERS:-17} SMALL_DIM=${SMALL_DIM:-192} SMALL_HEAD=${SMALL_HEAD:-32} SMALL_DIV=${SMALL_DIV:-32} SMALL_LR=${SMALL_LR:-3e-3}
@@ -108,7 +121,7 @@ if [[ "$(python -c 'import mlx.core as mx; print(mx.default_device())')" == *cpu
     if [[ -f "$lib" && "${LD_PRELOAD:-}" != *openblas* ]]; then export LD_PRELOAD="$lib${LD_PRELOAD:+:$LD_PRELOAD}"; break; fi
   done
 fi
-MODELS=${MODELS:-small large}  # which of the two shapes to train (and evaluate)
+MODELS=${MODELS:-large}  # which of the two shapes to train (and evaluate): large, or "small large"
 HELPER="python $REPO/benchmarks/default_model_v2.py"
 MIX="$DEST/tasks/tasks.txt.gz"
 TOKENS_PER_STEP=$(( BATCH * ACCUM * SEQ ))
