@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -64,7 +65,7 @@ def prepare(args) -> None:
     else:
         tic = time.perf_counter()
         stats = mixture.build(args.data, tok, mix, tokens=args.tokens, seq_len=args.seq_len,
-                              seed=args.seed, progress=False)
+                              seed=args.seed, progress=False, workers=args.workers)
         stats.pop("places")
         print(f"== mixture: {stats['tokens']:,} tokens ({time.perf_counter() - tic:.0f} s): "
               f"{json.dumps({k: stats[k] for k in ('items', 'item_tokens', 'filler_tokens')})}",
@@ -288,6 +289,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, required=True)
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes drawing the mixture's items (default: every core)")
     p = sub.add_parser("plan")
     p.add_argument("--dest", required=True)
     p.add_argument("--budget", type=float, required=True)

@@ -21,9 +21,11 @@
 # Phases:
 # - prepare: the task mixture from the training books (python -m mlxeff.tasks.mixture, TASK_TOKENS
 #   tokens, items laid out so none straddles two training sequences) and the token cache the runs
-#   share. The mixture is single-threaded Python (28 M tokens: about 8 minutes on one core), so
-#   build it beforehand where CPU time is cheap and copy it to DEST/tasks/ (tasks.txt.gz and
-#   tasks.json; prepare then only tokenizes: 32 s for the 75 M-token stream on 16 cores).
+#   share. The mixture's items are drawn by every core (--workers; the file is the same for any
+#   number), its fillers by one: 28 M tokens took 8.5 minutes on one core, and 3 M tokens 39.4 s
+#   on one core against 30.3 s on two. A mixture built beforehand can be copied to DEST/tasks/
+#   (tasks.txt.gz and tasks.json): prepare then only tokenizes (32 s for the 75 M-token stream on
+#   16 cores).
 # - probe: PROBE_STEPS steps of each model in MODELS, side by side, as they will train; their last
 #   logged tokens/s set each model's steps so they fill TRAIN_BUDGET seconds (plan.json; the probe
 #   itself took 84 s on an H100, mostly loading and compiling). SMALL_STEPS / LARGE_STEPS override

@@ -90,12 +90,22 @@ def test_mixture_is_deterministic_and_summarized(built, tok, tmp_path):
     assert gzip.decompress(other.read_bytes())[:2000] != gzip.decompress(out.read_bytes())[:2000]
 
 
+def test_workers_write_the_same_file(built, tok, tmp_path):
+    root, out, stats = built
+    par = tmp_path / "par.txt.gz"
+    again = mixture.build(root, tok, par, tokens=12_000, seq_len=SEQ, seed=0, progress=False, workers=2)
+    assert par.read_bytes() == out.read_bytes()
+    assert again["places"] == stats["places"] and again["item_numbers"] == stats["item_numbers"]
+
+
 def test_mixture_bad_input(built, tok, tmp_path):
     root, _, _ = built
     with pytest.raises(MlxeffError, match="must end in .txt.gz"):
         mixture.build(root, tok, tmp_path / "x.txt", tokens=10)
     with pytest.raises(MlxeffError, match="--seq-len must be at least 256"):
         mixture.build(root, tok, tmp_path / "x.txt.gz", tokens=10, seq_len=64)
+    with pytest.raises(MlxeffError, match="--workers must be at least 1"):
+        mixture.build(root, tok, tmp_path / "x.txt.gz", tokens=10, workers=0)
     with pytest.raises(MlxeffError, match="no train-"):
         mixture.build(tmp_path, tok, tmp_path / "x.txt.gz", tokens=10)
     r = subprocess.run([sys.executable, "-m", "mlxeff.tasks.mixture", "--data", str(tmp_path),

@@ -1,7 +1,7 @@
 """The synthetic tasks as training text: one ``.txt.gz`` file to train on beside the books.
 
     python -m mlxeff.tasks.mixture --data CORPUS_DIR --tokenizer TOKENIZER_DIR --out tasks.txt.gz \\
-        --tokens 12000000 --seq-len 2048 --seed 0
+        --tokens 12000000 --seq-len 2048 --seed 0 [--workers N]
 
 Items come from the training books only (``corpus.load_split(..., "train")``) and are rendered
 exactly as evaluation renders them (prompt, the reader's continuation, a newline), followed by
@@ -32,12 +32,15 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -117,10 +120,58 @@ def filler(split: BookSplit, rng: np.random.Generator, need: int, count: CountTo
     raise MlxeffError(f"found no filler passage of {need} tokens in the training books")
 
 
+def token_counter(tokenizer) -> CountTokens:
+    return lambda s: len(tokenizer.encode(s, add_special_tokens=False))
+
+
+def drawn_items(split: BookSplit, count: CountTokens, seed: int,
+                seq_len: int) -> Iterator[Tuple[str, Item, int]]:
+    """Training items 0, 1, 2, ... as ``(task, item, tokens)``, follow-ups fitted to ``seq_len``."""
+    number = 0
+    while True:
+        task, item = draw_item(split, number, count, seed, seq_len)
+        yield task, item, fit_followups(item, count, seq_len - FILLER_SLACK)
+        number += 1
+
+
+_WORKER: dict = {}
+
+
+def _start_worker(split: BookSplit, tokenizer, seed: int, seq_len: int) -> None:
+    _WORKER.update(split=split, count=token_counter(tokenizer), seed=seed, seq_len=seq_len)
+
+
+def _draw_batch(start: int, size: int) -> List[Tuple[str, Item, int]]:
+    w = _WORKER
+    out = []
+    for number in range(start, start + size):
+        task, item = draw_item(w["split"], number, w["count"], w["seed"], w["seq_len"])
+        out.append((task, item, fit_followups(item, w["count"], w["seq_len"] - FILLER_SLACK)))
+    return out
+
+
+def parallel_items(split: BookSplit, tokenizer, seed: int, seq_len: int, workers: int,
+                   batch: int = 16) -> Iterator[Tuple[str, Item, int]]:
+    """``drawn_items`` computed by ``workers`` processes, yielded in the same order. Items are pure
+    functions of their number, so the file is byte-identical to the sequential one; only the
+    fillers (drawn from one random stream, in file order) stay in the calling process."""
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start_worker, initargs=(split, tokenizer, seed, seq_len))
+    try:
+        ahead = 4 * workers
+        pending = deque(pool.submit(_draw_batch, i * batch, batch) for i in range(ahead))
+        while True:
+            yield from pending.popleft().result()
+            pending.append(pool.submit(_draw_batch, ahead * batch, batch))
+            ahead += 1
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def layout(split: BookSplit, count: CountTokens, *, tokens: int, seq_len: int, seed: int,
-           progress: Optional[bool] = None):
+           progress: Optional[bool] = None, items: Optional[Iterator[Tuple[str, Item, int]]] = None):
     """The file's pieces and the items' places ``(token offset, tokens, task, piece index)``:
-    ``(pieces, places, stats)``."""
+    ``(pieces, places, stats)``. ``items``: where the items come from (default ``drawn_items``)."""
     from ..progress import bar
 
     if seq_len < 256:
@@ -131,11 +182,11 @@ def layout(split: BookSplit, count: CountTokens, *, tokens: int, seq_len: int, s
     stats = {"items": {t: 0 for t in WEIGHTS}, "item_tokens": {t: 0 for t in WEIGHTS},
              "filler_tokens": 0}
     offset = number = 0
+    items = items if items is not None else drawn_items(split, count, seed, seq_len)
     with bar(total=tokens, desc="task mixture", unit="tok", unit_scale=True, show=progress) as pbar:
         while offset < tokens:
-            task, item = draw_item(split, number, count, seed, seq_len)
+            task, item, n = next(items)
             number += 1
-            n = fit_followups(item, count, seq_len - FILLER_SLACK)
             text = item.text()
             if n > seq_len - FILLER_SLACK:
                 continue  # cannot be placed inside one sequence
@@ -157,8 +208,10 @@ def layout(split: BookSplit, count: CountTokens, *, tokens: int, seq_len: int, s
 
 
 def build(data_dir, tokenizer, out: Path, *, tokens: int, seq_len: int = 2048, seed: int = 0,
-          progress: Optional[bool] = None, split: Optional[BookSplit] = None) -> dict:
-    """Write the mixture file ``out`` (``.txt.gz``) and ``<out>.json``; returns the summary."""
+          progress: Optional[bool] = None, split: Optional[BookSplit] = None,
+          workers: int = 1) -> dict:
+    """Write the mixture file ``out`` (``.txt.gz``) and ``<out>.json``; returns the summary.
+    ``workers`` > 1 draws the items in that many processes (same bytes)."""
     from ..data import encode_text
 
     out = Path(out)
@@ -166,11 +219,20 @@ def build(data_dir, tokenizer, out: Path, *, tokens: int, seq_len: int = 2048, s
         raise MlxeffError("the mixture file must end in .txt.gz", out)
     if tokens < 1:
         raise MlxeffError(f"--tokens must be at least 1, got {tokens}")
+    if workers < 1:
+        raise MlxeffError(f"--workers must be at least 1, got {workers}")
+    if seq_len < 256:
+        raise MlxeffError(f"--seq-len must be at least 256 for the task mixture, got {seq_len}")
     tic = time.perf_counter()
     split = split if split is not None else load_split(data_dir, "train")
-    count = lambda s: len(tokenizer.encode(s, add_special_tokens=False))  # noqa: E731
-    pieces, places, stats = layout(split, count, tokens=tokens, seq_len=seq_len, seed=seed,
-                                   progress=progress)
+    count = token_counter(tokenizer)
+    items = parallel_items(split, tokenizer, seed, seq_len, workers) if workers > 1 else None
+    try:
+        pieces, places, stats = layout(split, count, tokens=tokens, seq_len=seq_len, seed=seed,
+                                       progress=progress, items=items)
+    finally:
+        if items is not None:
+            items.close()
     text = "".join(pieces)
     ids = encode_text(tokenizer, text)
     if ids.size != stats["tokens"]:
@@ -208,12 +270,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, required=True, help="tokens of task text to write")
     ap.add_argument("--seq-len", type=int, default=2048, help="training sequence length")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes drawing the items (the file is the same for any number)")
     args = ap.parse_args(argv)
     from ..data import load_tokenizer
 
     try:
         stats = build(args.data, load_tokenizer(args.tokenizer), Path(args.out), tokens=args.tokens,
-                      seq_len=args.seq_len, seed=args.seed)
+                      seq_len=args.seq_len, seed=args.seed, workers=args.workers)
     except MlxeffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
