@@ -22,8 +22,8 @@
 # - prepare: the task mixture from the training books (python -m mlxeff.tasks.mixture, TASK_TOKENS
 #   tokens, items laid out so none straddles two training sequences) and the token cache the runs
 #   share. The mixture's items are drawn by every core (--workers; the file is the same for any
-#   number), its fillers by one: 28 M tokens took 8.5 minutes on one core, and 3 M tokens 39.4 s
-#   on one core against 30.3 s on two. A mixture built beforehand can be copied to DEST/tasks/
+#   number), its fillers by one: 28 M tokens took 357 s in one process and 206 s with two
+#   workers on a 2-core box (3 M tokens: 39.4 s against 30.3 s). A mixture built beforehand can be copied to DEST/tasks/
 #   (tasks.txt.gz and tasks.json): prepare then only tokenizes (32 s for the 75 M-token stream on
 #   16 cores).
 # - probe: PROBE_STEPS steps of each model in MODELS, side by side, as they will train; their last
