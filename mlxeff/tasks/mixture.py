@@ -124,13 +124,19 @@ def token_counter(tokenizer) -> CountTokens:
     return lambda s: len(tokenizer.encode(s, add_special_tokens=False))
 
 
+def fitted_item(split: BookSplit, number: int, count: CountTokens, seed: int,
+                seq_len: int) -> Tuple[str, Item, int]:
+    """Training item ``number`` as ``(task, item, tokens)``, its follow-ups fitted to ``seq_len``."""
+    task, item = draw_item(split, number, count, seed, seq_len)
+    return task, item, fit_followups(item, count, seq_len - FILLER_SLACK)
+
+
 def drawn_items(split: BookSplit, count: CountTokens, seed: int,
                 seq_len: int) -> Iterator[Tuple[str, Item, int]]:
-    """Training items 0, 1, 2, ... as ``(task, item, tokens)``, follow-ups fitted to ``seq_len``."""
+    """Training items 0, 1, 2, ... (``fitted_item``)."""
     number = 0
     while True:
-        task, item = draw_item(split, number, count, seed, seq_len)
-        yield task, item, fit_followups(item, count, seq_len - FILLER_SLACK)
+        yield fitted_item(split, number, count, seed, seq_len)
         number += 1
 
 
@@ -143,11 +149,8 @@ def _start_worker(split: BookSplit, tokenizer, seed: int, seq_len: int) -> None:
 
 def _draw_batch(start: int, size: int) -> List[Tuple[str, Item, int]]:
     w = _WORKER
-    out = []
-    for number in range(start, start + size):
-        task, item = draw_item(w["split"], number, w["count"], w["seed"], w["seq_len"])
-        out.append((task, item, fit_followups(item, w["count"], w["seq_len"] - FILLER_SLACK)))
-    return out
+    return [fitted_item(w["split"], number, w["count"], w["seed"], w["seq_len"])
+            for number in range(start, start + size)]
 
 
 def parallel_items(split: BookSplit, tokenizer, seed: int, seq_len: int, workers: int,
