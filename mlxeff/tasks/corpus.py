@@ -46,6 +46,11 @@ _CACHE_VERSION = 1
 CountTokens = Callable[[str], int]
 
 
+def token_counter(tokenizer) -> CountTokens:
+    """``count(text)``: tokens of ``text`` without special tokens."""
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+
+
 def default_cache_dir() -> Path:
     """``$MLXEFF_CACHE_DIR``, else ``$XDG_CACHE_HOME/mlxeff``, else ``~/.cache/mlxeff``."""
     if os.environ.get("MLXEFF_CACHE_DIR"):

@@ -45,7 +45,7 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 
 from ..errors import MlxeffError
-from .corpus import BookSplit, CountTokens, fit_words, load_split
+from .corpus import BookSplit, CountTokens, fit_words, load_split, token_counter
 from .generators import (Item, MIN_PASSAGE_TOKENS, copy_task, item_rng, kv_retrieval,
                          multidoc_budget, multidoc_qa)
 
@@ -120,10 +120,6 @@ def filler(split: BookSplit, rng: np.random.Generator, need: int, count: CountTo
     raise MlxeffError(f"found no filler passage of {need} tokens in the training books")
 
 
-def token_counter(tokenizer) -> CountTokens:
-    return lambda s: len(tokenizer.encode(s, add_special_tokens=False))
-
-
 def fitted_item(split: BookSplit, number: int, count: CountTokens, seed: int,
                 seq_len: int) -> Tuple[str, Item, int]:
     """Training item ``number`` as ``(task, item, tokens)``, its follow-ups fitted to ``seq_len``."""
@@ -174,11 +170,10 @@ def parallel_items(split: BookSplit, tokenizer, seed: int, seq_len: int, workers
 def layout(split: BookSplit, count: CountTokens, *, tokens: int, seq_len: int, seed: int,
            progress: Optional[bool] = None, items: Optional[Iterator[Tuple[str, Item, int]]] = None):
     """The file's pieces and the items' places ``(token offset, tokens, task, piece index)``:
-    ``(pieces, places, stats)``. ``items``: where the items come from (default ``drawn_items``)."""
+    ``(pieces, places, stats)``. ``items``: where the items come from (default ``drawn_items``).
+    ``build`` checks the options first."""
     from ..progress import bar
 
-    if seq_len < 256:
-        raise MlxeffError(f"--seq-len must be at least 256 for the task mixture, got {seq_len}")
     rng = item_rng("filler", "train", seed, 0)
     pieces: List[str] = []
     places: List[Tuple[int, int, str]] = []

@@ -21,15 +21,11 @@ from typing import Dict, List, Optional
 
 from ..errors import MlxeffError
 from . import TaskInfo, get_task
+from .corpus import token_counter
 from .generators import Item, copy_task, kv_retrieval, multidoc_qa
 from .scoring import contains_match, exact_match, token_accuracy, wilson_interval
 
 SAMPLES = 3
-
-
-def token_counter(tokenizer):
-    """``count(text)``: tokens of ``text`` without special tokens."""
-    return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
 
 
 def check_options(info: TaskInfo, docs, context_tokens, limit, hooks) -> None:
