@@ -38,7 +38,7 @@ import mlx.nn as nn
 from ..engine import Draft, Drafter
 from ..errors import MlxeffError
 from ..sampling import SamplingConfig
-from .early_exit import DRAFT_OPTION, DraftLength, Timer, draw
+from .early_exit import DRAFT_OPTION, DraftLength, Timer, draw, follow_engine_sampling
 from .kv_prediction_flops import head_macs, layer_weight_macs
 from .registry import Option, Technique, register
 
@@ -79,9 +79,7 @@ class DraftModelDrafter(Drafter):
         return self.policy.max_draft
 
     def start(self, model, prompt, cache, sampling: Optional[SamplingConfig] = None) -> None:
-        if sampling is not None:  # the engine's settings: proposals drawn as they are verified
-            self.sampling = None if sampling.greedy else sampling
-        self.timer.follow(sampling)
+        follow_engine_sampling(self, sampling)
         if self._checked is not model:
             check_vocabulary(self.draft_model, model)
             self.draft_model.set_dtype(compute_dtype(model))

@@ -202,6 +202,15 @@ class Timer:
         self.proposed_at = None
 
 
+def follow_engine_sampling(drafter, sampling: Optional[SamplingConfig]) -> None:
+    """What a model-based drafter's ``start`` does with the engine's settings: proposals drawn
+    under the transform they are verified against (greedy: the argmax), and the timing of its
+    ``timer`` on only while greedy (``Timer.follow``)."""
+    if sampling is not None:
+        drafter.sampling = None if sampling.greedy else sampling
+    drafter.timer.follow(sampling)
+
+
 def weight_share(args, layers: int, extra: int = 0) -> float:
     """Multiply-adds per token of the first ``layers`` blocks plus the head (plus ``extra``) over
     those of the whole model: a draft step's cost relative to a memory-bound decode step."""
@@ -278,9 +287,7 @@ class LayerDrafter(Drafter):
     # ---- the engine's contract --------------------------------------------------------------
 
     def start(self, model, prompt, cache, sampling: Optional[SamplingConfig] = None) -> None:
-        if sampling is not None:  # the engine's settings: proposals drawn as they are verified
-            self.sampling = None if sampling.greedy else sampling
-        self.timer.follow(sampling)
+        follow_engine_sampling(self, sampling)
         if model is not self.model:
             self.check(model)
             self.policy.prior_cost = self.draft_cost(model)

@@ -46,16 +46,18 @@ class TrainReport:
                           f"{rec['checkpoint']} (continue with --resume)")
             else:
                 self.note("interrupted before the first step: nothing saved")
-        elif "loss" in rec and self.bar.disable:
+        elif "loss" in rec:
+            shown = {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}",
+                     "tok/s": f"{rec['tokens_per_s']:,.0f}"}
+            if not self.bar.disable:
+                self.bar.set_postfix(shown, refresh=False)
+                self.bar.update(rec["step"] - self.bar.n)
+                return
             now = time.monotonic()
             if now - self._line_at >= LINE_SECONDS or rec["step"] >= self.total:
                 self._line_at = now
-                self.say(f"step {rec['step']}/{self.total}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
-                         f"{rec['tokens_per_s']:,.0f} tok/s")
-        elif "loss" in rec:
-            self.bar.set_postfix({"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}",
-                                  "tok/s": f"{rec['tokens_per_s']:,.0f}"}, refresh=False)
-            self.bar.update(rec["step"] - self.bar.n)
+                self.say(f"step {rec['step']}/{self.total}  loss {shown['loss']}  lr {shown['lr']}  "
+                         f"{shown['tok/s']} tok/s")
 
     def note(self, text: str) -> None:
         with self.bar.external_write_mode(file=sys.stderr):
