@@ -57,7 +57,7 @@ def test_items_carry_followups_that_fit(built, tok):
     text = gzip.decompress(out.read_bytes()).decode()
     assert text.count("\nQuestion: ") > 2 * stats["items"]["multidoc-qa"]
     assert text.count("\nKey: ") > 2 * stats["items"]["kv-retrieval"]
-    count = lambda s: len(tok.encode(s, add_special_tokens=False))  # noqa: E731
+    count = corpus.token_counter(tok)
     split = corpus.load_split(root, "train")
     item = next(it for it in (mixture.draw_item(split, k, count, 0, SEQ)[1] for k in range(50))
                 if len(it.followups) > 1)
@@ -118,7 +118,7 @@ def test_mixture_bad_input(built, tok, tmp_path):
 def test_fillers_and_places_use_whole_tokens(built, tok):
     root, _, _ = built
     split = corpus.load_split(root, "train")
-    count = lambda s: len(tok.encode(s, add_special_tokens=False))  # noqa: E731
+    count = corpus.token_counter(tok)
     rng = np.random.default_rng(0)
     for need in (1, 5, 40, 200):
         piece, n = mixture.filler(split, rng, need, count)
