@@ -13,7 +13,7 @@
   side by side as they will), and writes DEST/plan.json: steps per model so both fill ``budget``
   seconds, checkpoint intervals of about 45 s.
 - ``status``: the newest checkpoint step of each run and whether its model is saved.
-- ``finish``: the candidates (small float16; large affine 4-bit g64 with 8-bit vocabulary, SeedLM
+- ``finish``: the candidates (small float16; large affine 4-bit g32 with 8-bit vocabulary, SeedLM
   4-bit, float16), their sizes, perplexity on the held-out books and the three tasks on held-out
   items, greedy continuations. Each measurement is cached in DEST/evals/, and none starts after
   ``--seconds``: call it again to go on. Writes DEST/summary-v2.json and, with ``--out``, that
@@ -232,7 +232,7 @@ def finish(args) -> None:
     cand.mkdir(exist_ok=True)
     if "large" in args.models:
         _convert(cli, dest / "large" / "model", cand / "large-affine4", "--quantize", "affine",
-                 "--bits", "4", "--group-size", "64")
+                 "--bits", "4", "--group-size", "32")
         _convert(cli, dest / "large" / "model", cand / "large-seedlm4", "--quantize", "seedlm",
                  "--bits", "4")
     paths = {"small-fp16": dest / "small" / "model", "large-fp16": dest / "large" / "model",

@@ -22,9 +22,10 @@ also reports the GPU kernel time of whole decode steps, split into attention ker
 multi-document QA answered after the context (greedy, accuracy with 95% Wilson intervals), and the
 perplexity of the last 256 tokens of held-out book passages (teacher-forced through the decode
 strategy; 95% bootstrap interval over passages), for full attention, RefreshKV (fixed and dynamic
-schedules), StreamingLLM and H2O at the same K. The task prompts come from small functions
-(``kv_retrieval_items``, ``multidoc_qa_items``, ``book_passages``) meant to be swapped for the
-project's task generators.
+schedules), StreamingLLM and H2O at the same K. The task prompts come from this file's builders
+(``kv_retrieval_items``, ``multidoc_qa_items``) or, with ``--tasks project``, from the project's
+task generators (``project_items``: the held-out items of ``mlxeff eval --task kv-retrieval`` and
+``multidoc-qa``, which the default model v2 was trained to read).
 
     python benchmarks/refreshkv.py speed [--shapes 1.1B,3B] [--contexts 4096,8192,16384] [--json]
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
@@ -337,6 +338,25 @@ def multidoc_qa_items(tokenizer, length: int, count: int, seed: int = 0):
     return items
 
 
+def project_items(tokenizer, context: int, count: int, pairs: int = 50, docs: int = 10):
+    """The project's own tasks (``mlxeff eval --task``, held-out items, seed 0), the ones the default
+    model v2 was trained to read: key-value retrieval with ``pairs`` pairs in a JSON object, and
+    multi-document QA with ``docs`` book passages in about ``context - 48`` tokens (room for the
+    answer). Prompts are token ids, answers the gold strings."""
+    from mlxeff.tasks.runner import build_items
+
+    corpus = DATA / "gutenberg-children"
+    out = {}
+    for name, docs_n, ctx in (("kv_retrieval", pairs, None), ("multidoc_qa", docs, context - 48)):
+        items = build_items(name.replace("_", "-"), tokenizer, data=corpus, docs=docs_n,
+                            context_tokens=ctx, limit=count)
+        out[name] = [dict(prompt=tokenizer.encode(it.prompt), answers=it.answers) for it in items]
+        longest = max(len(it["prompt"]) for it in out[name])
+        if longest > context:
+            raise SystemExit(f"error: a {name} prompt has {longest} tokens, more than --context {context}")
+    return out
+
+
 # ---- quality: measurement ----------------------------------------------------------------------
 
 def quality_variants(args, k):
@@ -439,7 +459,8 @@ def run_quality(args):
                context=context, k=k, every=args.every, threshold=args.threshold,
                check_every=args.check_every, trained_context=model.args.max_context_length, tasks={})
     variants = quality_variants(args, k)
-    tasks = {
+    res["task_source"] = args.tasks
+    tasks = project_items(tokenizer, context, args.items) if args.tasks == "project" else {
         "kv_retrieval": kv_retrieval_items(tokenizer, context, args.items, seed=1),
         "multidoc_qa": multidoc_qa_items(tokenizer, context, args.items, seed=2),
     }
@@ -508,6 +529,10 @@ def main(argv=None):
     qp.add_argument("--context", type=int, default=None, help="default: the model's max_context_length")
     qp.add_argument("--k", type=int, default=None, help="default: context / 8")
     qp.add_argument("--items", type=int, default=40, help="prompts per task")
+    qp.add_argument("--tasks", choices=["builtin", "project"], default="builtin",
+                    help="builtin: this file's prompt builders (numbered key lines, nq-open-oracle); "
+                    "project: the project's task generators (mlxeff eval --task kv-retrieval with 50 "
+                    "pairs and multidoc-qa with 10 passages), what the default model v2 reads")
     qp.add_argument("--passages", type=int, default=16)
     qp.add_argument("--answer-tokens", type=int, default=8)
     for p in (sp, qp):

@@ -29,9 +29,11 @@ def info(
         print_json(s)
         return
     print(f"model:        {s['path']}")
+    if s["description"]:
+        print(f"about:        {s['description']}")
     print(f"architecture: {s['architecture']}  (model_dim {s['model_dim']}, head_dim {s['head_dim']}, "
           f"vocab {s['vocab_size']}, {'tied' if s['tied_embeddings'] else 'untied'} embeddings)")
-    print(f"parameters:   {s['parameters']:,}")
+    print(f"parameters:   {s['parameters']:,}  (context {s['context_length']:,} tokens)")
     print(f"bits/weight:  {s['bits_per_weight']:.3f} overall, {s['linear_bits_per_weight']:.3f} in the blocks' linear layers")
     print(f"size on disk: {s['size_on_disk_bytes'] / 1e6:.2f} MB")
     if s["quantization"]:

@@ -9,6 +9,26 @@ from mlx.utils import tree_flatten
 from .io import load_model
 
 
+def model_description(path) -> str:
+    """The first paragraph of the directory's README.md (its title skipped), on one line; "" if none.
+
+    The shipped model says what it is this way, and so can any directory a user writes one for."""
+    readme = Path(path) / "README.md"
+    if not readme.is_file():
+        return ""
+    paragraph = []
+    for line in readme.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            continue
+        if not line:
+            if paragraph:
+                break
+            continue
+        paragraph.append(line)
+    return " ".join(paragraph)
+
+
 def model_summary(path) -> dict:
     path = Path(path)
     model = load_model(path, lazy=True)
@@ -27,12 +47,14 @@ def model_summary(path) -> dict:
     meta = getattr(model, "mlxeff_meta", {}) or {}
     return {
         "path": str(path),
+        "description": model_description(path),
         "architecture": "openelm" if args.normalize_qk_projections else "llama-family (openelm layout)",
         "model_dim": args.model_dim,
         "head_dim": args.head_dim,
         "vocab_size": args.vocab_size,
         "num_layers": args.num_transformer_layers,
         "tied_embeddings": args.share_input_output_layers,
+        "context_length": args.max_context_length,
         "parameters": logical,
         "bits_per_weight": sum(stored.values()) / logical,
         "linear_bits_per_weight": linear_stored / linear_logical,

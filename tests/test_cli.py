@@ -51,6 +51,15 @@ def test_info(saved_dir):
     assert info["parameters"] == model.args.num_parameters()
     assert [r["query_heads"] for r in info["layers"]] == model.args.num_query_heads
     assert abs(info["bits_per_weight"] - 32.0) < 1e-6  # fp32 weights
+    assert info["description"] == ""  # no README.md in the directory
+
+
+def test_model_description(tmp_path):
+    from mlxeff.summary import model_description
+
+    assert model_description(tmp_path) == ""
+    (tmp_path / "README.md").write_text("# A title\n\nA small model\ntrained on books.\n\nMore text.\n")
+    assert model_description(tmp_path) == "A small model trained on books."
 
 
 def test_missing_directory(tmp_path):

@@ -129,8 +129,11 @@ def test_info_defaults_to_the_embedded_model(monkeypatch, capsys):
     assert rc == 0, err
     s = json.loads(out)
     assert s["path"] == str(default_model_dir()) and s["parameters"] > 0
+    # the embedded model says what it is: its README's first paragraph
+    assert "default" in s["description"] and s["context_length"] == 2048
     rc, out, err = run_inprocess(monkeypatch, capsys, "info")
     assert rc == 0 and out.startswith("model:"), err
+    assert "about:" in out and s["description"] in out
 
 
 def test_info_bad_path(monkeypatch, capsys, tmp_path):

@@ -632,6 +632,26 @@ def test_benchmark_quality_runs(capsys, monkeypatch, saved_dir):
     assert "ratio_to_full" in ppl["refreshkv"] and "ratio_to_full" not in ppl["full"]
 
 
+def test_benchmark_project_tasks(monkeypatch, tmp_path):
+    from test_tasks import write_corpus
+
+    from mlxeff.io import load_tokenizer, resolve_model_dir
+
+    bench = _benchmark_module()
+    monkeypatch.setattr(bench, "DATA", tmp_path)
+    monkeypatch.setenv("MLXEFF_CACHE_DIR", str(tmp_path / "cache"))
+    write_corpus(tmp_path / "gutenberg-children")
+    tokenizer = load_tokenizer(resolve_model_dir(None))
+    tasks = bench.project_items(tokenizer, 1400, 2, pairs=20, docs=3)
+    assert set(tasks) == {"kv_retrieval", "multidoc_qa"}
+    for items in tasks.values():
+        assert len(items) == 2
+        for it in items:
+            assert len(it["prompt"]) <= 1400 and tokenizer.decode(it["prompt"]).endswith(("Answer:", "value:"))
+    with pytest.raises(SystemExit, match="more than --context"):
+        bench.project_items(tokenizer, 300, 1, pairs=20, docs=3)
+
+
 def test_benchmark_task_prompts_fit_the_context():
     from mlxeff.io import load_tokenizer, resolve_model_dir
 

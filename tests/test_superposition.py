@@ -446,6 +446,27 @@ def test_the_benchmark_runs_on_the_cpu(saved_dir, tmp_path):
     assert rows["sp-top1-nocache"]["accuracy"] is None and 0 <= rows["sp-top1"]["accuracy"] <= 1
 
 
+def test_the_benchmark_runs_the_book_task(saved_dir, tmp_path):
+    from test_tasks import write_corpus
+
+    path, _ = saved_dir
+    corpus_dir = write_corpus(tmp_path / "corpus")
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "superposition.py")
+    env = dict(os.environ, MLXEFF_NO_OPENBLAS="1", MLXEFF_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("OUT", None)
+    proc = subprocess.run([sys.executable, script, "--model", path, "--task", "multidoc-qa",
+                           "--data", corpus_dir, "--docs", "3", "--context-tokens", "300",
+                           "--questions", "2", "--methods", "naive", "sp-top1", "--trials", "1",
+                           "--max-tokens", "2", "--devices", "cpu", "--quiet", "--json"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)["devices"][0]
+    rows = res["settings"]["3"]["methods"]
+    assert res["settings"]["3"]["blocks"] == 2  # every item has its own passages
+    assert rows["sp-top1"]["flops_reduction"] > 1 and 0 <= rows["naive"]["accuracy"] <= 1
+    assert rows["naive"]["prefill_tokens"] <= 300 + 2  # the item's own prompt (plus BOS)
+
+
 def test_benchmark_answer_matching():
     import importlib.util
 

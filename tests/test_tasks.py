@@ -162,6 +162,8 @@ def test_multidoc_item_is_answerable_from_exactly_one_passage(heldout, count):
         assert len(phrase.split()) == generators.PHRASE_WORDS
         hits = [p for p in passages if re.search(r"(?<![A-Za-z'])" + re.escape(phrase) + r"(?![A-Za-z'])", p, re.I)]
         assert hits == [passages[i % 4]]
+        # the meta carries what the prompt was rendered from (the superposition benchmark reads it)
+        assert item.meta["passages"] == passages and item.meta["question"] == generators.phrase_question(phrase)
         following = re.search(re.escape(phrase) + r" (\S+)", hits[0]).group(1)
         assert scoring.exact_match(following, item.answers)
         assert item.target == " " + item.answers[0]

@@ -181,7 +181,8 @@ def multidoc_qa(split: BookSplit, index: int, *, docs: int, context_tokens: int,
     phrase, answer = found
     prompt = render_passages(passages) + render_question(phrase_question(phrase))
     return Item(prompt, " " + answer, [answer], ANSWER_TOKENS,
-                {"gold_position": gold, "docs": docs, "phrase": phrase},
+                {"gold_position": gold, "docs": docs, "phrase": phrase, "passages": passages,
+                 "question": phrase_question(phrase)},
                 _qa_followups(passages, {phrase.lower()}, rng, followups))
 
 
