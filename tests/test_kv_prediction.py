@@ -120,6 +120,26 @@ def test_layer_pruned_model_copies_the_chosen_layers():
         kvp.layer_pruned_model(base, [0, 2, 2])
 
 
+def test_layer_pruned_model_of_a_quantized_base_is_quantized_alike():
+    from mlxeff.quant.affine import quantize_affine
+
+    base = make_model()
+    quantize_affine(base, bits=4, group_size=32, embedding_bits=8)
+    aux = kvp.layer_pruned_model(base, [0, 2])
+    specs = aux.mlxeff_meta["quantization"]
+    assert "transformer.layers.1.attn.qkv_proj" in specs and "transformer.token_embeddings" in specs
+    assert not any(k.startswith("transformer.layers.2.") for k in specs)
+    for name in ("weight", "scales", "biases"):
+        np.testing.assert_array_equal(np.array(getattr(aux.layers[1].attn.qkv_proj, name)),
+                                      np.array(getattr(base.layers[2].attn.qkv_proj, name)))
+    # the one-layer auxiliary computes what the base's first layer computes
+    one = kvp.layer_pruned_model(base, [0])
+    ids = mx.array([[3, 1, 4, 1, 5]])
+    h_base = base.layers[0](base.transformer.token_embeddings(ids), mask="causal")
+    h_one = one.layers[0](one.transformer.token_embeddings(ids), mask="causal")
+    np.testing.assert_array_equal(np.array(h_base), np.array(h_one))
+
+
 def test_predictor_shapes_merged_heads():
     base = make_model()
     aux = kvp.layer_pruned_model(base, [0, 2])

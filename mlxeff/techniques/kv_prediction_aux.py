@@ -90,19 +90,31 @@ def subset_args(args: ModelArgs, layers: Sequence[int]) -> ModelArgs:
 
 
 def layer_pruned_model(base: Model, layers: Sequence[int]) -> Model:
-    """A new model made of copies of ``base``'s ``layers`` (plus its embeddings, norm and head)."""
+    """A new model made of copies of ``base``'s ``layers`` (plus its embeddings, norm and head).
+    A quantized base gives an auxiliary quantized the same way (its modules' specs follow them)."""
+    from ..quant import apply_quantization_spec
+
     _check_selection(layers, base.args.num_transformer_layers)
     aux = Model(subset_args(base.args, layers))
-    src = dict(tree_flatten(base.parameters()))
     remap = {f"transformer.layers.{i}.": f"transformer.layers.{j}." for j, i in enumerate(layers)}
+
+    def renamed(name: str):
+        """``name`` in the auxiliary, or None for a layer it does not keep."""
+        if not name.startswith("transformer.layers."):
+            return name
+        prefix = ".".join(name.split(".")[:3]) + "."
+        return remap[prefix] + name[len(prefix):] if prefix in remap else None
+
+    meta = dict(getattr(base, "mlxeff_meta", None) or {})
+    specs = {renamed(k + "."): v for k, v in (meta.get("quantization") or {}).items()}
+    specs = {k[:-1]: v for k, v in specs.items() if k is not None}
+    if specs:
+        apply_quantization_spec(aux, specs, "the base model")
+        aux.mlxeff_meta = {"quantization": specs}
     weights = {}
-    for name, value in src.items():
-        if name.startswith("transformer.layers."):
-            prefix = ".".join(name.split(".")[:3]) + "."
-            if prefix not in remap:
-                continue
-            name = remap[prefix] + name[len(prefix):]
-        weights[name] = mx.array(value)  # a copy: training the auxiliary must not touch the base
+    for name, value in tree_flatten(base.parameters()):
+        if renamed(name) is not None:  # a copy: training the auxiliary must not touch the base
+            weights[renamed(name)] = mx.array(value)
     aux.load_weights(list(weights.items()), strict=True)
     aux.set_dtype(_dtype(base))
     mx.eval(aux.parameters())
