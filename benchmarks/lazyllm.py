@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from mlxeff.eval import greedy_agreement, prefix_agreement  # noqa: E402
 from mlxeff.generate import ChunkedPrefill, DecodeStrategy  # noqa: E402
+from mlxeff.precision import apply_compute_dtype  # noqa: E402
 from mlxeff.techniques.lazyllm import LazyDecode, LazyPrefill, LazySchedule  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -305,9 +306,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     model, tokenizer, desc = load_model(args)
-    dtype = args.dtype or ("float32" if mx.default_device() == mx.cpu else None)
-    if dtype:  # half-precision matmul is slow on MLX's CPU backend
-        model.set_dtype(getattr(mx, dtype))
+    apply_compute_dtype(model, args.dtype)  # auto: float32 on the CPU, affine 4-bit dequantized
     L = len(model.layers)
     ctx = int(model.args.max_context_length)
     schedules = parse_schedules(args.schedules)

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mlxeff  # noqa: E402
+from mlxeff.precision import apply_compute_dtype  # noqa: E402
 
 DEFAULT_VALID = ROOT.parent / "shared" / "data" / "gutenberg-children" / "valid.txt.gz"
 
@@ -82,11 +83,7 @@ def main():
     args = ap.parse_args()
 
     model, tokenizer = mlxeff.load(args.model)
-    if args.dtype == "auto":
-        if mx.default_device() == mx.cpu:
-            model.set_dtype(mx.float32)
-    else:
-        model.set_dtype(getattr(mx, args.dtype))
+    apply_compute_dtype(model, args.dtype)  # auto: float32 on the CPU, affine 4-bit dequantized
     lookup = {"lookup": {"ngram": args.ngram, "draft": args.draft, "fixed": args.fixed}}
     items = []
     for passage in passages(tokenizer, args.valid, args.items, args.passage_tokens, args.seed):

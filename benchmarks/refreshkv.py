@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 from mlxeff.cache import trim_cache  # noqa: E402
 from mlxeff.engine import ChunkedPrefill, DecodeStrategy, generate_step  # noqa: E402
 from mlxeff.kernels import gpu_backend  # noqa: E402
+from mlxeff.precision import apply_compute_dtype  # noqa: E402
 from mlxeff.models import Model, layerwise_config, openelm_config  # noqa: E402
 from mlxeff.models.attention import attend  # noqa: E402
 from mlxeff.techniques import refreshkv as rk  # noqa: E402
@@ -452,7 +453,7 @@ def run_quality(args):
     path = resolve_model_dir(args.model)
     model, tokenizer = mlxeff.load(path)
     if gpu_backend() is None:
-        model.set_dtype(mx.float32)  # bf16/fp16 matmuls are slow on the CPU backend
+        apply_compute_dtype(model, "auto")  # float32, affine 4-bit dequantized (mlxeff.precision)
     context = args.context or model.args.max_context_length
     k = args.k or rk.default_k(context)
     res = dict(part="quality", model=str(path), device=str(mx.default_device()), mlx=mx.__version__,

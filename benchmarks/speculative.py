@@ -140,6 +140,7 @@ def run_device(args) -> dict:
     import mlxeff
     from mlxeff.engine import DecodeStats, generate_step
     from mlxeff.io import default_model_dir
+    from mlxeff.precision import apply_compute_dtype
     from mlxeff.techniques.kv_prediction import layer_pruned_model, select_layers
     from mlxeff.techniques.registry import build_hooks
 
@@ -157,7 +158,10 @@ def run_device(args) -> dict:
     else:
         model_dir = args.model or default_model_dir()
         model, tok = mlxeff.load(model_dir)
-    model.set_dtype(dtype)
+    if dtype == mx.float32:
+        apply_compute_dtype(model, "float32" if device != "cpu" else "auto")  # affine 4-bit dequantized
+    else:
+        model.set_dtype(dtype)
     mx.eval(model.parameters())
     n_layers = len(model.layers)
 

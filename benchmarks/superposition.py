@@ -148,14 +148,14 @@ def run_device(args) -> dict:
     import mlxeff
     from mlxeff.generate import ChunkedPrefill, stream_generate
     from mlxeff.io import resolve_model_dir
+    from mlxeff.precision import apply_compute_dtype
     from mlxeff.techniques import superposition as sp
     from mlxeff.techniques.superposition_cache import PathCache
     from mlxeff.techniques.superposition_flops import PromptShape, naive_flops, superposition_flops
 
     path = resolve_model_dir(args.model)
     model, tok = mlxeff.load(path)
-    if args.dtype != "auto" or mx.default_device() == mx.cpu:
-        model.set_dtype(getattr(mx, "float32" if args.dtype == "auto" else args.dtype))
+    apply_compute_dtype(model, args.dtype)  # auto: float32 on the CPU, affine 4-bit dequantized
     books = args.task == "multidoc-qa"
     defaults = BOOK_TEMPLATE if books else dict(preamble=sp.DEFAULT_PREAMBLE, document=DOCUMENT_TEMPLATE,
                                                 query=sp.DEFAULT_QUERY, response=sp.DEFAULT_RESPONSE)

@@ -41,22 +41,15 @@ DTYPE_HELP = ("Compute precision: auto (float32 on the CPU, where float16/bfloat
 
 
 def apply_compute_dtype(net, dtype: str) -> None:
-    """Cast the model's floating-point parameters for computing (``auto``: float32 on the CPU,
-    where affine 4-bit layers also compute from their dequantized float32 weights:
-    ``mlxeff.quant.affine.dequantize_affine`` says why)."""
-    import mlx.core as mx
+    """Cast the model's floating-point parameters for computing (``mlxeff.precision``: ``auto``
+    is float32 on the CPU, affine 4-bit layers dequantized there)."""
+    from mlxeff.errors import MlxeffError
+    from mlxeff.precision import apply_compute_dtype as apply
 
-    from mlxeff.quant.affine import dequantize_affine
-    from mlxeff.train import DTYPES
-
-    if dtype == "auto":
-        if mx.default_device() != mx.cpu:
-            return
-        dequantize_affine(net)
-        dtype = "float32"
-    if dtype not in DTYPES:
-        fail(f"--dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
-    net.set_dtype(DTYPES[dtype])
+    try:
+        apply(net, dtype)
+    except MlxeffError as e:
+        fail(str(e))
 
 
 def load_for_generation(model, dtype: str):

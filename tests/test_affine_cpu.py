@@ -17,3 +17,22 @@ def test_dequantized_model_computes_exactly_what_the_quantized_one_did():
     assert model.transformer.norm.weight.dtype == mx.float32
     assert mx.array_equal(before, model(x))
     assert dequantize_affine(model) == 0
+
+
+def test_compute_dtype_auto_dequantizes_on_the_cpu_and_bad_names_fail():
+    import pytest
+
+    from mlxeff.errors import MlxeffError
+    from mlxeff.precision import apply_compute_dtype
+
+    model = make_model(tiny_args(), seed=1)
+    quantize_affine(model, bits=4, group_size=32, embedding_bits=8)
+    model.set_dtype(mx.float16)
+    x = mx.array([[5, 6, 7, 8, 9, 10]])
+    if mx.default_device() != mx.cpu:
+        pytest.skip("auto keeps the stored precision on a GPU")
+    assert apply_compute_dtype(model, "auto") == "float32"
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    assert model.layers[0].attn.qkv_proj.weight.dtype == mx.float32 and model(x).dtype == mx.float32
+    with pytest.raises(MlxeffError, match="--dtype must be"):
+        apply_compute_dtype(model, "float64")

@@ -9,11 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-import mlx.core as mx
-
 from ..errors import MlxeffError
+from ..precision import DTYPES
 
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # Fields that may change between a run and its resumption without changing the trajectory.
 RESUMABLE_FIELDS = ("eval_every", "save_every", "log_every", "keep_checkpoints")
 

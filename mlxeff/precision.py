@@ -1,0 +1,36 @@
+"""The precision a loaded model computes in: one rule for every command and benchmark.
+
+``auto`` is float32 on the CPU -- MLX's CPU backend runs float16/bfloat16 matmuls slowly, and its
+4-bit matmul is a loop of one-row products, so affine 4-bit layers compute from their
+dequantized float32 weights there (``mlxeff.quant.affine.dequantize_affine``; a verify forward of
+9 rows cost 9x one row's quantized product, against about 2x in float32 through OpenBLAS) -- and
+the stored precision on a GPU. SeedLM layers keep their own kernels in every case.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import MlxeffError
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def apply_compute_dtype(model: nn.Module, dtype: Optional[str] = "auto") -> Optional[str]:
+    """Cast ``model``'s floating-point parameters for computing, in place; the dtype applied
+    (None: the stored one, ``auto`` on a GPU). ``None`` means ``auto``."""
+    from .quant.affine import dequantize_affine
+
+    dtype = dtype or "auto"
+    if dtype == "auto":
+        if mx.default_device() != mx.cpu:
+            return None
+        dequantize_affine(model)
+        dtype = "float32"
+    if dtype not in DTYPES:
+        raise MlxeffError(f"--dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
+    model.set_dtype(DTYPES[dtype])
+    return dtype
