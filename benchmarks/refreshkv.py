@@ -351,7 +351,8 @@ def project_items(tokenizer, context: int, count: int, pairs: int = 50, docs: in
     for name, docs_n, ctx in (("kv_retrieval", pairs, None), ("multidoc_qa", docs, context - 48)):
         items = build_items(name.replace("_", "-"), tokenizer, data=corpus, docs=docs_n,
                             context_tokens=ctx, limit=count)
-        out[name] = [dict(prompt=tokenizer.encode(it.prompt), answers=it.answers) for it in items]
+        out[name] = [dict(prompt=tokenizer.encode(it.prompt), answers=it.answers,
+                          max_tokens=it.max_tokens) for it in items]
         longest = max(len(it["prompt"]) for it in out[name])
         if longest > context:
             raise SystemExit(f"error: a {name} prompt has {longest} tokens, more than --context {context}")
@@ -399,7 +400,9 @@ def answer_accuracy(model, tokenizer, items, make, max_tokens: int):
     for item in items:
         ids = mx.array(item["prompt"], dtype=mx.uint32)
         decs.append(make())
-        out = [tok for tok, _ in generate_step(ids, model, max_tokens=max_tokens, decode=decs[-1])]
+        # an item may need more tokens than --answer-tokens (an 8-hex-digit value in quotes does)
+        budget = max(max_tokens, item.get("max_tokens", 0))
+        out = [tok for tok, _ in generate_step(ids, model, max_tokens=budget, decode=decs[-1])]
         text = normalize(tokenizer.decode(out))
         hits.append(any(normalize(a) and normalize(a) in text for a in item["answers"]))
     lo, hi = wilson(sum(hits), len(items))

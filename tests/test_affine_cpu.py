@@ -13,6 +13,7 @@ def test_dequantized_model_computes_exactly_what_the_quantized_one_did():
     x = mx.array([[5, 6, 7, 8, 9, 10]])
     before = model(x)
     assert dequantize_affine(model) == 17  # 4 layers x 4 linears, and the tied embedding
+    assert model.mlxeff_meta["quantization"] == {}  # the specs follow the modules
     assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
     assert model.transformer.norm.weight.dtype == mx.float32
     assert mx.array_equal(before, model(x))

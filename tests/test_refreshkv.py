@@ -648,6 +648,8 @@ def test_benchmark_project_tasks(monkeypatch, tmp_path):
         assert len(items) == 2
         for it in items:
             assert len(it["prompt"]) <= 1400 and tokenizer.decode(it["prompt"]).endswith(("Answer:", "value:"))
+            # the answer budget is the task's: a quoted 8-hex-digit value takes more than 8 tokens
+            assert it["max_tokens"] >= len(tokenizer.encode(' "' + it["answers"][0] + '"'))
     with pytest.raises(SystemExit, match="more than --context"):
         bench.project_items(tokenizer, 300, 1, pairs=20, docs=3)
 

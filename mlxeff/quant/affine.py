@@ -104,4 +104,10 @@ def dequantize_affine(model: nn.Module, dtype=mx.float32) -> int:
 
         model.update_modules(tree_unflatten(replacements))
         mx.eval(model.parameters())
+        # the recorded specs describe the model: the dequantized modules have none any more
+        meta = dict(getattr(model, "mlxeff_meta", None) or {})
+        if meta.get("quantization"):
+            done = {path for path, _ in replacements}
+            meta["quantization"] = {k: v for k, v in meta["quantization"].items() if k not in done}
+            model.mlxeff_meta = meta
     return len(replacements)
