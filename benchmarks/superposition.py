@@ -315,7 +315,6 @@ def print_table(results: list) -> None:
 
 
 def main(argv=None):
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="mlxeff model directory (default: the embedded model)")
     ap.add_argument("--task", choices=["nq-open-oracle", "multidoc-qa"], default="nq-open-oracle",

@@ -2,8 +2,9 @@
 
 ``auto`` is float32 on the CPU -- MLX's CPU backend runs float16/bfloat16 matmuls slowly, and its
 4-bit matmul is a loop of one-row products, so affine 4-bit layers compute from their
-dequantized float32 weights there (``mlxeff.quant.affine.dequantize_affine``; a verify forward of
-9 rows cost 9x one row's quantized product, against about 2x in float32 through OpenBLAS) -- and
+dequantized float32 weights there (``mlxeff.quant.affine.dequantize_affine``; on the CPU box a
+1280 x 320 4-bit product took 8.5x as long for 9 rows as for one, and the default model's prefill
+of a 1,016-token prompt took 12.7 s quantized against 3.7 s dequantized) -- and
 the stored precision on a GPU. SeedLM layers keep their own kernels in every case.
 """
 
