@@ -84,7 +84,7 @@ def parse_config(text: str):
     return C, P
 
 
-def gaussian_quality(blocks: int, candidates, extra_configs, seed: int = 0) -> list:
+def gaussian_quality(blocks: int, candidates, extra_configs, seed: int = 0, bases=("bits", "states")) -> list:
     from mlxeff.quant.seedlm_encoder import EncoderConfig, encode_matrix
     from mlxeff.quant.seedlm_format import CONFIGS
 
@@ -93,11 +93,11 @@ def gaussian_quality(blocks: int, candidates, extra_configs, seed: int = 0) -> l
     rows = []
     runs = [(C, P, k) for _, (C, P) in sorted(CONFIGS.items(), reverse=True) for k in candidates]
     runs += [(C, P, 16) for C, P in extra_configs if (C, P, 16) not in runs]
-    for C, P, k in runs:
+    for (C, P, k), basis in ((r, b) for r in runs for b in bases):
         W = np.random.default_rng(seed).standard_normal((max(1, blocks * C // width), width)).astype(np.float32)
         t0 = time.perf_counter()
-        enc = encode_matrix(W, C, P, config=EncoderConfig(candidates=k))
-        rows.append({"method": "seedlm", "C": C, "P": P, "candidates": k,
+        enc = encode_matrix(W, C, P, config=EncoderConfig(candidates=k), basis=basis)
+        rows.append({"method": "seedlm", "basis": basis, "C": C, "P": P, "candidates": k,
                      "bits_per_weight": (16 + 4 + 4 * P) / C, "blocks": W.size // C,
                      "rel_error": float(np.sqrt(enc.sq_error / enc.sq_norm)),
                      "seconds": time.perf_counter() - t0})
@@ -259,7 +259,7 @@ def model_quality(args) -> list:
     p, dt = ppl(compute_dtype(base))
     rows.append({"method": f"float ({stored} stored)", **bits_row, "rel_error": 0.0, "ppl": p, "eval_seconds": dt})
     del base
-    variants = [("seedlm", C, P) for C, P in args.seedlm_configs]
+    variants = [(f"seedlm-{basis}", C, P) for C, P in args.seedlm_configs for basis in args.bases]
     variants += [("affine", b, 64) for b in (4, 3)] + [("affine-all", b, 64) for b in (4, 3)]
     for method, a, b in variants:
         t0 = time.perf_counter()
@@ -276,17 +276,18 @@ def model_quality(args) -> list:
             mx.eval(m.parameters())
             row = {"method": f"affine {a}-bit g{b} (g32 where {b} does not divide)", "C": None, "P": None}
         else:
-            cache = Path(args.cache) / f"seedlm_C{a}_P{b}" if args.cache else None
+            basis = method.removeprefix("seedlm-")
+            cache = Path(args.cache) / f"seedlm_{basis}_C{a}_P{b}" if args.cache else None
             enc_s = None
             if cache is not None and (cache / "config.json").is_file():
                 m = mlxeff.io.load_model(cache)
             else:
                 m, _ = fresh()
-                quantize_model(m, C=a, P=b, progress=not args.json)
+                quantize_model(m, C=a, P=b, progress=not args.json, basis=basis)
                 enc_s = time.perf_counter() - t0
                 if cache is not None:
                     mlxeff.save(m, tokenizer, cache, force=True)
-            row = {"method": f"seedlm C={a} P={b}", "C": a, "P": b, "encode_seconds": enc_s}
+            row = {"method": f"seedlm C={a} P={b} basis={basis}", "C": a, "P": b, "encode_seconds": enc_s}
         row.update(quantized_bits(m))
         row["float_linear_weights_left"] = float_linear_bits(m)["quantized_weights"]
         row["rel_error"] = block_linear_error(m, reference)
@@ -312,11 +313,12 @@ def model_quality(args) -> list:
 
 def cmd_quality(args) -> None:
     result = {"device": device_name(),
-              "gaussian": gaussian_quality(args.blocks, args.candidates, args.gaussian_configs) if args.blocks else []}
+              "gaussian": (gaussian_quality(args.blocks, args.candidates, args.gaussian_configs, bases=args.bases)
+                           if args.blocks else [])}
     if not args.json and result["gaussian"]:
         print(f"iid N(0,1) weights ({device_name()}):")
         for r in result["gaussian"]:
-            what = (f"SeedLM C={r['C']} P={r['P']} k={r['candidates']}" if r["method"] == "seedlm"
+            what = (f"SeedLM {r['basis']} C={r['C']} P={r['P']} k={r['candidates']}" if r["method"] == "seedlm"
                     else f"affine {r['bits']}-bit g{r['group_size']}")
             print(f"  {what:<32} {r['bits_per_weight']:.3f} bpw  rel error {r['rel_error']:.4f}")
     if args.model:
@@ -493,6 +495,8 @@ def main(argv=None) -> None:
                    help="further CxP configurations for the Gaussian part (k=16)")
     q.add_argument("--seedlm-configs", type=parse_config, nargs="*", default=[(8, 3), (12, 4)],
                    help="SeedLM CxP configurations for the perplexity part (none: affine only)")
+    q.add_argument("--bases", nargs="+", default=["bits", "states"], choices=["bits", "states"],
+                   help="SeedLM bases to compare (mlxeff.quant.seedlm_format), side by side")
     q.add_argument("--model", help="mlxeff model directory (e.g. mlxeff/assets/default)")
     q.add_argument("--valid", help="validation text file (.txt or .txt.gz)")
     q.add_argument("--tokens", type=int, default=65536, help="validation tokens to score")

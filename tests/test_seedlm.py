@@ -153,7 +153,7 @@ def test_quantize_model_save_load_exact(tmp_path, bits):
     C, P = F.CONFIGS[bits]
     spec = specs["transformer.layers.0.attn.qkv_proj"]
     assert spec == {"method": "seedlm", "K": 16, "C": C, "P": P, "bits": bits,
-                    "in_features": 32, "out_features": 96}
+                    "in_features": 32, "out_features": 96, "basis": F.BASIS_DEFAULT}
     assert all(r["rel_error"] < (0.2 if bits == 4 else 0.3) for r in report)
     y = model(x)
     assert float(mx.abs(y - ref).max()) < 0.5 * float(mx.abs(ref).max())
@@ -230,7 +230,7 @@ def test_quantize_model_keeps_the_bias(on_cpu):
     proj = model.layers[0].proj
     assert isinstance(proj, S.SeedLMLinear) and proj.bias is bias
     assert model.mlxeff_meta["quantization"]["layers.0.proj"]["bias"] is True
-    W = F.reconstruct(proj.seeds, proj.codes, proj.exp_base, 8, 3, 20)
+    W = F.reconstruct(proj.seeds, proj.codes, proj.exp_base, 8, 3, 20, basis=proj.basis)
     h = model.embed(mx.array([[1, 2]]))
     assert mx.array_equal(model(mx.array([[1, 2]])), h @ W.T + bias).item()
 

@@ -20,6 +20,18 @@ Convention (normative; the kernels and the packed format depend on it)
 
 Worked example (tested): K=3, taps {0, 1}, seed 4, C=4, P=2 gives [[2,5],[6,7],[3,1],[4,2]].
 
+The bit stream and the two-bit basis (``basis="bits"``)
+--------------------------------------------------------
+Each step shifts the register right and feeds the new bit in at the top, so the states are windows
+of one bit stream: ``b_i = bit i of the seed`` for i < K, ``b_{K+n}`` = the new top bit of state
+n + 1, and state n (counted from the seed, n = 0) is bits ``b_n .. b_{n+K-1}``. ``bit_stream``
+returns ``b_0 .. b_{n-1}``. The two-bit basis reads 2*C*P consecutive stream bits per block: for
+column p, C "low" bits then C "high" bits, ``lo = b[2Cp + c]``, ``hi = b[2Cp + C + c]``, and
+``U[c, p] = 2*hi + lo - 1.5``, one of -1.5, -0.5, 0.5, 1.5 (exact in every float format).
+``bit_bases`` builds it. Why this layout: a column's C low (or high) bits are one C-bit field of
+the stream, the index of a table of subset sums of x in the matvec kernel
+(``mlxeff.quant.seedlm_bits_kernels``).
+
 Taps for K = 16
 ---------------
 The SeedLM paper lists its tap sets in a table that could not be retrieved where this module was
@@ -170,6 +182,38 @@ def seed_matrix(seed: int, C: int, P: int, K: int = DEFAULT_K, taps: Optional[Se
 def seed_matrices(seeds, C: int, P: int, K: int = DEFAULT_K, taps: Optional[Sequence[int]] = None) -> np.ndarray:
     """Normalised bases for many seeds: (len(seeds), C, P) float32."""
     return normalize(seed_windows(seeds, C, P, K, taps), K)
+
+
+def bit_stream(seeds, n: int, K: int = DEFAULT_K, taps: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Stream bits ``b_0 .. b_{n-1}`` of each seed (see the module docstring): (len(seeds), n) uint8.
+
+    Read from the cycle table: ``b_i`` is bit 0 of the state i steps after the seed."""
+    table, index = cycle_table(K, taps)
+    seeds = np.asarray(seeds, dtype=np.int64).reshape(-1)
+    if ((seeds <= 0) | (seeds >= (1 << K))).any():
+        raise ValueError(f"seeds must be valid {K}-bit LFSR states (1..{(1 << K) - 1})")
+    pos = (index[seeds][:, None] + np.arange(n)[None, :]) % period(K)
+    return (table[pos] & 1).astype(np.uint8)
+
+
+def bit_bases(seeds, C: int, P: int, K: int = DEFAULT_K, taps: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Two-bit bases for many seeds: (len(seeds), C, P) float32 with entries in {-1.5, -0.5, 0.5, 1.5},
+    ``U[c, p] = 2 * b[2Cp + C + c] + b[2Cp + c] - 1.5``."""
+    b = bit_stream(seeds, 2 * C * P, K, taps).reshape(-1, P, 2, C).astype(np.float32)
+    return (2.0 * b[:, :, 1, :] + b[:, :, 0, :] - 1.5).transpose(0, 2, 1).copy()
+
+
+BASES = ("states", "bits")
+
+
+def bases(seeds, C: int, P: int, basis: str, K: int = DEFAULT_K) -> np.ndarray:
+    """The (len(seeds), C, P) float32 bases of ``basis`` ("states": ``seed_matrices``; "bits":
+    ``bit_bases``)."""
+    if basis == "states":
+        return seed_matrices(seeds, C, P, K)
+    if basis == "bits":
+        return bit_bases(seeds, C, P, K)
+    raise ValueError(f"unknown SeedLM basis {basis!r} (one of {', '.join(BASES)})")
 
 
 def kernel_defines(K: int = DEFAULT_K) -> Dict[str, str]:

@@ -41,10 +41,11 @@ import mlx.nn as nn
 
 from ..errors import MlxeffError
 from ..progress import bar
-from . import seedlm_kernels
+from . import seedlm_bits_kernels, seedlm_kernels
 from .seedlm_encoder import EncoderConfig, encode_matrix
-from .seedlm_format import (K_DEFAULT, SeedLMConfig, check_config, check_spec_shape, num_blocks, pack_codes,
-                            packed_shapes, reconstruct, spec_config, spec_entry, validate_packed)
+from .seedlm_format import (BASIS_DEFAULT, BASIS_LEGACY, K_DEFAULT, SeedLMConfig, check_basis, check_config,
+                            check_spec_shape, num_blocks, pack_codes, packed_shapes, reconstruct, spec_config,
+                            spec_entry, validate_packed)
 from .spec import apply_quantization_spec, register_method
 
 
@@ -59,11 +60,17 @@ class _Dense:
         self.key, self.weights = None, {}
 
 
+# the GPU kernels of each basis: modules with kernel_available(C, P), MAX_ROWS, seedlm_matvec and
+# seedlm_dequantize of one signature
+KERNELS = {"states": seedlm_kernels, "bits": seedlm_bits_kernels}
+
+
 class _SeedLMBase(nn.Module):
-    def __init__(self, rows: int, cols: int, C: int, P: int, K: int = K_DEFAULT):
+    def __init__(self, rows: int, cols: int, C: int, P: int, K: int = K_DEFAULT, basis: str = BASIS_LEGACY):
         super().__init__()
         check_config(C, P, K)
-        self.C, self.P, self.K = C, P, K
+        check_basis(basis)
+        self.C, self.P, self.K, self.basis = C, P, K, basis
         shapes = packed_shapes(rows, cols, C, P)
         self.seeds = mx.ones(shapes["seeds"], dtype=mx.uint16)
         self.codes = mx.zeros(shapes["codes"], dtype=mx.uint8)
@@ -80,7 +87,8 @@ class _SeedLMBase(nn.Module):
         cache = self._dense_cache
         if cache.key != key:
             _, cols = self._packed_rows_cols()
-            w = reconstruct(self.seeds, self.codes, self.exp_base, self.C, self.P, cols, K=self.K)
+            w = reconstruct(self.seeds, self.codes, self.exp_base, self.C, self.P, cols, K=self.K,
+                            basis=self.basis)
             mx.eval(w)
             cache.key, cache.weights = key, {mx.float32: w}
         if dtype not in cache.weights:
@@ -90,7 +98,7 @@ class _SeedLMBase(nn.Module):
 
     def spec(self) -> dict:
         rows, cols = self._packed_rows_cols()
-        return spec_entry(rows, cols, self.C, self.P, self.K, bias="bias" in self)
+        return spec_entry(rows, cols, self.C, self.P, self.K, bias="bias" in self, basis=self.basis)
 
     def set_packed(self, seeds, codes, exp_base) -> None:
         self.seeds, self.codes = mx.array(seeds), mx.array(codes)
@@ -107,8 +115,8 @@ class SeedLMLinear(_SeedLMBase):
     """A Linear layer stored in the SeedLM format (leaf module, like ``nn.QuantizedLinear``)."""
 
     def __init__(self, in_features: int, out_features: int, C: int, P: int, bias: bool = False,
-                 K: int = K_DEFAULT):
-        super().__init__(out_features, in_features, C, P, K)
+                 K: int = K_DEFAULT, basis: str = BASIS_LEGACY):
+        super().__init__(out_features, in_features, C, P, K, basis)
         self.in_features, self.out_features = in_features, out_features
         if bias:
             self.bias = mx.zeros((out_features,))
@@ -117,19 +125,21 @@ class SeedLMLinear(_SeedLMBase):
         return self.out_features, self.in_features
 
     def _extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, C={self.C}, P={self.P}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, C={self.C}, P={self.P}, "
+                f"basis={self.basis}")
 
     def __call__(self, x: mx.array) -> mx.array:
-        if seedlm_kernels.kernel_available(self.C, self.P):
+        kernels = KERNELS[self.basis]
+        if kernels.kernel_available(self.C, self.P):
             lead = x.shape[:-1]
             rows = math.prod(lead)
-            if rows <= 8:
-                y = seedlm_kernels.seedlm_matvec(x.reshape(rows, -1), self.seeds, self.codes, self.exp_base,
-                                                 self.C, self.P, self.in_features)
+            if rows <= kernels.MAX_ROWS:
+                y = kernels.seedlm_matvec(x.reshape(rows, -1), self.seeds, self.codes, self.exp_base,
+                                          self.C, self.P, self.in_features)
                 y = y.reshape(*lead, self.out_features)
             else:
-                W = seedlm_kernels.seedlm_dequantize(self.seeds, self.codes, self.exp_base, self.C, self.P,
-                                                     self.in_features, dtype=x.dtype)
+                W = kernels.seedlm_dequantize(self.seeds, self.codes, self.exp_base, self.C, self.P,
+                                              self.in_features, dtype=x.dtype)
                 y = x @ W.T
         else:
             y = x @ self.dense_weight(x.dtype).T
@@ -141,8 +151,9 @@ class SeedLMLinear(_SeedLMBase):
 class SeedLMEmbedding(_SeedLMBase):
     """An Embedding table (vocab, dims) stored in the SeedLM format; rows decoded on lookup."""
 
-    def __init__(self, num_embeddings: int, dims: int, C: int, P: int, K: int = K_DEFAULT):
-        super().__init__(num_embeddings, dims, C, P, K)
+    def __init__(self, num_embeddings: int, dims: int, C: int, P: int, K: int = K_DEFAULT,
+                 basis: str = BASIS_LEGACY):
+        super().__init__(num_embeddings, dims, C, P, K, basis)
         self.num_embeddings, self.dims = num_embeddings, dims
 
     def _packed_rows_cols(self):
@@ -151,7 +162,7 @@ class SeedLMEmbedding(_SeedLMBase):
     def __call__(self, ids: mx.array) -> mx.array:
         flat = ids.reshape(-1)
         rows = reconstruct(self.seeds[flat], self.codes[flat], self.exp_base, self.C, self.P,
-                           self.dims, K=self.K)
+                           self.dims, K=self.K, basis=self.basis)
         return rows.reshape(*ids.shape, self.dims)
 
     def as_linear(self, x: mx.array) -> mx.array:
@@ -164,10 +175,11 @@ def build_from_spec(module: nn.Module, spec: dict) -> nn.Module:
     cfg = spec_config(spec)
     if isinstance(module, nn.Embedding):
         rows, cols = module.weight.shape
-        made = SeedLMEmbedding(rows, cols, cfg.C, cfg.P, cfg.K)
+        made = SeedLMEmbedding(rows, cols, cfg.C, cfg.P, cfg.K, cfg.basis)
     elif isinstance(module, nn.Linear):
         rows, cols = module.weight.shape
-        made = SeedLMLinear(cols, rows, cfg.C, cfg.P, bias=bool(spec.get("bias", False)), K=cfg.K)
+        made = SeedLMLinear(cols, rows, cfg.C, cfg.P, bias=bool(spec.get("bias", False)), K=cfg.K,
+                            basis=cfg.basis)
     else:
         raise MlxeffError(f"SeedLM does not apply to {type(module).__name__}")
     check_spec_shape(spec, rows, cols)
@@ -178,9 +190,11 @@ def build_from_spec(module: nn.Module, spec: dict) -> nn.Module:
 # encoding weights and models
 
 
-def quantize_weight(weight, C: int, P: int, *, config=None, group=None, progress=None):
+def quantize_weight(weight, C: int, P: int, *, config=None, group=None, progress=None,
+                    basis: str = BASIS_DEFAULT):
     """Encode an (out, in) weight: ``(seeds, codes, exp_base, EncodedMatrix)`` (numpy arrays)."""
-    enc = encode_matrix(weight, C, P, config=config or EncoderConfig(), group=group, progress=progress)
+    enc = encode_matrix(weight, C, P, config=config or EncoderConfig(), group=group, progress=progress,
+                        basis=basis)
     return enc.seeds, pack_codes(enc.exps, enc.coeffs), enc.exp_base, enc
 
 
@@ -202,10 +216,11 @@ def quantizable_modules(model: nn.Module, include_embeddings: bool = False) -> L
 
 def quantize_model(model: nn.Module, bits: int = 4, C: Optional[int] = None, P: Optional[int] = None, *,
                    include_embeddings: bool = False, progress: bool = True, group=None,
-                   config=None, report: Optional[list] = None) -> nn.Module:
+                   config=None, report: Optional[list] = None, basis: str = BASIS_DEFAULT) -> nn.Module:
     """Replace the model's Linear layers in the transformer blocks by ``SeedLMLinear``, in place.
 
-    ``bits`` picks a preset (4: C=8 P=3; 3: C=12 P=4) unless C and P are given. Embeddings and the
+    ``bits`` picks a preset (4: C=8 P=3; 3: C=12 P=4) unless C and P are given; ``basis`` the basis
+    (``seedlm_format``: "bits" by default, "states" for the paper's normalised register states). Embeddings and the
     output head stay as they are unless ``include_embeddings``. Every weight is encoded first; then
     the per-layer spec is applied (``apply_quantization_spec``, as on load), the packed arrays
     filled, and the spec recorded in ``model.mlxeff_meta["quantization"]`` (saved by
@@ -217,7 +232,7 @@ def quantize_model(model: nn.Module, bits: int = 4, C: Optional[int] = None, P: 
     (``mlxeff.progress.bar``, blocks per second and ETA) on rank 0 where stderr is a terminal;
     False silences it.
     """
-    cfg = SeedLMConfig.for_bits(bits, C, P)
+    cfg = SeedLMConfig.for_bits(bits, C, P, basis)
     group = group if group is not None else mx.distributed.init()
     targets = quantizable_modules(model, include_embeddings)
     total = sum(m.weight.shape[0] * num_blocks(m.weight.shape[1], cfg.C) for _, m in targets)
@@ -228,13 +243,14 @@ def quantize_model(model: nn.Module, bits: int = 4, C: Optional[int] = None, P: 
         for path, module in targets:
             t0 = time.perf_counter()
             seeds, codes, exp_base, enc = quantize_weight(module.weight, cfg.C, cfg.P, config=encoder_config,
-                                                          group=group, progress=blocks_bar)
+                                                          group=group, progress=blocks_bar, basis=cfg.basis)
             packed[path] = (seeds, codes, exp_base)
             rows_report.append({"path": path, "shape": list(module.weight.shape),
                                 "rel_error": math.sqrt(enc.sq_error / enc.sq_norm) if enc.sq_norm else 0.0,
                                 "sq_error": enc.sq_error, "sq_norm": enc.sq_norm,
                                 "seconds": time.perf_counter() - t0})
-    specs = {path: spec_entry(*m.weight.shape, cfg.C, cfg.P, cfg.K, bias="bias" in m) for path, m in targets}
+    specs = {path: spec_entry(*m.weight.shape, cfg.C, cfg.P, cfg.K, bias="bias" in m, basis=cfg.basis)
+             for path, m in targets}
     apply_quantization_spec(model, specs, source="quantize_model")
     built = dict(model.named_modules())
     for path, module in targets:

@@ -113,10 +113,10 @@ class SearchTables:
     the seed axis to a multiple of ``GROUP`` and is never chosen).
     """
 
-    def __init__(self, C: int, P: int, rows: int, K: int):
-        self.C, self.P, self.rows, self.K = C, P, rows, K
+    def __init__(self, C: int, P: int, rows: int, K: int, basis: str = "states"):
+        self.C, self.P, self.rows, self.K, self.basis = C, P, rows, K, basis
         n = lfsr.period(K)
-        U = lfsr.seed_matrices(np.arange(1, n + 1), C, P, K)[:, :rows, :].astype(np.float64)
+        U = lfsr.bases(np.arange(1, n + 1), C, P, basis, K)[:, :rows, :].astype(np.float64)
         Q, _ = np.linalg.qr(U)  # (n, rows, min(rows, P)); rank-deficient bases are ~never hit
         M = np.einsum("sik,sjk->sij", Q, Q)
         i0, i1 = np.triu_indices(rows)
@@ -136,8 +136,8 @@ class SearchTables:
 
 
 @lru_cache(maxsize=8)
-def search_tables(C: int, P: int, rows: int, K: int = lfsr.DEFAULT_K) -> SearchTables:
-    return SearchTables(C, P, rows, K)
+def search_tables(C: int, P: int, rows: int, K: int = lfsr.DEFAULT_K, basis: str = "states") -> SearchTables:
+    return SearchTables(C, P, rows, K, basis)
 
 
 def _combos(P: int) -> mx.array:
@@ -225,8 +225,9 @@ def _pad_batch(blocks: np.ndarray, start: int, batch: int) -> mx.array:
 
 def encode_blocks(parts, C: int, P: int, *, K: int = lfsr.DEFAULT_K,
                   config: EncoderConfig = EncoderConfig(), group=None,
-                  progress=None):
-    """Encode one tensor given as parts of blocks, each (n_i, rows_i) float32 with rows_i <= C.
+                  progress=None, basis: str = "states"):
+    """Encode one tensor given as parts of blocks, each (n_i, rows_i) float32 with rows_i <= C, for
+    ``basis`` (``mlxeff.quant.seedlm_format``: "states" or "bits").
 
     All parts share one exponent base. Returns ``(exp_base, [(seeds uint16 (n_i,), exps uint8
     (n_i,), coeffs int8 (n_i, P), sq_err float32 (n_i,)) per part])``, identical on every rank.
@@ -239,7 +240,7 @@ def encode_blocks(parts, C: int, P: int, *, K: int = lfsr.DEFAULT_K,
     for blocks in parts:
         blocks = np.ascontiguousarray(blocks, dtype=np.float32)
         n, rows = blocks.shape
-        tables = search_tables(C, P, rows, K)
+        tables = search_tables(C, P, rows, K, basis)
         k = max(1, min(config.candidates, tables.n_seeds - 1))
         states.append(_PartState(blocks, tables, k, _rank_batches(n, batch, group)))
 
@@ -371,7 +372,7 @@ def split_blocks(W: np.ndarray, C: int):
 
 def encode_matrix(W, C: int, P: int, *, K: int = lfsr.DEFAULT_K,
                   config: EncoderConfig = EncoderConfig(), group=None,
-                  progress=None) -> EncodedMatrix:
+                  progress=None, basis: str = "states") -> EncodedMatrix:
     """Encode one (out, in) weight matrix; every rank returns the same result."""
     W = np.asarray(W.astype(mx.float32) if isinstance(W, mx.array) else W, dtype=np.float32)
     if W.ndim != 2:
@@ -390,7 +391,7 @@ def encode_matrix(W, C: int, P: int, *, K: int = lfsr.DEFAULT_K,
         parts.append(tail)
         where.append(slice(nf, nb))
     exp_base, results = encode_blocks(parts, C, P, K=K, config=config, group=group,
-                                      progress=progress)
+                                      progress=progress, basis=basis)
     sq_err = 0.0
     for cols, (s, e, c, err) in zip(where, results):
         seeds[:, cols] = s.reshape(out, -1)
