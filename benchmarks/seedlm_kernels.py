@@ -6,7 +6,9 @@ rows of x (default 1, a decode step):
 - ``fp16``: MLX ``x @ W.T`` with a float16 W;
 - ``affine4``: MLX ``mx.quantized_matmul`` at 4 bits, group size 64 (4.5 bits per weight);
 - ``seedlm4`` / ``seedlm3``: the fused SeedLM matvec (``seedlm_kernels.seedlm_matvec``) at
-  4 bits (C=8, P=3) and 3 bits (C=12, P=4), fp16 x.
+  4 bits (C=8, P=3) and 3 bits (C=12, P=4), fp16 x, for the states basis;
+- ``seedlm4-bits`` / ``seedlm3-bits``: the table-lookup matvec of the two-bit basis
+  (``seedlm_bits_kernels.seedlm_matvec``, one row of x only).
 
 Every method gets as many independent weight copies as make its footprint >= 256 MB (at most 64),
 so at the default sizes nothing is served from the 50 MB L2 of an H100; one timed call evaluates ``--reps`` matvecs (copy i mod n,
@@ -47,12 +49,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlxeff.kernels import gpu_backend  # noqa: E402
+from mlxeff.quant import seedlm_bits_kernels as bk  # noqa: E402
 from mlxeff.quant import seedlm_kernels as sk  # noqa: E402
 from mlxeff.quant.seedlm_format import reconstruct  # noqa: E402
 
 FOOTPRINT = 256 * 1024 * 1024  # bytes of weights per method, well above any L2
 MAX_COPIES = 64
-CONFIGS = {"seedlm4": (8, 3), "seedlm3": (12, 4)}
+CONFIGS = {"seedlm4": (8, 3), "seedlm3": (12, 4), "seedlm4-bits": (8, 3), "seedlm3-bits": (12, 4)}
+# the basis of each SeedLM method (mlxeff.quant.seedlm_format) and the module with its kernels
+BASIS = {name: ("bits" if name.endswith("-bits") else "states") for name in CONFIGS}
+KERNELS = {"states": sk, "bits": bk}
 
 
 def random_packed(out: int, inf: int, C: int, P: int, seed: int):
@@ -82,7 +88,8 @@ class Method:
             self.weight_bytes = packed_bytes(*first[:2])
             copies = min(MAX_COPIES, max(1, math.ceil(FOOTPRINT / self.weight_bytes)))
             self.copies = [first] + [random_packed(n, n, C, P, seed + 1 + i) for i in range(copies - 1)]
-            self.fn = lambda x, w: sk.seedlm_matvec(x, w[0], w[1], w[2], C, P, n)
+            kern = KERNELS[BASIS[name]]
+            self.fn = lambda x, w: kern.seedlm_matvec(x, w[0], w[1], w[2], C, P, n)
         else:
             W = mx.array((rng.standard_normal((n, n), dtype=np.float32) * n ** -0.5).astype(np.float16))
             if name == "fp16":
@@ -115,14 +122,16 @@ def check(method: Method, x: mx.array) -> dict:
     """Max |kernel - reference| on the first copy (float32 reference from the same packed data)."""
     C, P = CONFIGS[method.name]
     s, c, eb = method.copies[0]
-    got = sk.seedlm_matvec(x, s, c, eb, C, P, method.n).astype(mx.float32)
-    want = sk.seedlm_matvec_reference(x.astype(mx.float32), s, c, eb, C, P, method.n)
+    basis = BASIS[method.name]
+    got = KERNELS[basis].seedlm_matvec(x, s, c, eb, C, P, method.n).astype(mx.float32)
+    W = reconstruct(s, c, eb, C, P, method.n, basis=basis)
+    want = x.astype(mx.float32) @ W.T
     diff = mx.abs(got - want).max().item()
     return {"max_abs_diff": diff, "rel_to_max": diff / max(mx.abs(want).max().item(), 1e-30)}
 
 
 def bench_matvec(n: int, rows: int, args) -> dict:
-    names = ["fp16", "affine4", "seedlm4", "seedlm3"]
+    names = ["fp16", "affine4", "seedlm4", "seedlm3"] + (["seedlm4-bits", "seedlm3-bits"] if rows == 1 else [])
     methods = [Method(name, n, rows, seed=17 * i + n) for i, name in enumerate(names)]
     reps = max(args.reps, max(len(m.copies) for m in methods))
     xs = [mx.random.normal((rows, n), key=mx.random.key(i)).astype(mx.float16) for i in range(reps)]
@@ -146,10 +155,7 @@ def bench_matvec(n: int, rows: int, args) -> dict:
             row.update(check(m, xs[0]))
         out["methods"].append(row)
     t = {r["method"]: r["median_us"] for r in out["methods"]}
-    out["ratios"] = {"fp16_over_seedlm4": t["fp16"] / t["seedlm4"],
-                     "affine4_over_seedlm4": t["affine4"] / t["seedlm4"],
-                     "fp16_over_seedlm3": t["fp16"] / t["seedlm3"],
-                     "affine4_over_seedlm3": t["affine4"] / t["seedlm3"]}
+    out["ratios"] = {f"{base}_over_{m}": t[base] / t[m] for m in names[2:] for base in ("fp16", "affine4")}
     return out
 
 
@@ -157,8 +163,9 @@ def bench_dequant(n: int, args) -> list:
     rows = []
     for name, (C, P) in CONFIGS.items():
         s, c, eb = random_packed(n, n, C, P, seed=n + C)
-        ways = {"kernel": lambda: sk.seedlm_dequantize(s, c, eb, C, P, n, dtype=mx.float16),
-                "reference": lambda: reconstruct(s, c, eb, C, P, n, dtype=mx.float16)}
+        kern, basis = KERNELS[BASIS[name]], BASIS[name]
+        ways = {"kernel": lambda: kern.seedlm_dequantize(s, c, eb, C, P, n, dtype=mx.float16),
+                "reference": lambda: reconstruct(s, c, eb, C, P, n, dtype=mx.float16, basis=basis)}
         for f in ways.values():
             timed(f)
             timed(f)
@@ -167,8 +174,8 @@ def bench_dequant(n: int, args) -> list:
             for k in (list(ways) if t % 2 == 0 else list(ways)[::-1]):
                 times[k].append(timed(ways[k]))
         moved = packed_bytes(s, c) + n * n * 2
-        got = sk.seedlm_dequantize(s, c, eb, C, P, n, dtype=mx.float32)
-        want = reconstruct(s, c, eb, C, P, n, dtype=mx.float32)
+        got = kern.seedlm_dequantize(s, c, eb, C, P, n, dtype=mx.float32)
+        want = reconstruct(s, c, eb, C, P, n, dtype=mx.float32, basis=basis)
         diff = mx.abs(got - want).max().item()
         entry = {"n": n, "config": name, "bytes_moved": moved,
                  "max_abs_diff_fp32": diff, "rel_to_max_fp32": diff / mx.abs(want).max().item()}
@@ -231,10 +238,56 @@ def bench_sweep(n: int, args) -> list:
     return out
 
 
+# (warps, split, groups) tried by --sweep for the bits basis' 4-bit matvec; None = the default
+BITS_SWEEP = [(w, s, g) for w in (4, 8) for s in (None, 1, 4, 16) for g in (1, 2)]
+
+
+def bench_bits_sweep(n: int, args) -> list:
+    """The bits basis' 4-bit matvec (one x row) at every launch of BITS_SWEEP, side by side: the
+    kernel alone (its float32 partial sums not added) and the whole call (partials added and cast
+    to float16), each checked against the reference on the first copy."""
+    C, P = CONFIGS["seedlm4-bits"]
+    m = Method("seedlm4-bits", n, 1, seed=n)
+    reps = max(args.reps, len(m.copies))
+    xs = [mx.random.normal((1, n), key=mx.random.key(i)).astype(mx.float16) for i in range(reps)]
+    mx.eval(xs)
+    eb = m.copies[0][2]
+
+    def run(cfg, whole, xs=xs):
+        w, s, g = cfg
+        outs = [bk.matvec_kernel(x, *m.copies[i % len(m.copies)][:2], eb, C, P, n, warps=w, split=s, groups=g)
+                for i, x in enumerate(xs)]
+        return [y.sum(axis=0).astype(mx.float16) if whole and y.shape[0] > 1 else y for y in outs]
+
+    W = reconstruct(*m.copies[0][:2], eb, C, P, n, basis="bits")
+    want = xs[0].astype(mx.float32) @ W.T
+    scale = mx.abs(want).max().item()
+    ways = [(cfg, whole) for cfg in BITS_SWEEP for whole in (False, True)]
+    diffs = {}
+    for cfg in BITS_SWEEP:
+        got = run(cfg, True, xs[:1])[0].astype(mx.float32)
+        diffs[cfg] = mx.abs(got - want).max().item() / scale
+    for way in ways:
+        timed(lambda: run(*way))
+        timed(lambda: run(*way))
+    times = {way: [] for way in ways}
+    for t in range(args.trials):
+        for way in ways[t % len(ways):] + ways[: t % len(ways)]:
+            times[way].append(timed(lambda: run(*way)) / reps)
+    out = []
+    for (cfg, whole), v in times.items():
+        plan = bk.matvec_plan(n, n, C, P, mx.float16, warps=cfg[0], split=cfg[1], groups=cfg[2])
+        med = statistics.median(v)
+        out.append({"n": n, "warps": cfg[0], "split": plan["out_shape"][0], "groups": cfg[2] or "default",
+                    "measure": "call" if whole else "kernel", "median_us": med * 1e6,
+                    "gbps": (m.weight_bytes + 4 * n) / med / 1e9, "rel_err": diffs[cfg]})
+    return out
+
+
 def bench_floor(args, n: int = 256) -> dict:
     """Per-call time of every method on an n x n weight (microseconds of work on the GPU): what
     a call costs regardless of the weight's size -- graph, launch and host-side work."""
-    names = ["fp16", "affine4", "seedlm4"]
+    names = ["fp16", "affine4", "seedlm4", "seedlm4-bits"]
     methods = [Method(name, n, 1, seed=i) for i, name in enumerate(names)]
     for m in methods:
         m.copies = m.copies[:1]
@@ -245,7 +298,7 @@ def bench_floor(args, n: int = 256) -> dict:
         timed(lambda: m.call(xs))
     times = {m.name: [] for m in methods}
     for t in range(args.trials):
-        for m in methods[t % 3:] + methods[: t % 3]:
+        for m in methods[t % len(methods):] + methods[: t % len(methods)]:
             times[m.name].append(timed(lambda: m.call(xs)) / len(xs))
     return {"n": n, **{k: statistics.median(v) * 1e6 for k, v in times.items()}}
 
@@ -275,6 +328,8 @@ def main(argv=None) -> None:
     ap.add_argument("--trials", type=int, default=15)
     ap.add_argument("--reps", type=int, default=32, help="matvecs per timed call (at least one per copy)")
     ap.add_argument("--sweep", action="store_true", help="also sweep the 4-bit kernel's launch shape")
+    ap.add_argument("--sweep-bits", action="store_true",
+                    help="also sweep the bits basis' 4-bit matvec launch (warps, split, tables)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -287,9 +342,12 @@ def main(argv=None) -> None:
         "matvec": [bench_matvec(n, int(r), args) for n in sizes for r in args.rows.split(",")],
         "dequant": [e for n in sizes for e in bench_dequant(n, args)],
     }
+    if args.sweep_bits and bk.kernel_available():
+        result["bits_sweep"] = [e for n in sizes for e in bench_bits_sweep(n, args)]
     if args.sweep and sk.kernel_available():
         result["sweep"] = [e for n in sizes for e in bench_sweep(n, args)]
         result["sweep_winner"] = sweep_winner(result["sweep"])
+    if (args.sweep or args.sweep_bits) and sk.kernel_available():
         result["floor_us"] = bench_floor(args)
     text = json.dumps(result, indent=1)
     if os.environ.get("OUT"):
@@ -320,6 +378,11 @@ def main(argv=None) -> None:
         print(f"  fastest overall: {w['variant']} ({w['score']:.3f} x the per-size best): "
               + ", ".join(f"{n}: {t:.1f} us" for n, t in w["median_us"].items())
               + f"\n  -> MATVEC_DEFAULTS[1] = ({w['stage_x']}, {w['threads']}, {w['tile_rows']})")
+    if "bits_sweep" in result:
+        print("\nsweep: bits basis, 4-bit matvec, 1 row of x (warps, split, tables per field)")
+    for s in result.get("bits_sweep", []):
+        print(f"  n={s['n']:5d} warps={s['warps']} split={s['split']:3d} groups={s['groups']!s:7s} "
+              f"{s['measure']:6s} {s['median_us']:8.1f} us  {s['gbps']:7.1f} GB/s  rel err {s['rel_err']:.1e}")
     if "floor_us" in result:
         f = result["floor_us"]
         print(f"\nper-call floor ({f['n']}x{f['n']} weight, 1 row): "

@@ -168,6 +168,84 @@ def test_launch_plans():
         assert not sk.kernel_available(8, 3)
 
 
+# ---- one build per configuration, not per layer shape ----------------------------------------
+
+# (out, in) of layers: the small shapes, and OpenELM-270M-like ones (model 1280, odd FFN widths)
+LAYER_SHAPES = [(64, 48), (96, 40), (128, 200), (1792, 1280), (1280, 1280), (1280, 5120), (1280, 4352),
+                (3, 64), (9, 23)]
+
+
+@pytest.mark.parametrize("backend", ["cuda", "metal"])
+def test_layer_shapes_share_kernel_builds(backend):
+    # The KernelSpec (what mlxeff.kernels.build compiles, lru-cached) depends on the kind, (C, P),
+    # rows of x, the dtypes and the launch shape, never on the layer shape: a model's layers share
+    # one build per configuration instead of one per distinct shape.
+    specs = {}
+    for C, P in ((8, 3), (12, 4)):
+        for out, inf in LAYER_SHAPES:
+            for dtype in (mx.float16, mx.float32):
+                for rows in range(1, sk.MAX_ROWS + 1):
+                    for kw in ({}, {"stage_x": False, "threads": 32, "tile_rows": 16}):
+                        p = sk.matvec_plan(rows, out, inf, C, P, dtype, backend=backend, **kw)
+                        assert p["out_dtype"] in (dtype, mx.float32)  # float32: a split row's partial sums
+                        launch = tuple(sorted(kw.items())) or sk.matvec_defaults(rows)
+                        specs.setdefault(("matvec", C, P, rows, dtype, p["out_dtype"], launch), set()).add(p["spec"])
+                    # dims: every number of the layer shape the kernel reads at run time
+                    assert p["dims"][:3] == (inf, -(-inf // C), out)
+                d = sk.dequant_plan(out, inf, C, P, dtype, backend=backend)
+                specs.setdefault(("dequant", C, P, dtype), set()).add(d["spec"])
+                assert d["dims"][:3] == (inf, -(-inf // C), out)
+    assert all(len(v) == 1 for v in specs.values()), {k: len(v) for k, v in specs.items() if len(v) > 1}
+    # ... and distinct configurations are distinct builds (by name too: MLX caches by name + source)
+    names = [next(iter(v)).name for v in specs.values()]
+    assert len(set(names)) == len(names)
+    for v in specs.values():
+        assert not any(k in ("SL_IN", "SL_NB", "SL_OUT", "SL_ROWW", "SL_ROWBITS", "SL_CB", "SL_FULL")
+                       for k, _ in next(iter(v)).defines)
+    # the direct-x paths (1-2 rows, the decode step) never split: exactly one build per dtype
+    assert sum(1 for k in specs if k[0] == "matvec" and k[3] == 1) == 2 * 2 * 2
+
+
+def test_no_cross_is_a_property_of_p():
+    # SL_NOCROSS is compiled in: it must not depend on the layer (rows of odd P hold whole fields)
+    for P in range(1, sk.MAX_P + 1):
+        fb = 4 * (P + 1)
+        for nb in range(1, 70):
+            rowbits = sk._row_layout(nb, P)[0]
+            assert sk._cp_defines(8, P)["SL_NOCROSS"] == int(32 % fb == 0 and rowbits % fb == 0)
+
+
+def test_per_call_path_builds_once_and_reuses_dims(monkeypatch):
+    # The per-call path through a stand-in kernel (no GPU here): several layer shapes reach one
+    # build, and a layer's dims array is made once, not per call.
+    built, seen = [], []
+
+    def fake_build(spec, backend=None):
+        built.append(spec)
+
+        def kernel(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+            seen.append(inputs[-1])
+            return [mx.zeros(output_shapes[0], output_dtypes[0])]
+        return kernel
+
+    monkeypatch.setattr(sk, "_backend", lambda: "cuda")
+    monkeypatch.setattr(sk, "build", fake_build)
+    monkeypatch.setattr(sk, "_LAUNCH", {})
+    for out, inf in [(64, 48), (96, 40), (128, 200)] * 2:
+        seeds, codes, eb, _, _ = make_packed(out, inf, 8, 3)
+        s, cd = mx.array(seeds), mx.array(codes)
+        y = sk.seedlm_matvec(mx.zeros((1, inf), mx.float16), s, cd, eb, 8, 3, inf)
+        assert y.shape == (1, out)
+        assert sk.seedlm_dequantize(s, cd, eb, 8, 3, inf).shape == (out, inf)
+    kinds = {}
+    for spec in built:
+        kinds.setdefault(spec.source_file, set()).add(spec)
+    assert sorted(len(v) for v in kinds.values()) == [1, 1]  # one matvec build, one dequantise build
+    assert all(a is b for a, b in zip(seen[:6], seen[6:]))  # the same dims arrays the second time
+    assert [tuple(np.array(d)) for d in seen[0:6:2]] == [
+        sk.matvec_plan(1, o, i, 8, 3, mx.float16, backend="cuda")["dims"] for o, i in [(64, 48), (96, 40), (128, 200)]]
+
+
 # ---- the Metal bodies, executed on the CPU ----------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -233,6 +311,49 @@ def test_metal_dequant_body_equals_reference(metal_check, C, P, out, inf, dtype)
         np.testing.assert_array_equal(got, want.astype(np.float16))
 
 
+@pytest.mark.parametrize("C,P,kw", [
+    (8, 3, {}),                                                      # the 4-bit decode build
+    (12, 4, {"rows": 2}),                                            # fields straddle words
+    (12, 4, {"rows": 3, "stage_x": True, "threads": 32, "tile_rows": 16}),
+    (5, 2, {"rows": 8, "stage_x": False, "tile_rows": 4}),
+])
+def test_metal_matvec_one_build_for_odd_shapes(metal_check, C, P, kw):
+    # One build (same spec) for every shape below, each exact against the reference: in_features
+    # not a multiple of C, out smaller than a threadgroup's row tile, codes rows that are not a
+    # whole number of words (P even: fields cross words), a partial last tile, a split row.
+    kw = dict(kw)
+    rows = kw.pop("rows", 1)
+    names, splits = set(), set()
+    for out, inf in [(5, 8 * C + 3), (3, 10 * C - 5), (21, 23 * C + 1), (1, C), (40, 4 * C),
+                     (17, 250 * C + 7)]:
+        seeds, codes, eb, _, _ = make_packed(out, inf, C, P, seed=out * inf)
+        x = np.random.default_rng(out).standard_normal((rows, inf)).astype(np.float32)
+        plan = sk.matvec_plan(rows, out, inf, C, P, mx.float32, backend="metal", **kw)
+        names.add(plan["spec"].name)
+        splits.add(plan["ints"]["SL_SPLIT"])
+        got = sk.matvec_metal_check(x, seeds, codes, eb, C, P, inf, **kw)
+        want = sk.seedlm_matvec_reference(mx.array(x), mx.array(seeds), mx.array(codes), eb, C, P, inf)
+        assert got.shape == (rows, out)
+        assert rel_err(got, want) < 2e-5, (out, inf, plan["ints"])
+    assert len(names) == 1
+    assert max(splits) > 1 if kw.get("stage_x") else splits == {1}
+
+
+def test_metal_dequant_one_build_for_odd_shapes(metal_check):
+    # float16 at C = 8: the build allows 16-byte stores; rows of 60 or 36 weights take 8-byte
+    # stores, 23 or 115 element stores (a partial last block), each chosen at run time
+    for C, P in ((8, 3), (12, 4)):
+        names = set()
+        for out, inf in [(3, 64), (5, 60), (2, 36), (9, 23), (4, 115), (11, 8 * C)]:
+            seeds, codes, eb, _, _ = make_packed(out, inf, C, P, seed=out + inf)
+            plan = sk.dequant_plan(out, inf, C, P, mx.float16, backend="metal")
+            names.add(plan["spec"].name)
+            got = sk.dequantize_metal_check(seeds, codes, eb, C, P, inf, dtype=mx.float16)
+            want = np.array(reconstruct(mx.array(seeds), mx.array(codes), eb, C, P, inf, dtype=mx.float32))
+            np.testing.assert_array_equal(got, want.astype(np.float16), err_msg=str(plan["ints"]))
+        assert len(names) == 1
+
+
 # ---- the CUDA twins ---------------------------------------------------------------------------
 
 _CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.uint8: "uint8_t",
@@ -260,8 +381,9 @@ def test_cuda_bodies_compile_with_nvcc(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not installed (the CUDA twins are compile-checked where it is)")
-    mv_in = lambda xd, cd=mx.uint32: [xd, mx.uint16, cd, mx.int32, mx.uint32]  # noqa: E731 (uint8: CUDA passes the bytes)
-    dq_in = [mx.uint16, mx.uint32, mx.int32, mx.uint32]
+    # inputs: x, seeds, codes (uint8: CUDA passes the bytes), exp_base, tables, dims
+    mv_in = lambda xd, cd=mx.uint32: [xd, mx.uint16, cd, mx.int32, mx.uint32, mx.int32]  # noqa: E731
+    dq_in = [mx.uint16, mx.uint32, mx.int32, mx.uint32, mx.int32]
     units = [
         mlx_cuda_source(sk.matvec_plan(1, 8192, 8192, 8, 3, mx.float16, backend="cuda"),
                         mv_in(mx.float16, mx.uint8)),
@@ -360,6 +482,40 @@ def test_cuda_dequantize_equals_reference(dtype, C, P, out, inf):
         ulp, tiny = {mx.float16: (2.0 ** -10, 2.0 ** -24), mx.bfloat16: (2.0 ** -7, 1e-38)}[dtype]
         g, w = np.array(got.astype(mx.float32)), np.array(want)
         assert (np.abs(g - w) <= ulp * np.abs(w) + tiny + 1e-5 * np.abs(w).max()).all()
+
+
+@cuda_only
+@pytest.mark.parametrize("C,P", [(8, 3), (12, 4), (5, 2)])
+def test_cuda_one_build_for_odd_shapes(C, P):
+    # One build per configuration on the GPU: odd layer shapes (in_features not a multiple of C,
+    # out below a row tile, codes rows not a whole number of words, split rows, stores narrower
+    # than the build's widest) through the same kernels, each against the reference.
+    shapes = [(5, 8 * C + 3), (3, 10 * C - 5), (21, 23 * C + 1), (40, 4 * C), (300, 60 * C + 4),
+              (17, 700 * C + 7)]
+    specs = set()
+    with mx.stream(mx.gpu):
+        for out, inf in shapes:
+            seeds, codes, eb, _, _ = make_packed(out, inf, C, P, seed=out + inf, e_range=(2, 9))
+            s, cd = mx.array(seeds), mx.array(codes)
+            with mx.stream(mx.cpu):
+                W = reconstruct(s, cd, eb, C, P, inf, dtype=mx.float32)
+                mx.eval(W)
+            for rows in (1, 3):
+                x = mx.random.normal((rows, inf), key=mx.random.key(rows))
+                with mx.stream(mx.cpu):
+                    want = np.array(sk.seedlm_matvec_reference(x, s, cd, eb, C, P, inf))
+                got = sk.matvec_kernel(x, s, cd, eb, C, P, inf)
+                assert got.shape == (rows, out)
+                assert rel_err(np.array(got), want) < 2e-5, (out, inf, rows)
+                specs.add(sk.matvec_plan(rows, out, inf, C, P, mx.float32)["spec"])
+            d32 = sk.seedlm_dequantize(s, cd, eb, C, P, inf, dtype=mx.float32)
+            d16 = sk.seedlm_dequantize(s, cd, eb, C, P, inf, dtype=mx.float16)
+            assert rel_err(np.array(d32), np.array(W)) < 1e-6, (out, inf)
+            # the same weights, stored as float16 (whatever the store width): the same rounding
+            assert np.array_equal(np.array(d16), np.array(d32.astype(mx.float16))), (out, inf)
+            specs.add(sk.dequant_plan(out, inf, C, P, mx.float32)["spec"])
+            specs.add(sk.dequant_plan(out, inf, C, P, mx.float16)["spec"])
+    assert len(specs) == 4  # matvec at 1 and at 3 rows, dequantise to float32 and to float16
 
 
 def test_per_call_path_caches_nothing_wrong():

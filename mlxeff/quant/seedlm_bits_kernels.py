@@ -162,14 +162,26 @@ def seedlm_matvec(x: mx.array, seeds: mx.array, codes: mx.array, exp_base, C: in
     if hit is None:
         plan = matvec_plan(*key)
         hit = _LAUNCH[key] = (plan, build(plan["spec"], backend), _dims(*plan["dims"]))
-    plan, kernel, dims = hit
-    y = kernel(inputs=[x.reshape(-1), seeds, _code_words(codes, backend), _exp_base(exp_base, backend),
-                       _tables(), dims],
-               template=plan["template"], grid=plan["grid"], threadgroup=plan["threadgroup"],
-               output_shapes=[plan["out_shape"]], output_dtypes=[plan["out_dtype"]])[0]
-    if plan["out_shape"][0] > 1:
+    y = _launch(x.reshape(-1), seeds, codes, exp_base, backend, *hit)
+    if y.shape[0] > 1:
         y = y.sum(axis=0).astype(x.dtype)
     return y.reshape(*shape[:-1], out)
+
+
+def _launch(x, seeds, codes, exp_base, backend, plan, kernel, dims) -> mx.array:
+    return kernel(inputs=[x, seeds, _code_words(codes, backend), _exp_base(exp_base, backend), _tables(), dims],
+                  template=plan["template"], grid=plan["grid"], threadgroup=plan["threadgroup"],
+                  output_shapes=[plan["out_shape"]], output_dtypes=[plan["out_dtype"]])[0]
+
+
+def matvec_kernel(x: mx.array, seeds: mx.array, codes: mx.array, exp_base, C: int, P: int, in_features: int,
+                  **plan_kw) -> mx.array:
+    """The matvec kernel alone with a chosen launch (``matvec_plan``'s ``warps``, ``split``,
+    ``groups``) on one row of x: the (splits, out) output, partial sums not added (benchmarks)."""
+    backend = _backend()
+    plan = matvec_plan(seeds.shape[0], in_features, C, P, x.dtype, backend, **plan_kw)
+    return _launch(x.reshape(-1), seeds, codes, exp_base, backend, plan, build(plan["spec"], backend),
+                   _dims(*plan["dims"]))
 
 
 def seedlm_dequantize(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int, in_features: int,

@@ -2,7 +2,8 @@
 
 For every block ``w`` of C weights SeedLM picks the seed s, the exponent e and the P 4-bit
 coefficients c minimising ``||w - 2^(e+exp_base) U_s c||`` where U_s is the C x P basis the seed
-generates (``mlxeff.quant.lfsr``; the packed format is described in ``mlxeff.quant.seedlm_format``).
+generates (``mlxeff.quant.lfsr``; the packed format and its two bases, "states" and "bits", are
+described in ``mlxeff.quant.seedlm_format``; the functions here take the basis to fit).
 The paper searches every seed; so do we, in two stages:
 
 1. Search (the cost: C(C+1)/2 multiply-adds per seed per block). The unquantised least-squares

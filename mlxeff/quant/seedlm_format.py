@@ -40,9 +40,9 @@ Per weight matrix W of shape (out, in) (a Linear's weight), configuration (C, P)
   (K + 4 + 4P) / C (a float for other configurations). An optional ``"bias": true`` marks a
   Linear with a bias, which is stored unquantised as ``bias``.
 
-Reference arithmetic (``reconstruct``), float32 throughout: the register is stepped C*P times over
-all blocks at once; ``coef_p = c_p * 2^(e + exp_base)`` (exact: a small integer times a power of
-two), and ``w[c] = sum_p u[c, p] * coef_p`` summed over p in order. The dequantise kernel computes
+Reference arithmetic (``reconstruct``), float32 throughout: each block's basis is read from a table
+of all 65535 bases (``basis_table``, from ``lfsr``); ``coef_p = c_p * 2^(e + exp_base)`` (exact: a
+small integer times a power of two), and ``w[c] = sum_p u[c, p] * coef_p`` summed over p in order. The dequantise kernel computes
 the same products in the same order (a backend may fuse a multiply-add), which is why this, not a
 matrix product with its library-dependent summation order, is the reference.
 
@@ -285,61 +285,36 @@ def _exp_base_scalar(exp_base) -> mx.array:
     return mx.array(int(exp_base), dtype=mx.int32)
 
 
+@lru_cache(maxsize=8)
+def basis_table(C: int, P: int, basis: str = BASIS_LEGACY, K: int = K_DEFAULT) -> mx.array:
+    """(2^K, C, P) float32: row s is the basis of seed s (``lfsr.bases``; row 0, never a valid
+    seed, is zeros). 6.3 MB at C=8 P=3, built once per process (about 0.1 s)."""
+    U = lfsr.bases(np.arange(1, 1 << K), C, P, basis, K)
+    table = mx.array(np.concatenate([np.zeros((1, C, P), np.float32), U]))
+    mx.eval(table)
+    return table
+
+
 def reconstruct(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int, in_features: int,
                 dtype=mx.float32, K: int = K_DEFAULT, basis: str = BASIS_LEGACY) -> mx.array:
     """The dense weight (out, in_features) of a packed tensor, computed in float32, in ``dtype``.
 
-    Steps the register over every block at once (``next = (s >> 1) | (fb << 15)`` with ``fb`` the
-    XOR of the tap bits of ``lfsr.TAPS[16]``) and sums ``u[c, p] * (c_p * 2^(e + exp_base))`` over p
-    in order, ``u`` the basis entry: for ``"states"`` each state normalised exactly as
-    ``lfsr.normalize`` (C*P steps); for ``"bits"`` ``2*hi + lo - 1.5`` from the stream bits (the
-    seed's 16, then the new top bit of each of 2CP - 16 steps). Seeds must be nonzero
-    (``validate_packed``); shapes are checked (ValueError).
+    Each block's basis is read from ``basis_table`` (every seed's C x P basis, built by ``lfsr``
+    from the register's cycle, which the tests check against stepping the register), and
+    ``u[c, p] * (c_p * 2^(e + exp_base))`` is summed over p in order. The result is contiguous
+    (a padded last block is cut off by a copy: a strided weight makes every CPU matmul against it
+    about 10x slower). Seeds must be nonzero (``validate_packed``); shapes are checked
+    (ValueError).
     """
     out, nb = check_packed(seeds, codes, C, P, in_features)
     check_basis(basis, error=ValueError)
     e, c = unpack_codes(codes, nb, P)
     coef = c.astype(mx.float32) * pow2(e + _exp_base_scalar(exp_base))[..., None]
-    regs = _states(seeds.astype(mx.uint32), K)
-    if basis == "states":
-        offset = lfsr.norm_offset(K)
-        scale = mx.array(lfsr.norm_scale(K), dtype=mx.float32)
-        u = lambda c_, p_: (next(regs).astype(mx.int32) - offset).astype(mx.float32) * scale
-    else:
-        bits = _stream_bits(seeds.astype(mx.uint32), regs, K)
-        table = {}
-        for p in range(P):  # the stream in order: column p's C low bits, then its C high bits
-            lo = [next(bits) for _ in range(C)]
-            for c_ in range(C):
-                table[c_, p] = (2 * next(bits) + lo[c_]).astype(mx.float32) - 1.5
-        u = lambda c_, p_: table[c_, p_]
-    cols = []
-    for c_ in range(C):
-        wc = None
-        for p in range(P):
-            term = u(c_, p) * coef[..., p]
-            wc = term if wc is None else wc + term
-        cols.append(wc)
-    W = mx.stack(cols, axis=-1).reshape(out, nb * C)
+    U = basis_table(C, P, basis, K)[seeds.astype(mx.uint32)]  # (out, nb, C, P)
+    W = U[..., 0] * coef[..., None, 0]
+    for p in range(1, P):
+        W = W + U[..., p] * coef[..., None, p]
+    W = W.reshape(out, nb * C)
     if nb * C != in_features:
-        W = W[:, :in_features]
+        W = mx.contiguous(W[:, :in_features])
     return W.astype(dtype)
-
-
-def _states(s: mx.array, K: int):
-    """The register states after ``s``, one step per ``next``."""
-    taps = lfsr.TAPS[K]
-    while True:
-        fb = (s >> taps[0]) & 1
-        for t in taps[1:]:
-            fb = fb ^ ((s >> t) & 1)
-        s = (s >> 1) | (fb << (K - 1))
-        yield s
-
-
-def _stream_bits(seed: mx.array, states, K: int):
-    """Stream bits b_0, b_1, ...: the seed's K bits, then the new top bit of each next state."""
-    for i in range(K):
-        yield (seed >> i) & 1
-    for s in states:
-        yield (s >> (K - 1)) & 1

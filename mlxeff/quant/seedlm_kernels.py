@@ -28,22 +28,45 @@ Both bodies compile for Metal (``mx.fast.metal_kernel``) and CUDA (``mx.fast.cud
 shared macros lack. Every constant of the register -- taps (through the jump table), the
 normalisation offset and scale -- is passed in from ``mlxeff.quant.lfsr``, never written twice.
 
+Generic over the layer shape (one build serves every layer): a new process used to build one
+kernel per distinct layer shape before its first token (57-74 builds, 1.5 s each, on OpenELM).
+Compiled in (``KernelSpec.defines``, the key of ``mlxeff.kernels.build``'s cache) is only what
+takes few values per model: C, P and what follows from them (field width; whether a code field
+can straddle two words: P = 1, 3, 7 never, whatever the layer), rows of x, the dtypes (x, output),
+the launch shape (x staged or not, threads, output rows per threadgroup, dequantise rows per
+thread) and the staged x slice's capacity (from rows and C). The layer shape goes in at run time
+as ``dims``, a 6-entry int32 input made once per (layer shape, plan) and cached with the launch
+(matvec: in_features, blocks per row, out_features, bits per codes row, words per codes row or 0,
+blocks per split; dequantise: the same five, then the store width). Per layer, only the launch
+(grid, fewer threads for a narrow layer, splits) changes. The run-time shape costs the matvec's
+main loop ~2 integer ops per output row and block column (row-to-row steps of the seed and code
+pointers, which a compile-time shape folded into load offsets: ~4 % more instructions in the
+4-bit decode loop by nvcc's sm_90 SASS) and a few uniform branches per column (the codes row
+layout; whether the tile has rows past the layer's end; a row's partial last block of x).
+A model still needs one build per configuration it runs: for a float16 model with 4-bit
+layers, the decode matvec (1 row), one per other row count used (2-8 rows: speculative
+verification, short prompts; with x staged, layers wide enough to split add a float32-output
+build) and the dequantise kernel (prefill). MLX 0.32 keeps a custom kernel's build for the process
+only (CUDA: its in-memory module cache; custom kernels skip its on-disk PTX cache), so every new
+process builds these few again.
+
 Choices and limits:
 - The kernels accumulate in float32 and sum in a different order than the reference: the matvec
   differs from ``x @ W.T`` by a few float32 rounding errors of the terms (|dy| <~ 1e-5 of the
   output scale, tested); the dequantised weights by at most an FMA rounding.
 - Reading x: directly from device memory (the default for 1-2 rows of x: no copy, no barrier
   before the work, no split) or staged in threadgroup memory (the default for more rows, where a
-  thread would hold too many x values in registers); a staged slice must fit threadgroup memory
-  (28 KiB on Metal, 44 KiB on CUDA), so longer rows are cut into splits whose float32 partial sums
-  MLX adds. ``MATVEC_DEFAULTS`` (x staged or not, threads, rows per threadgroup) comes from the
-  benchmark's ``--sweep`` on an H100 (benchmarks/RESULTS.md).
-- Per call nothing is built: launch plans and compiled kernels are cached, the codes go to the
-  kernel as the uint8 array itself (read as 32-bit words), exp_base as the module's int32 array
-  (a Python int maps to one cached array).
+  thread would hold too many x values in registers); the staged slice is allocated at its full
+  capacity (28 KiB on Metal, 44 KiB on CUDA, whatever the layer), so longer rows are cut into
+  splits whose float32 partial sums MLX adds. ``MATVEC_DEFAULTS`` (x staged or not, threads, rows
+  per threadgroup) comes from the benchmark's ``--sweep`` on an H100 (benchmarks/RESULTS.md).
+- Per call nothing is built or made: launch plans, compiled kernels and dims arrays are cached,
+  the codes go to the kernel as the uint8 array itself (read as 32-bit words), exp_base as the
+  module's int32 array (a Python int maps to one cached array).
 - Kernel configurations: K = 16, 1 <= P <= 7, P <= C <= 32, x rows <= 8 (``MAX_ROWS``); anything
   else (and the CPU) takes the reference. Seeds must be nonzero and 2^(e + exp_base) a normal
-  float32; ``seedlm_format.validate_packed`` checks both at load, the kernels do not.
+  float32; ``seedlm_format.validate_packed`` checks both at load, the kernels do not. Index math is
+  int32 (out * in < 2^31 weights, as before).
 - ``codes`` are read as 32-bit words; a tensor whose byte count is not a multiple of 4 is padded,
   which copies it on every call.
 """
@@ -207,15 +230,26 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _field_defines(nb: int, P: int) -> Dict[str, int]:
+def _row_layout(nb: int, P: int) -> Tuple[int, int]:
+    """(bits per codes row, 32-bit words per codes row or 0 when a row is not a whole number)."""
     row_bytes = codes_width(nb, P)
+    return 8 * row_bytes, (row_bytes // 4 if row_bytes % 4 == 0 else 0)
+
+
+def _cp_defines(C: int, P: int) -> Dict[str, int]:
+    """The compile-time constants of configuration (C, P). No code field straddles two 32-bit
+    words when a field's width divides 32 (P = 1, 3, 7): rows then hold whole fields too, since
+    a row of an odd P is nb * FB bits, so this is a property of P alone, not of the layer."""
     fb = 4 * (P + 1)
-    return {
-        "SL_FB": fb,
-        "SL_ROWBITS": 8 * row_bytes,
-        "SL_ROWW": row_bytes // 4 if row_bytes % 4 == 0 else 0,
-        "SL_NOCROSS": int(32 % fb == 0 and (8 * row_bytes) % fb == 0),
-    }
+    return {"SL_C": C, "SL_P": P, "SL_FB": fb, "SL_NOCROSS": int(32 % fb == 0)}
+
+
+@lru_cache(maxsize=1024)
+def _dims(*values: int) -> mx.array:
+    """The ``dims`` input: one int32 array per distinct layer shape and plan, made once."""
+    a = mx.array(values, dtype=mx.int32)
+    mx.eval(a)
+    return a
 
 
 def _spec(kind: str, source: str, inputs: Sequence[str], outputs: Sequence[str],
@@ -225,6 +259,25 @@ def _spec(kind: str, source: str, inputs: Sequence[str], outputs: Sequence[str],
     digest = hashlib.sha1(repr((defines, tag)).encode()).hexdigest()[:12]
     return KernelSpec(name=f"seedlm_{kind}_{digest}", source_file=source, input_names=tuple(inputs),
                       output_names=tuple(outputs), header_file=HEADER, defines=defines)
+
+
+@lru_cache(maxsize=None)
+def _matvec_spec(C: int, P: int, rows: int, stage: bool, threads: int, tile_rows: int, cb_max: int,
+                 x_dtype, out_dtype, backend: str) -> KernelSpec:
+    """The matvec build: nothing of the layer shape is in it (see the module docstring)."""
+    ints = dict(_cp_defines(C, P), SL_ROWS=rows, SL_STAGE=int(stage), SL_T=threads, SL_TR=tile_rows,
+                SL_CBMAX=cb_max)
+    return _spec("matvec", "seedlm_matvec.inc", ("x", "seeds", "codes", "exp_base", "tables", "dims"),
+                 ("y",), ints, f"{backend}:{x_dtype}:{out_dtype}")
+
+
+@lru_cache(maxsize=None)
+def _dequant_spec(C: int, P: int, dtype, rows_per_thread: int, backend: str) -> KernelSpec:
+    esize = mx.finfo(dtype).bits // 8
+    vecmax = next((v for v in (16, 8, 4) if (C * esize) % v == 0), 0)
+    ints = dict(_cp_defines(C, P), SL_DR=rows_per_thread, SL_TY=4, SL_ESIZE=esize, SL_VECMAX=vecmax)
+    return _spec("dequant", "seedlm_dequant.inc", ("seeds", "codes", "exp_base", "tables", "dims"),
+                 ("out",), ints, f"{backend}:{dtype}")
 
 
 # Launch shape of the fused matvec when the caller names none: (stage_x, threads, tile_rows) by rows
@@ -241,61 +294,63 @@ def matvec_defaults(rows: int) -> Tuple[bool, int, int]:
 def matvec_plan(rows: int, out_features: int, in_features: int, C: int, P: int, x_dtype=mx.float16,
                 backend: Optional[str] = None, threads: Optional[int] = None,
                 tile_rows: Optional[int] = None, stage_x: Optional[bool] = None) -> dict:
-    """Launch configuration of the fused matvec: spec, grid, threadgroup, template, outputs
+    """Launch configuration of the fused matvec: spec, grid, threadgroup, template, outputs, dims
     (cached: treat the returned dict as read-only). ``stage_x``: copy each threadgroup's x slice
     to threadgroup memory first (rows wider than it holds are split into partial sums) rather than
     read x from device memory; ``threads``/``tile_rows``: threads per threadgroup and output rows
-    per threadgroup. Unnamed ones come from ``MATVEC_DEFAULTS``."""
+    per threadgroup. Unnamed ones come from ``MATVEC_DEFAULTS``. ``ints``: every number the kernel
+    works with, compile-time (``spec.defines``) or run-time (``dims``), as it applies to this layer
+    (threads and tile rows as launched and as used)."""
     backend = backend or gpu_backend() or "cuda"
     d_stage, d_threads, d_tr = matvec_defaults(rows)
     stage = d_stage if stage_x is None else bool(stage_x)
     nb = num_blocks(in_features, C)
-    if stage:
-        cb_max = max(1, X_SLICE_BYTES[backend] // (4 * rows * C))
-        split = -(-nb // cb_max)
-    else:
-        split = 1
+    cb_max = max(1, X_SLICE_BYTES[backend] // (4 * rows * C)) if stage else 1
+    split = -(-nb // cb_max) if stage else 1
     cb = -(-nb // split)
-    # never more threads than block columns (rounded up to whole SIMD groups)
-    T = int(threads or min(d_threads, max(32, _pow2_at_least(cb))))
-    if T % 32 or not 32 <= T <= 1024:
-        raise ValueError(f"threads must be a multiple of 32 in [32, 1024], got {T}")
-    TR = int(tile_rows or d_tr)
-    TR = max(1, min(TR, out_features))
+    # the build's threads (a bound); a small layer launches fewer: never more than its block
+    # columns, rounded up to whole SIMD groups (the body reads the count at run time)
+    T_max = int(threads or d_threads)
+    if T_max % 32 or not 32 <= T_max <= 1024:
+        raise ValueError(f"threads must be a multiple of 32 in [32, 1024], got {T_max}")
+    T = T_max if threads else min(T_max, max(32, _pow2_at_least(cb)))
+    TR = max(1, int(tile_rows or d_tr))
     tiles = -(-out_features // TR)
-    ints = dict(SL_C=C, SL_P=P, SL_IN=in_features, SL_NB=nb, SL_OUT=out_features, SL_ROWS=rows,
-                SL_TR=TR, SL_T=T, SL_CB=cb, SL_SPLIT=split, SL_STAGE=int(stage),
-                SL_FULL=int(in_features % C == 0), **_field_defines(nb, P))
     out_dtype = x_dtype if split == 1 else mx.float32
-    spec = _spec("matvec", "seedlm_matvec.inc", ("x", "seeds", "codes", "exp_base", "tables"), ("y",),
-                 ints, f"{backend}:{x_dtype}:{out_dtype}")
+    rowbits, roww = _row_layout(nb, P)
+    dims = (in_features, nb, out_features, rowbits, roww, cb)
+    ints = dict(_cp_defines(C, P), SL_IN=in_features, SL_NB=nb, SL_OUT=out_features, SL_ROWS=rows,
+                SL_TR=min(TR, out_features), SL_T=T, SL_CB=cb, SL_SPLIT=split, SL_STAGE=int(stage),
+                SL_FULL=int(in_features % C == 0), SL_ROWBITS=rowbits, SL_ROWW=roww, SL_CBMAX=cb_max)
+    spec = _matvec_spec(C, P, rows, stage, T_max, TR, cb_max, x_dtype, out_dtype, backend)
     return dict(spec=spec, grid=(T * split, tiles, 1), threadgroup=(T, 1, 1),
                 template=[("OT", out_dtype)], out_dtype=out_dtype,
                 out_shape=(rows, out_features) if split == 1 else (split, rows, out_features),
-                ints=ints)
+                dims=dims, ints=ints)
 
 
 @lru_cache(maxsize=256)
 def dequant_plan(out_features: int, in_features: int, C: int, P: int, dtype=mx.float16,
                  backend: Optional[str] = None, rows_per_thread: int = 8) -> dict:
-    """Launch configuration of the dequantise kernel."""
+    """Launch configuration of the dequantise kernel (as ``matvec_plan``)."""
     backend = backend or gpu_backend() or "cuda"
     nb = num_blocks(in_features, C)
     esize = mx.finfo(dtype).bits // 8 if dtype in _FLOATS else 0
     if esize not in (2, 4):
         raise ValueError(f"dequantise writes float16, bfloat16 or float32, not {dtype}")
     vec = next((v for v in (16, 8, 4) if (C * esize) % v == 0 and (in_features * esize) % v == 0), 0)
-    TX = 64 if nb > 32 else 32
+    TX = 64 if nb > 32 else 32  # launch only: the body reads it at run time
     TY = 4
-    DR = max(1, min(int(rows_per_thread), out_features))
+    DR = max(1, int(rows_per_thread))
     gy = -(-out_features // DR)
-    ints = dict(SL_C=C, SL_P=P, SL_IN=in_features, SL_NB=nb, SL_OUT=out_features, SL_DR=DR,
-                SL_TX=TX, SL_TY=TY, SL_VEC=vec, SL_ESIZE=esize, **_field_defines(nb, P))
-    spec = _spec("dequant", "seedlm_dequant.inc", ("seeds", "codes", "exp_base", "tables"), ("out",),
-                 ints, f"{backend}:{dtype}")
+    rowbits, roww = _row_layout(nb, P)
+    spec = _dequant_spec(C, P, dtype, DR, backend)
+    ints = dict(_cp_defines(C, P), SL_IN=in_features, SL_NB=nb, SL_OUT=out_features,
+                SL_DR=min(DR, out_features), SL_TX=TX, SL_TY=TY, SL_VEC=vec, SL_ESIZE=esize,
+                SL_ROWBITS=rowbits, SL_ROWW=roww)
     return dict(spec=spec, grid=(-(-nb // TX) * TX, -(-gy // TY) * TY, 1), threadgroup=(TX, TY, 1),
                 template=[("OT", dtype)], out_dtype=dtype, out_shape=(out_features, in_features),
-                ints=ints)
+                dims=(in_features, nb, out_features, rowbits, roww, vec), ints=ints)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,9 +375,10 @@ def _matvec_launch(x, seeds, codes, exp_base, C, P, in_features, out, backend, t
     hit = _LAUNCH.get(key)
     if hit is None:
         plan = matvec_plan(*key[:7], threads=threads, tile_rows=tile_rows, stage_x=stage_x)
-        hit = _LAUNCH[key] = (plan, build(plan["spec"], backend))
-    plan, kernel = hit
-    y = kernel(inputs=[x, seeds, _code_words(codes, backend), _exp_base(exp_base, backend), _tables()],
+        hit = _LAUNCH[key] = (plan, build(plan["spec"], backend), _dims(*plan["dims"]))
+    plan, kernel, dims = hit
+    y = kernel(inputs=[x, seeds, _code_words(codes, backend), _exp_base(exp_base, backend), _tables(),
+                       dims],
                template=plan["template"], grid=plan["grid"], threadgroup=plan["threadgroup"],
                output_shapes=[plan["out_shape"]], output_dtypes=[plan["out_dtype"]])[0]
     if len(plan["out_shape"]) == 3:
@@ -361,7 +417,8 @@ def seedlm_dequantize(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int
     backend = _backend()
     plan = dequant_plan(out, in_features, C, P, dtype, backend)
     kernel = build(plan["spec"], backend)
-    return kernel(inputs=[seeds, _code_words(codes, backend), _exp_base(exp_base, backend), _tables()],
+    return kernel(inputs=[seeds, _code_words(codes, backend), _exp_base(exp_base, backend), _tables(),
+                          _dims(*plan["dims"])],
                   template=plan["template"], grid=plan["grid"], threadgroup=plan["threadgroup"],
                   output_shapes=[plan["out_shape"]], output_dtypes=[plan["out_dtype"]])[0]
 
@@ -383,7 +440,7 @@ def matvec_metal_check(x, seeds, codes, exp_base, C: int, P: int, in_features: i
     y = metal_check_run(
         plan["spec"],
         [x.astype(_NP[xd]), seeds, _code_words_np(codes), np.array([int(exp_base)], np.int32),
-         tables_np()],
+         tables_np(), np.array(plan["dims"], np.int32)],
         output_shapes=[plan["out_shape"]], output_dtypes=[_NP[plan["out_dtype"]]],
         grid=plan["grid"], threadgroup=plan["threadgroup"],
         template=[("OT", _NP[plan["out_dtype"]])])[0]
@@ -399,6 +456,7 @@ def dequantize_metal_check(seeds, codes, exp_base, C: int, P: int, in_features: 
     plan = dequant_plan(seeds.shape[0], in_features, C, P, dtype, backend="metal", **plan_kw)
     return metal_check_run(
         plan["spec"],
-        [seeds, _code_words_np(codes), np.array([int(exp_base)], np.int32), tables_np()],
+        [seeds, _code_words_np(codes), np.array([int(exp_base)], np.int32), tables_np(),
+         np.array(plan["dims"], np.int32)],
         output_shapes=[plan["out_shape"]], output_dtypes=[_NP[dtype]],
         grid=plan["grid"], threadgroup=plan["threadgroup"], template=[("OT", _NP[dtype])])[0]
