@@ -39,6 +39,10 @@ def convert(
     embedding_bits: Optional[int] = typer.Option(None, "--embedding-bits", help="--quantize affine: bits of "
                                                  "the vocabulary matrices (embedding / output head), 2, 3, 4, "
                                                  "5, 6 or 8 (default 8); 0 keeps them in floating point."),
+    seedlm_basis: Optional[str] = typer.Option(None, "--seedlm-basis", help="--quantize seedlm: the basis, "
+                                               "states (the paper's register states; default) or bits (two "
+                                               "bits of the register stream per entry: lower error, decode "
+                                               "kernel slower today; benchmarks/RESULTS.md)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (only once the new one is complete)."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ):
@@ -51,10 +55,15 @@ def convert(
         fail("--tokenizer and --no-tokenizer exclude each other")
     bits, group_size, embedding_bits = check_options(source, vocab_size, dtype, quantize, bits, group_size,
                                                      embedding_bits)
+    if seedlm_basis is not None and quantize != "seedlm":
+        fail("--seedlm-basis applies to --quantize seedlm only")
+    if seedlm_basis not in (None, "states", "bits"):
+        fail(f"--seedlm-basis: unknown basis {seedlm_basis!r} (choose states or bits)")
     summary = run(
         src, out, source=source, config=config, vocab_size=vocab_size,
         tokenizer=False if no_tokenizer else tokenizer, dtype=dtype, quantize=quantize, bits=bits,
         group_size=group_size, embedding_bits=embedding_bits, force=force, progress=not json_output,
+        seedlm_basis=seedlm_basis,
     )
     if not summary.get("written", True):
         return  # another rank of an mlx.launch run: rank 0 writes and reports

@@ -73,6 +73,7 @@ def convert(
     embedding_bits: Optional[int] = 8,
     force: bool = False,
     progress: bool = True,
+    seedlm_basis: Optional[str] = None,
 ) -> dict:
     """Convert ``src`` into the mlxeff directory ``out`` and return a summary dict.
 
@@ -83,7 +84,8 @@ def convert(
     SentencePiece ``tokenizer.model`` or a tokenizer directory) or a tokenizer object; ``False``
     writes the weights only (the result loads but cannot generate text). ``quantize``:
     ``'affine'`` (MLX ``bits``/``group_size``, vocabulary matrices at ``embedding_bits``) or
-    ``'seedlm'`` (``mlxeff.quant.seedlm.quantize_model``). ``progress``: progress bars on a
+    ``'seedlm'`` (``mlxeff.quant.seedlm.quantize_model``, in ``seedlm_basis`` if given: "states"
+    or "bits", ``mlxeff.quant.seedlm_format``). ``progress``: progress bars on a
     terminal (``mlxeff.progress``); False: none.
 
     Under ``mlx.launch`` (an ``mx.distributed`` group of several ranks) every rank reads the
@@ -149,7 +151,8 @@ def convert(
 
         quantize_affine(model, bits=bits, group_size=group_size, embedding_bits=embedding_bits)
     elif quantize == "seedlm":
-        seedlm_quantize(model, bits=bits, progress=progress)  # shared by the ranks of mx.distributed
+        basis = {"basis": seedlm_basis} if seedlm_basis else {}
+        seedlm_quantize(model, bits=bits, progress=progress, **basis)  # shared by the ranks of mx.distributed
 
     if writer:
         save(model, tokenizer_obj, out, force=force)

@@ -108,13 +108,13 @@ def test_planted_bits_blocks_are_found_exactly():
     assert enc.sq_error < 1e-10 * enc.sq_norm
 
 
-def test_quantize_model_writes_the_bits_basis_by_default(tmp_path):
+def test_quantize_model_writes_the_bits_basis(tmp_path):
     import mlxeff
     from test_seedlm import FAST, small_model
 
     model = small_model()
     x = mx.array([[1, 5, 9, 2, 33]])
-    S.quantize_model(model, bits=4, progress=False, config=FAST)
+    S.quantize_model(model, bits=4, progress=False, config=FAST, basis="bits")
     specs = model.mlxeff_meta["quantization"]
     assert {s["basis"] for s in specs.values()} == {"bits"}
     layers = [m for _, m in model.named_modules() if isinstance(m, S.SeedLMLinear)]
@@ -241,3 +241,24 @@ def test_cuda_dequant_is_the_reference_bit_for_bit(C, P, out, inf):
     with mx.stream(mx.cpu):
         want = np.array(F.reconstruct(mx.array(seeds), mx.array(codes), eb, C, P, inf, basis="bits"))
     np.testing.assert_array_equal(got, want)
+
+
+# ---- the convert command ---------------------------------------------------------------------
+
+def test_convert_seedlm_basis_option(tmp_path, monkeypatch, capsys):
+    import mlxeff
+    from conftest import make_model, tiny_args, write_hf_openelm
+    from test_convert_cli import assert_clean_failure, run_inprocess
+
+    hf = write_hf_openelm(make_model(tiny_args()), tmp_path / "hf")
+    out = tmp_path / "out"
+    code, _, err = run_inprocess(monkeypatch, capsys, "convert", hf, "--out", out, "--no-tokenizer", "--quantize", "seedlm",
+                                 "--seedlm-basis", "bits", "--json")
+    assert code == 0, err
+    loaded, _ = mlxeff.load(out)
+    assert {s.get("basis") for s in loaded.mlxeff_meta["quantization"].values()} == {"bits"}
+    bad = tmp_path / "bad"
+    assert_clean_failure(run_inprocess(monkeypatch, capsys, "convert", hf, "--out", bad, "--seedlm-basis", "bits"),
+                         bad, "--seedlm-basis applies to --quantize seedlm")
+    assert_clean_failure(run_inprocess(monkeypatch, capsys, "convert", hf, "--out", bad, "--quantize", "seedlm",
+                                       "--seedlm-basis", "trits"), bad, "unknown basis 'trits'")

@@ -220,7 +220,7 @@ def quantize_model(model: nn.Module, bits: int = 4, C: Optional[int] = None, P: 
     """Replace the model's Linear layers in the transformer blocks by ``SeedLMLinear``, in place.
 
     ``bits`` picks a preset (4: C=8 P=3; 3: C=12 P=4) unless C and P are given; ``basis`` the basis
-    (``seedlm_format``: "bits" by default, "states" for the paper's normalised register states). Embeddings and the
+    (``seedlm_format``: ``BASIS_DEFAULT``, the paper's normalised register states, or "bits"). Embeddings and the
     output head stay as they are unless ``include_embeddings``. Every weight is encoded first; then
     the per-layer spec is applied (``apply_quantization_spec``, as on load), the packed arrays
     filled, and the spec recorded in ``model.mlxeff_meta["quantization"]`` (saved by

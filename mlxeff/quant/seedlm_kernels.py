@@ -9,8 +9,10 @@ packed 4 (or 3) bits per weight and regenerate U on the fly.
 Three implementations of one algorithm (DESIGN.md, "Kernels"):
 
 - ``seedlm_format.reconstruct`` (the format's one reference reconstruction) and
-  ``seedlm_matvec_reference`` (``x @ W.T`` with it): plain MLX ops that step the register C*P
-  times over all blocks at once. The CPU path and the oracle of the tests.
+  ``seedlm_matvec_reference`` (``x @ W.T`` with it): plain MLX ops on a table of every seed's
+  basis (``seedlm_format.basis_table``, built from the register's cycle). The CPU path and the
+  oracle of the tests. This module serves the "states" basis; ``seedlm_bits_kernels`` the "bits"
+  basis.
 - ``metal/seedlm_matvec.inc``: for 1..8 rows of x. A threadgroup owns a few output rows (all of
   their blocks, or a split of them when x is staged); a thread takes one block column at a time,
   reads its x values once (from device memory, or from a threadgroup-memory copy of the slice)
