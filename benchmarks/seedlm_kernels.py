@@ -198,16 +198,21 @@ def variant_name(cfg) -> str:
     return f"{'staged' if stage else 'direct'}-x T={T} TR={TR}"
 
 
+def sweep_inputs(name: str, n: int, args):
+    """A sweep's method (its weight copies), matvecs per timed call, x rows and exp_base."""
+    m = Method(name, n, 1, seed=n)
+    reps = max(args.reps, len(m.copies))
+    xs = [mx.random.normal((1, n), key=mx.random.key(i)).astype(mx.float16) for i in range(reps)]
+    mx.eval(xs)
+    return m, reps, xs, m.copies[0][2]
+
+
 def bench_sweep(n: int, args) -> list:
     """The 4-bit matvec (one x row) at every launch shape of SWEEP, timed side by side like the
     methods of bench_matvec (same copies, same x, rotated order); each checked against the
     reference on the first copy."""
     C, P = CONFIGS["seedlm4"]
-    m = Method("seedlm4", n, 1, seed=n)
-    reps = max(args.reps, len(m.copies))
-    xs = [mx.random.normal((1, n), key=mx.random.key(i)).astype(mx.float16) for i in range(reps)]
-    mx.eval(xs)
-    eb = m.copies[0][2]
+    m, reps, xs, eb = sweep_inputs("seedlm4", n, args)
 
     def run(cfg, xs=xs):
         st, T, TR = cfg
@@ -238,8 +243,11 @@ def bench_sweep(n: int, args) -> list:
     return out
 
 
-# (warps, split, groups) tried by --sweep for the bits basis' 4-bit matvec; None = the default
-BITS_SWEEP = [(w, s, g) for w in (4, 8) for s in (None, 1, 4, 16) for g in (1, 2)]
+# (warps, split, groups) tried by --sweep-bits for the bits basis' 4-bit matvec (None: the default):
+# the default, larger and smaller splits, and small threadgroups with the 16-entry tables (G=2),
+# which need no split (one graph node per call) and leave room for many groups per SM
+BITS_SWEEP = [(8, None, None), (8, 4, None), (8, 16, None), (4, None, 1), (8, None, 2),
+              (1, 1, 2), (2, 1, 2), (4, 1, 2), (2, None, 2), (2, 1, 1)]
 
 
 def bench_bits_sweep(n: int, args) -> list:
@@ -247,11 +255,7 @@ def bench_bits_sweep(n: int, args) -> list:
     kernel alone (its float32 partial sums not added) and the whole call (partials added and cast
     to float16), each checked against the reference on the first copy."""
     C, P = CONFIGS["seedlm4-bits"]
-    m = Method("seedlm4-bits", n, 1, seed=n)
-    reps = max(args.reps, len(m.copies))
-    xs = [mx.random.normal((1, n), key=mx.random.key(i)).astype(mx.float16) for i in range(reps)]
-    mx.eval(xs)
-    eb = m.copies[0][2]
+    m, reps, xs, eb = sweep_inputs("seedlm4-bits", n, args)
 
     def run(cfg, whole, xs=xs):
         w, s, g = cfg
@@ -278,7 +282,8 @@ def bench_bits_sweep(n: int, args) -> list:
     for (cfg, whole), v in times.items():
         plan = bk.matvec_plan(n, n, C, P, mx.float16, warps=cfg[0], split=cfg[1], groups=cfg[2])
         med = statistics.median(v)
-        out.append({"n": n, "warps": cfg[0], "split": plan["out_shape"][0], "groups": cfg[2] or "default",
+        out.append({"n": n, "requested": list(cfg), "warps": cfg[0], "split": plan["out_shape"][0],
+                    "groups": int(plan["spec"].defines[[k for k, _ in plan["spec"].defines].index("SLB_G")][1]),
                     "measure": "call" if whole else "kernel", "median_us": med * 1e6,
                     "gbps": (m.weight_bytes + 4 * n) / med / 1e9, "rel_err": diffs[cfg]})
     return out
@@ -381,7 +386,7 @@ def main(argv=None) -> None:
     if "bits_sweep" in result:
         print("\nsweep: bits basis, 4-bit matvec, 1 row of x (warps, split, tables per field)")
     for s in result.get("bits_sweep", []):
-        print(f"  n={s['n']:5d} warps={s['warps']} split={s['split']:3d} groups={s['groups']!s:7s} "
+        print(f"  n={s['n']:5d} warps={s['warps']} split={s['split']:3d} groups={s['groups']} "
               f"{s['measure']:6s} {s['median_us']:8.1f} us  {s['gbps']:7.1f} GB/s  rel err {s['rel_err']:.1e}")
     if "floor_us" in result:
         f = result["floor_us"]

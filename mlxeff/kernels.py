@@ -185,6 +185,14 @@ def build(spec: KernelSpec, backend: Optional[str] = None):
     )
 
 
+def run_plan(kernel, plan: dict, inputs: Sequence) -> mx.array:
+    """Call a built kernel with a launch plan's grid, threadgroup, template and output (a dict with
+    those keys, as the kernel modules' ``*_plan`` functions return); the one output."""
+    return kernel(inputs=list(inputs), template=plan["template"], grid=plan["grid"],
+                  threadgroup=plan["threadgroup"], output_shapes=[plan["out_shape"]],
+                  output_dtypes=[plan["out_dtype"]])[0]
+
+
 def metal_check_run(spec: KernelSpec, inputs: Sequence, **kwargs):
     """Run the Metal body of ``spec`` on the CPU with shared/tools/metal-check (tests only)."""
     import metal_check as mc  # the tests put shared/tools/metal-check on sys.path

@@ -3,13 +3,13 @@ and the table-lookup kernels (Metal bodies through metal-check, CUDA twins compi
 and on a CUDA GPU the kernels themselves)."""
 
 import shutil
-import subprocess
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import use_metal_check
-from test_seedlm_kernels import mlx_cuda_source
+from test_seedlm import random_packed as make_packed
+from test_seedlm_kernels import compile_units, mlx_cuda_source
 
 from mlxeff.errors import MlxeffError
 from mlxeff.quant import lfsr
@@ -17,15 +17,6 @@ from mlxeff.quant import seedlm as S
 from mlxeff.quant import seedlm_bits_kernels as BK
 from mlxeff.quant import seedlm_encoder as E
 from mlxeff.quant import seedlm_format as F
-
-
-def make_packed(out, inp, C, P, seed=0, exp_base=-6):
-    rng = np.random.default_rng(seed)
-    nb = F.num_blocks(inp, C)
-    seeds = rng.integers(1, 65536, size=(out, nb)).astype(np.uint16)
-    exps = rng.integers(0, 16, size=(out, nb))
-    coeffs = rng.integers(-8, 8, size=(out, nb, P))
-    return seeds, F.pack_codes(exps, coeffs), exp_base, exps, coeffs
 
 
 def numpy_dense(seeds, exps, coeffs, exp_base, C, P, inp):
@@ -196,17 +187,7 @@ def test_cuda_bodies_compile_with_nvcc(tmp_path):
         mlx_cuda_source(BK.dequant_plan(4096, 4096, 8, 3, mx.float16, backend="cuda"),
                         [mx.uint16, mx.uint8, mx.int32, mx.uint32, mx.int32]),
     ]
-    procs = []
-    for i, unit in enumerate(units):
-        (tmp_path / f"u{i}.cu").write_text(unit)
-        procs.append(subprocess.Popen(
-            [nvcc, "-std=c++17", "-arch=sm_90", "-Xptxas", "-warn-spills", "-cubin", str(tmp_path / f"u{i}.cu"),
-             "-o", str(tmp_path / f"u{i}.cubin")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for i, p in enumerate(procs):
-        log = p.communicate()[0]
-        assert p.returncode == 0, f"unit {i}:\n{log[-4000:]}"
-        if i <= 1:
-            assert "spill" not in log.lower(), log
+    compile_units(nvcc, units, tmp_path, no_spills=2)
 
 
 def _cuda():

@@ -45,9 +45,9 @@ from typing import Dict, Optional
 import mlx.core as mx
 import numpy as np
 
-from ..kernels import KernelSpec, build, metal_check_run
+from ..kernels import KernelSpec, build, metal_check_run, run_plan
 from .seedlm_format import check_packed, codes_width, num_blocks, reconstruct
-from .seedlm_kernels import _backend, _code_words, _code_words_np, _exp_base, tables_np
+from .seedlm_kernels import _backend, _code_words_np, packed_inputs, tables_np
 
 MAX_ROWS = 1
 HEADER = "seedlm_common.inc"
@@ -76,11 +76,6 @@ def table_groups(C: int, backend: str) -> int:
         if C % G == 0 and C // G <= 8 and 4 * 32 * G * (1 << (C // G)) <= TABLE_BYTES[backend]:
             return G
     raise ValueError(f"no table split fits C={C}")
-
-
-@lru_cache(maxsize=None)
-def _tables() -> mx.array:
-    return mx.array(tables_np())
 
 
 @lru_cache(maxsize=1024)
@@ -169,9 +164,7 @@ def seedlm_matvec(x: mx.array, seeds: mx.array, codes: mx.array, exp_base, C: in
 
 
 def _launch(x, seeds, codes, exp_base, backend, plan, kernel, dims) -> mx.array:
-    return kernel(inputs=[x, seeds, _code_words(codes, backend), _exp_base(exp_base, backend), _tables(), dims],
-                  template=plan["template"], grid=plan["grid"], threadgroup=plan["threadgroup"],
-                  output_shapes=[plan["out_shape"]], output_dtypes=[plan["out_dtype"]])[0]
+    return run_plan(kernel, plan, [x, *packed_inputs(seeds, codes, exp_base, backend), dims])
 
 
 def matvec_kernel(x: mx.array, seeds: mx.array, codes: mx.array, exp_base, C: int, P: int, in_features: int,
@@ -193,10 +186,7 @@ def seedlm_dequantize(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int
         return reconstruct(seeds, codes, exp_base, C, P, in_features, dtype, basis="bits")
     plan = dequant_plan(out, in_features, C, P, dtype, backend)
     kernel = build(plan["spec"], backend)
-    return kernel(inputs=[seeds, _code_words(codes, backend), _exp_base(exp_base, backend), _tables(),
-                          _dims(*plan["dims"])],
-                  template=plan["template"], grid=plan["grid"], threadgroup=plan["threadgroup"],
-                  output_shapes=[plan["out_shape"]], output_dtypes=[plan["out_dtype"]])[0]
+    return run_plan(kernel, plan, [*packed_inputs(seeds, codes, exp_base, backend), _dims(*plan["dims"])])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from ..kernels import KernelSpec, build, gpu_backend, metal_check_run
+from ..kernels import KernelSpec, build, gpu_backend, metal_check_run, run_plan
 from . import lfsr
 from .seedlm_format import K_DEFAULT, check_packed, codes_width, num_blocks, reconstruct
 
@@ -204,6 +204,11 @@ def _code_words(codes: mx.array, backend: Optional[str] = "cuda") -> mx.array:
     if pad:
         flat = mx.concatenate([flat, mx.zeros((pad,), dtype=mx.uint8)])
     return flat.view(mx.uint32)
+
+
+def packed_inputs(seeds: mx.array, codes: mx.array, exp_base, backend: Optional[str]) -> list:
+    """A packed tensor as the kernels of both bases read it: seeds, code words, exp_base, tables."""
+    return [seeds, _code_words(codes, backend), _exp_base(exp_base, backend), _tables()]
 
 
 def _code_words_np(codes: np.ndarray) -> np.ndarray:
@@ -379,10 +384,7 @@ def _matvec_launch(x, seeds, codes, exp_base, C, P, in_features, out, backend, t
         plan = matvec_plan(*key[:7], threads=threads, tile_rows=tile_rows, stage_x=stage_x)
         hit = _LAUNCH[key] = (plan, build(plan["spec"], backend), _dims(*plan["dims"]))
     plan, kernel, dims = hit
-    y = kernel(inputs=[x, seeds, _code_words(codes, backend), _exp_base(exp_base, backend), _tables(),
-                       dims],
-               template=plan["template"], grid=plan["grid"], threadgroup=plan["threadgroup"],
-               output_shapes=[plan["out_shape"]], output_dtypes=[plan["out_dtype"]])[0]
+    y = run_plan(kernel, plan, [x, *packed_inputs(seeds, codes, exp_base, backend), dims])
     if len(plan["out_shape"]) == 3:
         y = y.sum(axis=0).astype(x.dtype)
     return y
@@ -419,10 +421,7 @@ def seedlm_dequantize(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int
     backend = _backend()
     plan = dequant_plan(out, in_features, C, P, dtype, backend)
     kernel = build(plan["spec"], backend)
-    return kernel(inputs=[seeds, _code_words(codes, backend), _exp_base(exp_base, backend), _tables(),
-                          _dims(*plan["dims"])],
-                  template=plan["template"], grid=plan["grid"], threadgroup=plan["threadgroup"],
-                  output_shapes=[plan["out_shape"]], output_dtypes=[plan["out_dtype"]])[0]
+    return run_plan(kernel, plan, [*packed_inputs(seeds, codes, exp_base, backend), _dims(*plan["dims"])])
 
 
 # ----------------------------------------------------------------------------------------------
