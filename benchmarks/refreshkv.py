@@ -344,13 +344,17 @@ def project_items(tokenizer, context: int, count: int, pairs: int = 50, docs: in
     model v2 was trained to read: key-value retrieval with ``pairs`` pairs in a JSON object, and
     multi-document QA with ``docs`` book passages in about ``context - 48`` tokens (room for the
     answer). Prompts are token ids, answers the gold strings."""
+    from mlxeff.errors import MlxeffError
     from mlxeff.tasks.runner import build_items
 
     corpus = DATA / "gutenberg-children"
     out = {}
     for name, docs_n, ctx in (("kv_retrieval", pairs, None), ("multidoc_qa", docs, context - 48)):
-        items = build_items(name.replace("_", "-"), tokenizer, data=corpus, docs=docs_n,
-                            context_tokens=ctx, limit=count)
+        try:
+            items = build_items(name.replace("_", "-"), tokenizer, data=corpus, docs=docs_n,
+                                context_tokens=ctx, limit=count)
+        except MlxeffError as e:  # e.g. a context too small for the passages: one line, no traceback
+            raise SystemExit(f"error: {e}") from None
         out[name] = [dict(prompt=tokenizer.encode(it.prompt), answers=it.answers,
                           max_tokens=it.max_tokens) for it in items]
         longest = max(len(it["prompt"]) for it in out[name])

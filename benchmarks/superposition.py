@@ -108,11 +108,15 @@ def book_items(corpus: Path, tokenizer, num_docs: int, num_questions: int, conte
     quoted phrase, asked of ``num_docs`` held-out book passages in about ``context_tokens``
     tokens), as items of the same shape. Every item has its own passages (its own block), and
     keeps its rendered prompt: naive prompting reads exactly what ``mlxeff eval`` reads."""
+    from mlxeff.errors import MlxeffError
     from mlxeff.tasks.runner import build_items
     from mlxeff.techniques.superposition import Document
 
-    items = build_items("multidoc-qa", tokenizer, data=corpus, docs=num_docs,
-                        context_tokens=context_tokens, limit=num_questions, seed=seed)
+    try:
+        items = build_items("multidoc-qa", tokenizer, data=corpus, docs=num_docs,
+                            context_tokens=context_tokens, limit=num_questions, seed=seed)
+    except MlxeffError as e:  # e.g. passages that cannot fit --context-tokens: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
     return [dict(question=it.meta["question"], answers=it.answers, prompt=it.prompt,
                  documents=[Document(p) for p in it.meta["passages"]], gold=it.meta["gold_position"],
                  block=i) for i, it in enumerate(items)]
