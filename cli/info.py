@@ -37,7 +37,8 @@ def info(
     print(f"bits/weight:  {s['bits_per_weight']:.3f} overall, {s['linear_bits_per_weight']:.3f} in the blocks' linear layers")
     print(f"size on disk: {s['size_on_disk_bytes'] / 1e6:.2f} MB")
     if s["quantization"]:
-        methods = sorted({f"{v['method']}" + (f" {v['bits']}-bit" if 'bits' in v else '') for v in s['quantization'].values()})
+        methods = sorted({f"{v['method']}" + (f" {v['bits']}-bit" if 'bits' in v else '')
+                           + (f" {v['basis']} basis" if 'basis' in v else '') for v in s['quantization'].values()})
         print(f"quantization: {len(s['quantization'])} modules ({', '.join(methods)})")
     if s["artifacts"]:
         print(f"artifacts:    {', '.join(sorted(s['artifacts']))}")

@@ -238,6 +238,8 @@ def test_convert_seedlm_basis_option(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     loaded, _ = mlxeff.load(out)
     assert {s.get("basis") for s in loaded.mlxeff_meta["quantization"].values()} == {"bits"}
+    code, stdout, err = run_inprocess(monkeypatch, capsys, "info", out)
+    assert code == 0 and "seedlm 4-bit bits basis" in stdout, stdout + err
     bad = tmp_path / "bad"
     assert_clean_failure(run_inprocess(monkeypatch, capsys, "convert", hf, "--out", bad, "--seedlm-basis", "bits"),
                          bad, "--seedlm-basis applies to --quantize seedlm")
