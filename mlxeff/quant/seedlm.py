@@ -8,10 +8,12 @@ for arithmetic. The packed format (normative), its checks and the reference reco
 ``mlxeff.quant.seedlm_format``; the seed search in ``mlxeff.quant.seedlm_encoder``; the fused GPU
 kernels in ``mlxeff.quant.seedlm_kernels``. This module holds the layers and model quantization.
 
-Modules: ``SeedLMLinear(in_features, out_features, C, P)`` and ``SeedLMEmbedding`` (only with
-``include_embeddings``; its table is packed like a Linear weight of shape (vocab, dims)) hold
-``seeds``, ``codes``, ``exp_base`` as parameters. ``SeedLMLinear.__call__`` uses the fused GPU
-kernels where ``seedlm_kernels.kernel_available(C, P)`` (rows <= 8: matvec; more rows: dequantise
+Modules: ``SeedLMLinear(in_features, out_features, C, P, basis=...)`` and ``SeedLMEmbedding``
+(only with ``include_embeddings``; its table is packed like a Linear weight of shape (vocab, dims))
+hold ``seeds``, ``codes``, ``exp_base`` as parameters; ``basis`` ("states" or "bits",
+``seedlm_format``) picks the basis and its kernels (``KERNELS``: ``seedlm_kernels`` or
+``seedlm_bits_kernels``). ``SeedLMLinear.__call__`` uses the fused GPU kernels where they cover
+(C, P) (up to ``MAX_ROWS`` rows of x: matvec, 8 for states, 1 for bits; more rows: dequantise
 to x's dtype per call, then matmul); otherwise a dense float32 reconstruction
 (``seedlm_format.reconstruct``) built once, cached (not saved) and rebuilt if the packed arrays are
 replaced.
