@@ -18,7 +18,8 @@ Macros available to a body (both backends):
 - ``SHARED``      threadgroup/shared storage qualifier for arrays declared in the body;
 - ``uint32`` / ``int32`` / ``half_t`` types.
 
-Metal bodies are also executed on the CPU in the tests through ``shared/tools/metal-check``.
+Metal bodies are also executed on the CPU in the tests through the metal-check emulator (Metal's
+SIMT semantics on the CPU).
 """
 
 from __future__ import annotations
@@ -194,8 +195,8 @@ def run_plan(kernel, plan: dict, inputs: Sequence) -> mx.array:
 
 
 def metal_check_run(spec: KernelSpec, inputs: Sequence, **kwargs):
-    """Run the Metal body of ``spec`` on the CPU with shared/tools/metal-check (tests only)."""
-    import metal_check as mc  # the tests put shared/tools/metal-check on sys.path
+    """Run the Metal body of ``spec`` on the CPU with the metal-check emulator (tests only)."""
+    import metal_check as mc  # the tests put the emulator on sys.path
 
     header, body = kernel_sources(spec, "metal")
     return mc.run(

@@ -170,7 +170,7 @@ def test_launch_plans():
 
 # ---- one build per configuration, not per layer shape ----------------------------------------
 
-# (out, in) of layers: the small shapes, and OpenELM-270M-like ones (model 1280, odd FFN widths)
+# (out, in) of layers: small shapes, and OpenELM-270M-like ones (model 1280, odd FFN widths)
 LAYER_SHAPES = [(64, 48), (96, 40), (128, 200), (1792, 1280), (1280, 1280), (1280, 5120), (1280, 4352),
                 (3, 64), (9, 23)]
 

@@ -7,7 +7,7 @@ sequence) and short prefill chunks (a few queries), with optional causal masking
 a key is visible to a query when ``k_positions[slot] <= q_positions[query]``, which is what a cache
 holding tokens out of order (LazyLLM's revived tokens) needs.
 
-Three implementations of one algorithm (DESIGN.md, "Kernels"):
+Three implementations of one algorithm (one kernel body for two backends, one plain-MLX reference):
 
 - ``pruned_attention_reference``: plain MLX ops (gather, scores in float32, softmax, weighted sum).
   Used on the CPU and as the oracle in the tests.
@@ -371,7 +371,7 @@ def _kernel(spec: KernelSpec, backend: str):
 
 def pruned_attention_metal_check(q, k, v, index, *, scale, q_positions=None, k_positions=None,
                                  n_splits=None, warps=None, unroll=None):
-    """The Metal body executed on the CPU by shared/tools/metal-check (tests only; numpy out)."""
+    """The Metal body executed on the CPU by the metal-check emulator (tests only; numpy out)."""
     import numpy as np
 
     from ..kernels import metal_check_run

@@ -190,7 +190,7 @@ def seedlm_dequantize(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int
 
 
 # ----------------------------------------------------------------------------------------------
-# the Metal bodies on the CPU (tests; needs shared/tools/metal-check on sys.path)
+# the Metal bodies on the CPU (tests; needs the metal-check emulator importable as metal_check)
 
 _NP = {mx.float16: np.float16, mx.float32: np.float32}
 

@@ -19,7 +19,7 @@ The paper searches every seed; so do we, in two stages:
    those groups' members (the true top-k always lies in the k groups with the largest maxima).
 2. Quantisation, for the candidates only: the least-squares coefficients ``t = pinv(U_s) w``
    (pseudo-inverses cached with the tables), the exponent ``e = ceil(log2(max|t| / 7.5))`` and
-   its neighbours e-1 and e+1 (DESIGN.md; ``exponent_window``), and for each exponent every
+   its neighbours e-1 and e+1 (``exponent_window``), and for each exponent every
    rounding of t/2^e to the floor or ceiling per coordinate (2^P codes, clipped to -8..7) -- a
    small exhaustive refit that is never worse than rounding to nearest. The reconstruction error
    of each (seed, exponent, codes) is computed directly (not by a cancelling formula) and the
@@ -49,8 +49,8 @@ Deviations and open choices resolved:
   an ill-conditioned basis whose large, cancelling coefficients do not survive 4-bit rounding
   (iid Gaussian, 4-bit: relative error 1.06 with 1 candidate -- worse than storing zeros --, 0.120
   with 4, 0.1196 with 16 and with 64; benchmarks/seedlm.py quality).
-- The paper's exponent is ``floor(log2(max|t|))`` style; we use DESIGN.md's rule with e +- 1 and a
-  per-tensor base, because the literal rule wastes part of the 4-bit code range.
+- The paper's exponent is ``floor(log2(max|t|))`` style; we use ``ceil(log2(max|t| / 7.5))`` with
+  e +- 1 and a per-tensor base, because the literal rule wastes part of the 4-bit code range.
 - The paper quantises by rounding; we refit the integer codes over the 2^P floor/ceil patterns.
 - Blocks whose weights are all zero get seed 1, exponent code 0 and zero coefficients.
 """

@@ -6,7 +6,7 @@ of C weights as a 16-bit LFSR seed, a 4-bit shared exponent e and P 4-bit coeffi
 At decode time the weight bytes, not the arithmetic, bound a matvec, so the kernels read the
 packed 4 (or 3) bits per weight and regenerate U on the fly.
 
-Three implementations of one algorithm (DESIGN.md, "Kernels"):
+Three implementations of one algorithm (one kernel body for two backends, one plain-MLX reference):
 
 - ``seedlm_format.reconstruct`` (the format's one reference reconstruction) and
   ``seedlm_matvec_reference`` (``x @ W.T`` with it): plain MLX ops on a table of every seed's
@@ -425,7 +425,7 @@ def seedlm_dequantize(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int
 
 
 # ----------------------------------------------------------------------------------------------
-# the Metal bodies on the CPU (tests; needs shared/tools/metal-check on sys.path)
+# the Metal bodies on the CPU (tests; needs the metal-check emulator importable as metal_check)
 
 _NP = {mx.float16: np.float16, mx.float32: np.float32}
 
