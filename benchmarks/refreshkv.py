@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import math
 import os
 import statistics
 import sys
@@ -57,6 +56,7 @@ from mlxeff.precision import apply_compute_dtype  # noqa: E402
 from mlxeff.models import Model, layerwise_config, openelm_config  # noqa: E402
 from mlxeff.models.attention import attend  # noqa: E402
 from mlxeff.techniques import refreshkv as rk  # noqa: E402
+from mlxeff.tasks.scoring import wilson_interval as wilson  # noqa: E402
 from mlxeff.techniques.refreshkv_baselines import H2ODecode, StreamingDecode  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -376,15 +376,6 @@ def quality_variants(args, k):
     }
 
 
-def wilson(hits: int, n: int, z: float = 1.96):
-    if n == 0:
-        return (0.0, 0.0)
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def normalize(text: str) -> str:
     return " ".join("".join(ch for ch in text.lower() if ch.isalnum() or ch.isspace()).split())
 
@@ -409,7 +400,7 @@ def answer_accuracy(model, tokenizer, items, make, max_tokens: int):
         out = [tok for tok, _ in generate_step(ids, model, max_tokens=budget, decode=decs[-1])]
         text = normalize(tokenizer.decode(out))
         hits.append(any(normalize(a) and normalize(a) in text for a in item["answers"]))
-    lo, hi = wilson(sum(hits), len(items))
+    lo, hi = wilson(sum(hits), len(items)) if items else (0.0, 0.0)
     return dict(accuracy=sum(hits) / len(items), ci95=[lo, hi], n=len(items), correct=hits,
                 seconds=time.perf_counter() - tic, **_full_fraction(decs))
 
