@@ -57,8 +57,11 @@ def convert(
                                                      embedding_bits)
     if seedlm_basis is not None and quantize != "seedlm":
         fail("--seedlm-basis applies to --quantize seedlm only")
-    if seedlm_basis not in (None, "states", "bits"):
-        fail(f"--seedlm-basis: unknown basis {seedlm_basis!r} (choose states or bits)")
+    if seedlm_basis is not None:
+        from mlxeff.quant.lfsr import BASES
+
+        if seedlm_basis not in BASES:
+            fail(f"--seedlm-basis: unknown basis {seedlm_basis!r} (choose {' or '.join(BASES)})")
     summary = run(
         src, out, source=source, config=config, vocab_size=vocab_size,
         tokenizer=False if no_tokenizer else tokenizer, dtype=dtype, quantize=quantize, bits=bits,

@@ -37,7 +37,6 @@ Choices and limits:
 
 from __future__ import annotations
 
-import hashlib
 import math
 from functools import lru_cache
 from typing import Dict, Optional
@@ -45,13 +44,11 @@ from typing import Dict, Optional
 import mlx.core as mx
 import numpy as np
 
-from ..kernels import KernelSpec, build, metal_check_run, run_plan
-from .seedlm_format import check_packed, codes_width, num_blocks, reconstruct
-from .seedlm_kernels import _backend, _code_words_np, packed_inputs, tables_np
+from ..kernels import build, metal_check_run, run_plan
+from .seedlm_format import check_packed, num_blocks, reconstruct
+from .seedlm_kernels import _FLOATS, _backend, _dims, _row_layout, _spec, packed_inputs, packed_inputs_np
 
 MAX_ROWS = 1
-HEADER = "seedlm_common.inc"
-_FLOATS = (mx.float16, mx.bfloat16, mx.float32)
 # threadgroup memory for the tables (the jump table takes 2 KiB more)
 TABLE_BYTES = {"metal": 30 * 1024, "cuda": 40 * 1024}
 WARPS = 8
@@ -78,27 +75,13 @@ def table_groups(C: int, backend: str) -> int:
     raise ValueError(f"no table split fits C={C}")
 
 
-@lru_cache(maxsize=1024)
-def _dims(in_features: int, nb: int, out: int, P: int, cps: int) -> mx.array:
-    a = mx.array([in_features, nb, out, 8 * codes_width(nb, P), cps], dtype=mx.int32)
-    mx.eval(a)
-    return a
-
-
-def _spec(kind: str, source: str, inputs, ints: Dict[str, int], tag: str) -> KernelSpec:
-    defines = tuple((k, str(v)) for k, v in sorted(ints.items()))
-    digest = hashlib.sha1(repr((defines, tag)).encode()).hexdigest()[:12]
-    return KernelSpec(name=f"seedlm_bits_{kind}_{digest}", source_file=source, input_names=tuple(inputs),
-                      output_names=("y",) if kind == "matvec" else ("out",), header_file=HEADER,
-                      defines=defines)
-
-
 @lru_cache(maxsize=256)
 def matvec_plan(out_features: int, in_features: int, C: int, P: int, x_dtype=mx.float16,
                 backend: Optional[str] = None, warps: int = WARPS, split: Optional[int] = None,
                 groups: Optional[int] = None) -> dict:
     """Launch configuration of the matvec (cached; read-only): spec, grid, threadgroup, template,
-    output shape and dtype, and the ``dims`` key. ``split``: chunks of 32 blocks per row are shared
+    output shape and dtype, and ``dims`` (in_features, blocks per row, out_features, bits per codes
+    row, 32-block chunks per split). ``split``: chunks of 32 blocks per row are shared
     among this many threadgroups (default: enough for ``TARGET_GROUPS``); ``groups``: tables per
     C-bit field (default ``table_groups``)."""
     backend = backend or _backend() or "cuda"
@@ -115,11 +98,11 @@ def matvec_plan(out_features: int, in_features: int, C: int, P: int, x_dtype=mx.
     if C % G or 4 * 32 * G * (1 << (C // G)) > TABLE_BYTES[backend]:
         raise ValueError(f"{G} tables of {C // G} bits do not fit {backend} threadgroup memory at C={C}")
     ints = dict(SLB_C=C, SLB_P=P, SLB_G=G, SLB_W=warps, SLB_PARTIAL=int(partial))
-    spec = _spec("matvec", "seedlm_bits_matvec.inc", ("x", "seeds", "codes", "exp_base", "tables", "dims"),
-                 ints, f"{backend}:{x_dtype}:{out_dtype}")
+    spec = _spec("bits_matvec", "seedlm_bits_matvec.inc", ("x", "seeds", "codes", "exp_base", "tables", "dims"),
+                 ("y",), ints, f"{backend}:{x_dtype}:{out_dtype}")
     return dict(spec=spec, grid=(32 * warps * split, tiles, 1), threadgroup=(32 * warps, 1, 1),
                 template=[("OT", out_dtype)], out_dtype=out_dtype, out_shape=(split, out_features),
-                dims=(in_features, nb, out_features, P, cps))
+                dims=(in_features, nb, out_features, _row_layout(nb, P)[0], cps))
 
 
 @lru_cache(maxsize=256)
@@ -128,12 +111,12 @@ def dequant_plan(out_features: int, in_features: int, C: int, P: int, dtype=mx.f
     """Launch configuration of the dequantise kernel (cached; read-only)."""
     backend = backend or _backend() or "cuda"
     nb = num_blocks(in_features, C)
-    spec = _spec("dequant", "seedlm_bits_dequant.inc", ("seeds", "codes", "exp_base", "tables", "dims"),
-                 dict(SLB_C=C, SLB_P=P), f"{backend}:{dtype}")
+    spec = _spec("bits_dequant", "seedlm_bits_dequant.inc", ("seeds", "codes", "exp_base", "tables", "dims"),
+                 ("out",), dict(SLB_C=C, SLB_P=P), f"{backend}:{dtype}")
     TX = 64
     return dict(spec=spec, grid=(-(-nb // TX) * TX, out_features, 1), threadgroup=(TX, 1, 1),
                 template=[("OT", dtype)], out_dtype=dtype, out_shape=(out_features, in_features),
-                dims=(in_features, nb, out_features, P, 0))
+                dims=(in_features, nb, out_features, _row_layout(nb, P)[0], 0))
 
 
 _LAUNCH: Dict[tuple, tuple] = {}
@@ -195,21 +178,14 @@ def seedlm_dequantize(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int
 _NP = {mx.float16: np.float16, mx.float32: np.float32}
 
 
-def _dims_np(dims) -> np.ndarray:
-    in_features, nb, out, P, cps = dims
-    return np.array([in_features, nb, out, 8 * codes_width(nb, P), cps], np.int32)
-
-
 def matvec_metal_check(x, seeds, codes, exp_base, C: int, P: int, in_features: int, **plan_kw) -> np.ndarray:
     """The Metal matvec body run by metal-check on one row of x (numpy in and out)."""
     x = np.asarray(x).reshape(-1)
     xd = mx.float16 if x.dtype == np.float16 else mx.float32
-    seeds = np.asarray(seeds, dtype=np.uint16)
-    plan = matvec_plan(seeds.shape[0], in_features, C, P, xd, backend="metal", **plan_kw)
+    plan = matvec_plan(np.shape(seeds)[0], in_features, C, P, xd, backend="metal", **plan_kw)
     y = metal_check_run(
         plan["spec"],
-        [x.astype(_NP[xd]), seeds, _code_words_np(codes), np.array([int(exp_base)], np.int32), tables_np(),
-         _dims_np(plan["dims"])],
+        [x.astype(_NP[xd]), *packed_inputs_np(seeds, codes, exp_base), np.array(plan["dims"], np.int32)],
         output_shapes=[plan["out_shape"]], output_dtypes=[_NP[plan["out_dtype"]]],
         grid=plan["grid"], threadgroup=plan["threadgroup"], template=[("OT", _NP[plan["out_dtype"]])])[0]
     return y.sum(axis=0, dtype=np.float32).astype(_NP[xd]) if y.shape[0] > 1 else y[0]
@@ -218,11 +194,9 @@ def matvec_metal_check(x, seeds, codes, exp_base, C: int, P: int, in_features: i
 def dequantize_metal_check(seeds, codes, exp_base, C: int, P: int, in_features: int,
                            dtype=mx.float32) -> np.ndarray:
     """The Metal dequantise body run by metal-check (numpy in and out)."""
-    seeds = np.asarray(seeds, dtype=np.uint16)
-    plan = dequant_plan(seeds.shape[0], in_features, C, P, dtype, backend="metal")
+    plan = dequant_plan(np.shape(seeds)[0], in_features, C, P, dtype, backend="metal")
     return metal_check_run(
         plan["spec"],
-        [seeds, _code_words_np(codes), np.array([int(exp_base)], np.int32), tables_np(),
-         _dims_np(plan["dims"])],
+        [*packed_inputs_np(seeds, codes, exp_base), np.array(plan["dims"], np.int32)],
         output_shapes=[plan["out_shape"]], output_dtypes=[_NP[dtype]],
         grid=plan["grid"], threadgroup=plan["threadgroup"], template=[("OT", _NP[dtype])])[0]

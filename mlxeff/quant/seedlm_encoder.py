@@ -65,8 +65,8 @@ import mlx.core as mx
 import numpy as np
 
 from . import lfsr
-from .seedlm_format import (CODE_MAX, CODE_MIN, EXP_ABS_MAX, EXP_ABS_MIN, EXP_BASE_MAX, EXP_BASE_MIN, EXP_CODES,
-                            pow2)
+from .seedlm_format import (BASIS_LEGACY, CODE_MAX, CODE_MIN, EXP_ABS_MAX, EXP_ABS_MIN, EXP_BASE_MAX, EXP_BASE_MIN,
+                            EXP_CODES, pow2)
 
 # First pass: a block's exponent may exceed ceil(log2(max|w| / 7.5)) by at most this much. The best
 # quantised fits stay within +-2 of it on Gaussian blocks; the cap only stops an ill-conditioned
@@ -114,7 +114,7 @@ class SearchTables:
     the seed axis to a multiple of ``GROUP`` and is never chosen).
     """
 
-    def __init__(self, C: int, P: int, rows: int, K: int, basis: str = "states"):
+    def __init__(self, C: int, P: int, rows: int, K: int, basis: str = BASIS_LEGACY):
         self.C, self.P, self.rows, self.K, self.basis = C, P, rows, K, basis
         n = lfsr.period(K)
         U = lfsr.bases(np.arange(1, n + 1), C, P, basis, K)[:, :rows, :].astype(np.float64)
@@ -137,7 +137,7 @@ class SearchTables:
 
 
 @lru_cache(maxsize=8)
-def search_tables(C: int, P: int, rows: int, K: int = lfsr.DEFAULT_K, basis: str = "states") -> SearchTables:
+def search_tables(C: int, P: int, rows: int, K: int = lfsr.DEFAULT_K, basis: str = BASIS_LEGACY) -> SearchTables:
     return SearchTables(C, P, rows, K, basis)
 
 
@@ -226,7 +226,7 @@ def _pad_batch(blocks: np.ndarray, start: int, batch: int) -> mx.array:
 
 def encode_blocks(parts, C: int, P: int, *, K: int = lfsr.DEFAULT_K,
                   config: EncoderConfig = EncoderConfig(), group=None,
-                  progress=None, basis: str = "states"):
+                  progress=None, basis: str = BASIS_LEGACY):
     """Encode one tensor given as parts of blocks, each (n_i, rows_i) float32 with rows_i <= C, for
     ``basis`` (``mlxeff.quant.seedlm_format``: "states" or "bits").
 
@@ -373,7 +373,7 @@ def split_blocks(W: np.ndarray, C: int):
 
 def encode_matrix(W, C: int, P: int, *, K: int = lfsr.DEFAULT_K,
                   config: EncoderConfig = EncoderConfig(), group=None,
-                  progress=None, basis: str = "states") -> EncodedMatrix:
+                  progress=None, basis: str = BASIS_LEGACY) -> EncodedMatrix:
     """Encode one (out, in) weight matrix; every rank returns the same result."""
     W = np.asarray(W.astype(mx.float32) if isinstance(W, mx.array) else W, dtype=np.float32)
     if W.ndim != 2:

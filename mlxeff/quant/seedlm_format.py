@@ -42,9 +42,10 @@ Per weight matrix W of shape (out, in) (a Linear's weight), configuration (C, P)
 
 Reference arithmetic (``reconstruct``), float32 throughout: each block's basis is read from a table
 of all 65535 bases (``basis_table``, from ``lfsr``); ``coef_p = c_p * 2^(e + exp_base)`` (exact: a
-small integer times a power of two), and ``w[c] = sum_p u[c, p] * coef_p`` summed over p in order. The dequantise kernel computes
-the same products in the same order (a backend may fuse a multiply-add), which is why this, not a
-matrix product with its library-dependent summation order, is the reference.
+small integer times a power of two), and ``w[c] = sum_p u[c, p] * coef_p`` summed over p in order.
+The dequantise kernel computes the same products in the same order (a backend may fuse a
+multiply-add), which is why this, not a matrix product with its library-dependent summation order,
+is the reference.
 
 Deviations and choices:
 - Taps for K=16 are our maximal-length choice (``lfsr`` says why); any maximal tap set yields the
@@ -57,17 +58,17 @@ Deviations and choices:
 Two bases (spec key ``"basis"``; an entry without it is ``"states"``, the format as first written):
 
 - ``"states"``: U as above, the normalised 16-bit register states (the paper's construction).
-- ``"bits"`` (``quantize_model(..., basis="bits")``, ``mlxeff convert --seedlm-basis bits``): U[c, p] = 2*hi + lo - 1.5 from two bits of
-  the register's output stream (``lfsr.bit_bases``: for column p the C low bits ``b[2Cp + c]``, then
-  the C high bits ``b[2Cp + C + c]``, where ``b_0 .. b_15`` are the seed's own bits and each step
-  adds one). Entries are -1.5, -0.5, 0.5 or 1.5, exact in every float format, so a half-precision
-  kernel multiplies by exactly the matrix the encoder fitted. A deviation from the paper chosen for
-  speed and measured for quality: on iid Gaussian blocks the relative error is 0.1142 against the
-  states basis' 0.1195 at 4 bits (C=8 P=3) and 0.2149 against 0.2187 at 3 bits (8192 / 4096 blocks,
-  16 candidates, ``benchmarks/seedlm.py quality``), and a column's C low or high bits are one
-  C-bit index into a table of subset sums of x, which is how the decode kernel avoids forming the
-  basis at all (``mlxeff.quant.seedlm_bits_kernels``). Reconstruction and bits per block are
-  otherwise the same.
+- ``"bits"`` (``quantize_model(..., basis="bits")``, ``mlxeff convert --seedlm-basis bits``):
+  U[c, p] = 2*hi + lo - 1.5 from two bits of the register's output stream (``lfsr.bit_bases``: for
+  column p the C low bits ``b[2Cp + c]``, then the C high bits ``b[2Cp + C + c]``, where ``b_0 ..
+  b_15`` are the seed's own bits and each step adds one). Entries are -1.5, -0.5, 0.5 or 1.5, exact
+  in every float format, so a half-precision kernel multiplies by exactly the matrix the encoder
+  fitted. A deviation from the paper chosen for speed and measured for quality: on iid Gaussian
+  blocks the relative error is 0.1142 against the states basis' 0.1195 at 4 bits (C=8 P=3) and
+  0.2149 against 0.2187 at 3 bits (8192 / 4096 blocks, 16 candidates, ``benchmarks/seedlm.py
+  quality``), and a column's C low or high bits are one C-bit index into a table of subset sums of
+  x, which is how the decode kernel avoids forming the basis at all
+  (``mlxeff.quant.seedlm_bits_kernels``). Reconstruction and bits per block are otherwise the same.
 """
 
 from __future__ import annotations

@@ -217,6 +217,12 @@ def _code_words_np(codes: np.ndarray) -> np.ndarray:
     return flat.view("<u4")
 
 
+def packed_inputs_np(seeds, codes, exp_base) -> list:
+    """``packed_inputs`` for the Metal bodies under metal-check (numpy arrays)."""
+    return [np.asarray(seeds, dtype=np.uint16), _code_words_np(codes), np.array([int(exp_base)], np.int32),
+            tables_np()]
+
+
 # ----------------------------------------------------------------------------------------------
 # reference (plain MLX ops, on ``seedlm_format.reconstruct``): the CPU path and the test oracle
 
@@ -440,8 +446,7 @@ def matvec_metal_check(x, seeds, codes, exp_base, C: int, P: int, in_features: i
     plan = matvec_plan(x.shape[0], out, in_features, C, P, xd, backend="metal", **plan_kw)
     y = metal_check_run(
         plan["spec"],
-        [x.astype(_NP[xd]), seeds, _code_words_np(codes), np.array([int(exp_base)], np.int32),
-         tables_np(), np.array(plan["dims"], np.int32)],
+        [x.astype(_NP[xd]), *packed_inputs_np(seeds, codes, exp_base), np.array(plan["dims"], np.int32)],
         output_shapes=[plan["out_shape"]], output_dtypes=[_NP[plan["out_dtype"]]],
         grid=plan["grid"], threadgroup=plan["threadgroup"],
         template=[("OT", _NP[plan["out_dtype"]])])[0]
@@ -457,7 +462,6 @@ def dequantize_metal_check(seeds, codes, exp_base, C: int, P: int, in_features: 
     plan = dequant_plan(seeds.shape[0], in_features, C, P, dtype, backend="metal", **plan_kw)
     return metal_check_run(
         plan["spec"],
-        [seeds, _code_words_np(codes), np.array([int(exp_base)], np.int32), tables_np(),
-         np.array(plan["dims"], np.int32)],
+        [*packed_inputs_np(seeds, codes, exp_base), np.array(plan["dims"], np.int32)],
         output_shapes=[plan["out_shape"]], output_dtypes=[_NP[dtype]],
         grid=plan["grid"], threadgroup=plan["threadgroup"], template=[("OT", _NP[dtype])])[0]
