@@ -400,7 +400,7 @@ def answer_accuracy(model, tokenizer, items, make, max_tokens: int):
         out = [tok for tok, _ in generate_step(ids, model, max_tokens=budget, decode=decs[-1])]
         text = normalize(tokenizer.decode(out))
         hits.append(any(normalize(a) and normalize(a) in text for a in item["answers"]))
-    lo, hi = wilson(sum(hits), len(items)) if items else (0.0, 0.0)
+    lo, hi = wilson(sum(hits), len(items))
     return dict(accuracy=sum(hits) / len(items), ci95=[lo, hi], n=len(items), correct=hits,
                 seconds=time.perf_counter() - tic, **_full_fraction(decs))
 

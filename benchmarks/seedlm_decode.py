@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import os
 import platform
@@ -110,19 +109,14 @@ def model_config(shape: str):
     return openelm_config(shape)
 
 
-def basis_supported() -> bool:
-    return "basis" in inspect.signature(spec_entry).parameters
-
-
-def available_bases() -> tuple:
-    return tuple(getattr(seedlm_format, "BASES", ("states",))) if basis_supported() else ("states",)
-
-
 def format_list(formats: str, bases: str) -> list:
     """(name, kind, bits, basis) per format; ``seedlmB`` expands to one format per basis of
-    ``bases`` that this version of the format has."""
-    have = available_bases()
-    bases = [b for b in bases.split(",") if b in have]
+    ``bases`` (of ``seedlm_format.BASES``)."""
+    have = seedlm_format.BASES
+    bases = bases.split(",")
+    for b in bases:
+        if b not in have:
+            raise SystemExit(f"--bases: unknown SeedLM basis {b!r} (one of {', '.join(have)})")
     out = []
     for f in formats.split(","):
         kind, _, basis = f.partition("-")
@@ -144,8 +138,7 @@ def build(args, fmt) -> Model:
     model = Model(args)  # parameters are lazy: replaced layers are never computed
     if kind == "seedlm":
         cfg = SeedLMConfig.for_bits(bits)
-        extra = {"basis": basis} if basis_supported() else {}
-        specs = {p: spec_entry(*m.weight.shape, cfg.C, cfg.P, **extra)
+        specs = {p: spec_entry(*m.weight.shape, cfg.C, cfg.P, basis=basis)
                  for p, m in sl.quantizable_modules(model)}
         apply_quantization_spec(model, specs, source="seedlm_decode")
     model.set_dtype(mx.float16)
@@ -166,8 +159,7 @@ def build(args, fmt) -> Model:
 
 
 def _uses_kernel(m) -> bool:
-    kernels = getattr(sl, "KERNELS", {}).get(getattr(m, "basis", "states"), sl.seedlm_kernels)
-    return kernels.kernel_available(m.C, m.P)
+    return sl.KERNELS[m.basis].kernel_available(m.C, m.P)
 
 
 def _part(path: str) -> str:
@@ -340,7 +332,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--shapes", default="270M,1_1B,3B", help="OpenELM shapes (270M, 450M, 1_1B, 3B) or tiny")
     ap.add_argument("--formats", default=",".join(FORMATS),
                     help="fp16, affine4, seedlm4, seedlm3 (seedlmB expands over --bases; seedlm4-bits names one)")
-    ap.add_argument("--bases", default="bits,states", help="SeedLM bases to run (where the format has them)")
+    ap.add_argument("--bases", default="bits,states", help="SeedLM bases to run (comma-separated: bits, states)")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=128, help="tokens generated per run (at least 2)")
     ap.add_argument("--trials", type=int, default=3, help="timed rounds (every format once per round)")
@@ -363,7 +355,7 @@ def main(argv=None) -> dict:
         "command": "python benchmarks/seedlm_decode.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "mlx": mx.__version__, "platform": platform.platform(), "device": str(mx.default_device()),
         "device_info": info, "backend": (gpu_backend() or "cpu") if not opts.cpu else "cpu",
-        "seedlm_basis_supported": basis_supported(), "exp_base": EXP_BASE,
+        "exp_base": EXP_BASE,
         "settings": {k: getattr(opts, k) for k in ("prompt_tokens", "max_tokens", "trials", "bandwidth_gbs")},
         "shapes": [],
     }
