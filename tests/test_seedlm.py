@@ -361,3 +361,41 @@ def test_config_validation_api():
     with pytest.raises(MlxeffError):
         F.SeedLMConfig.for_bits(4, C=8)
     assert F.SeedLMConfig.for_bits(4, C=8, P=2).bits == 3.5
+
+
+def previous_reconstruct(seeds, codes, exp_base, C, P, inp, basis):
+    """The reconstruction as first written (a gather of (out, nb, C, P) bases, summed over p in
+    order in float32): the oracle the faster ``F.reconstruct`` must equal bit for bit."""
+    out, nb = seeds.shape
+    e, c = F.unpack_codes(codes, nb, P)
+    coef = c.astype(mx.float32) * F.pow2(e + mx.array(exp_base, dtype=mx.int32))[..., None]
+    U = F.basis_table(C, P, basis)[seeds.astype(mx.uint32)]
+    W = U[..., 0] * coef[..., None, 0]
+    for p in range(1, P):
+        W = W + U[..., p] * coef[..., None, p]
+    return mx.contiguous(W.reshape(out, nb * C)[:, :inp])
+
+
+def bits_of(a) -> np.ndarray:
+    return np.array(a.astype(mx.float32)).view(np.uint32)
+
+
+@pytest.mark.parametrize("basis", F.BASES)
+@pytest.mark.parametrize("C,P,out,inp", [(8, 3, 70, 1283), (12, 4, 70, 1283), (12, 4, 1, 30), (8, 3, 3, 8)])
+def test_reconstruct_equals_previous_formula_bit_for_bit(on_cpu, basis, C, P, out, inp):
+    """The fast reconstruction is the same arithmetic: every seed, every code, a padded last block
+    (1283 is not a multiple of 8 or 12), both bases, over the whole exponent range."""
+    for exp_base in (-6, -21, F.EXP_BASE_MIN, -118, F.EXP_BASE_MAX - 4, F.EXP_BASE_MAX):
+        seeds, codes, _, _, _ = random_packed(out, inp, C, P, seed=out + inp + abs(exp_base))
+        seeds[0, :] = np.arange(1, seeds.shape[1] + 1)  # the lowest and highest seeds occur
+        seeds[-1, -1] = 65535
+        want = previous_reconstruct(mx.array(seeds), mx.array(codes), exp_base, C, P, inp, basis)
+        for eb in (exp_base, mx.array(exp_base, dtype=mx.int32)):
+            got = F.reconstruct(mx.array(seeds), mx.array(codes), eb, C, P, inp, basis=basis)
+            assert got.dtype == mx.float32 and got.shape == (out, inp)
+            np.testing.assert_array_equal(bits_of(got), bits_of(want), err_msg=f"exp_base={exp_base}")
+        got16 = F.reconstruct(mx.array(seeds), mx.array(codes), exp_base, C, P, inp, dtype=mx.float16,
+                              basis=basis)
+        assert got16.dtype == mx.float16
+        np.testing.assert_array_equal(np.array(got16).view(np.uint16),
+                                      np.array(want.astype(mx.float16)).view(np.uint16))
