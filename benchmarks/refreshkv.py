@@ -25,7 +25,9 @@ strategy; 95% bootstrap interval over passages), for full attention, RefreshKV (
 schedules), StreamingLLM and H2O at the same K. The task prompts come from this file's builders
 (``kv_retrieval_items``, ``multidoc_qa_items``) or, with ``--tasks project``, from the project's
 task generators (``project_items``: the held-out items of ``mlxeff eval --task kv-retrieval`` and
-``multidoc-qa``, which the default model v2 was trained to read).
+``multidoc-qa``, which the default model v2 was trained to read). ``--reach`` sets RefreshKV's
+pooling reach for both schedules (``--reach 0``: the centred SnapKV window alone, as before the
+reach was added).
 
     python benchmarks/refreshkv.py speed [--shapes 1.1B,3B] [--contexts 4096,8192,16384] [--json]
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
@@ -126,10 +128,11 @@ class _Tap:
         self.attend_index, self.want_scores, self.scores = index, scores, None
 
 
-def attention_step(model, cache, mode: str, subsets=None, k: int = 0, pool: int = 7):
+def attention_step(model, cache, mode: str, subsets=None, k: int = 0, pool: int = 7, reach: int = 0):
     """One decode step's attention over every layer, chained (layer l's query is its own random
     query plus a scalar from layer l-1's output): 'plain', 'partial' (the subsets), 'full' (every
-    slot and the attention weights) or 'select' (full, then RefreshKV's re-selection)."""
+    slot and the attention weights) or 'select' (full, then RefreshKV's re-selection, pooling
+    window ``pool`` and ``reach``)."""
     key = mx.random.key(1)
     queries = []
     for layer in model.layers:
@@ -151,7 +154,7 @@ def attention_step(model, cache, mode: str, subsets=None, k: int = 0, pool: int 
         if mode == "full":
             outs += scores  # a full step computes the weights the selection reads
         if mode == "select":
-            outs.append(rk.select_top(mx.concatenate(scores, axis=1), k, pool))
+            outs.append(rk.select_top(mx.concatenate(scores, axis=1), k, pool, reach))
         return outs
     return step
 
@@ -253,7 +256,8 @@ def attention_times(model, cache, last, context, args):
     dec(model, last, cache)  # a partial step: its subsets are recorded
     subsets = list(dec.used)
     mx.eval(subsets)
-    t = {mode: time_step(attention_step(model, cache, mode, subsets, k), args.trials)
+    reach = dec.config.forward
+    t = {mode: time_step(attention_step(model, cache, mode, subsets, k, reach=reach), args.trials)
          for mode in ("plain", "partial", "full", "select")}
     trim_cache(cache, cache[0].offset - start)
     S = args.every
@@ -368,9 +372,9 @@ def project_items(tokenizer, context: int, count: int, pairs: int = 50, docs: in
 def quality_variants(args, k):
     return {
         "full": lambda: DecodeStrategy(),
-        "refreshkv": lambda: rk.RefreshDecode(rk.RefreshConfig(k=k, every=args.every)),
+        "refreshkv": lambda: rk.RefreshDecode(rk.RefreshConfig(k=k, every=args.every, reach=args.reach)),
         "refreshkv_dynamic": lambda: rk.RefreshDecode(
-            rk.RefreshConfig(k=k, threshold=args.threshold, check_every=args.check_every)),
+            rk.RefreshConfig(k=k, threshold=args.threshold, check_every=args.check_every, reach=args.reach)),
         "streaming_llm": lambda: StreamingDecode(k),
         "h2o": lambda: H2ODecode(k),
     }
@@ -456,7 +460,8 @@ def run_quality(args):
     k = args.k or rk.default_k(context)
     res = dict(part="quality", model=str(path), device=str(mx.default_device()), mlx=mx.__version__,
                context=context, k=k, every=args.every, threshold=args.threshold,
-               check_every=args.check_every, trained_context=model.args.max_context_length, tasks={})
+               check_every=args.check_every, reach=args.reach,
+               trained_context=model.args.max_context_length, tasks={})
     variants = quality_variants(args, k)
     res["task_source"] = args.tasks
     tasks = project_items(tokenizer, context, args.items) if args.tasks == "project" else {
@@ -534,6 +539,8 @@ def main(argv=None):
                     "pairs and multidoc-qa with 10 passages), what the default model v2 reads")
     qp.add_argument("--passages", type=int, default=16)
     qp.add_argument("--answer-tokens", type=int, default=8)
+    qp.add_argument("--reach", type=int, default=None, help="RefreshKV's pooling reach (default: "
+                    "S - 1, or QC - 1 for the dynamic schedule; 0: the centred window alone)")
     for p in (sp, qp):
         p.add_argument("--every", type=int, default=10, help="RefreshKV's fixed schedule S")
         p.add_argument("--threshold", type=float, default=0.9, help="the dynamic schedule's s")

@@ -75,12 +75,34 @@ def test_group_max_and_pool_match_numpy():
         np.testing.assert_array_equal(pooled, want)
 
 
-@pytest.mark.parametrize("pool", [1, 5])
-def test_select_top_keeps_newest_distinct_by_ascending_score(pool):
+def test_pool_reach_extends_the_window_forward():
+    """With ``reach`` r, slot j takes the maximum over slots j - h - r .. j + h: a high score
+    also keeps the r slots after its centred window (where a copying head reads next)."""
+    rng = np.random.default_rng(2)
+    g = rng.random((2, 3, 17)).astype(np.float32)
+    for w, r in ((1, 2), (3, 4), (7, 9)):
+        pooled = np.array(rk.max_pool(mx.array(g), w, r))
+        h = w // 2
+        want = np.stack([g[..., max(0, i - h - r): i + h + 1].max(axis=-1) for i in range(17)], axis=-1)
+        np.testing.assert_array_equal(pooled, want)
+    np.testing.assert_array_equal(np.array(rk.max_pool(mx.array(g), 5, 0)),
+                                  np.array(rk.max_pool(mx.array(g), 5)))
+
+
+@pytest.mark.parametrize("reach", [0, 3, 6])
+def test_selection_keeps_the_slots_after_a_peak(reach):
+    s = np.full((1, 1, 60), 1e-3, np.float32)
+    s[0, 0, 20] = 1.0  # one slot the step attended
+    top = set(np.array(rk.select_top(mx.array(s), 16, 5, reach))[0, 0].tolist())
+    assert set(range(18, 23 + reach)) <= top  # the centred window (20 +- 2) and reach slots after it
+
+
+@pytest.mark.parametrize("pool,reach", [(1, 0), (5, 0), (5, 4)])
+def test_select_top_keeps_newest_distinct_by_ascending_score(pool, reach):
     rng = np.random.default_rng(1)
     s = mx.array(rng.random((1, 3, 40)).astype(np.float32))
-    top = np.array(rk.select_top(s, 9, pool))
-    pooled = np.array(rk.max_pool(s, pool))
+    top = np.array(rk.select_top(s, 9, pool, reach))
+    pooled = np.array(rk.max_pool(s, pool, reach))
     assert top.shape == (1, 3, 9) and top.dtype == np.int32
     for row, p in zip(top[0], pooled[0]):
         assert len(set(row.tolist())) == 9 and row[-1] == 39  # the newest slot, ranked last
@@ -112,6 +134,9 @@ def test_ring_equals_evicting_lowest_score_then_oldest():
     rk.RefreshConfig(k=1000, grow=True, pool=1),
     rk.RefreshConfig(k=4, every=1),
     rk.RefreshConfig(k=4, every=1, grow=True),
+    rk.RefreshConfig(k=1000, every=6, reach=0),
+    rk.RefreshConfig(k=1000, every=6, reach=40),
+    rk.RefreshConfig(k=4, every=1, reach=40),
 ])
 def test_k_at_least_context_or_every_step_is_plain_decoding(model, config):
     prompt = prompt_ids(70)
@@ -143,6 +168,7 @@ def masked_reference(subsets):
 
 @pytest.mark.parametrize("config", [
     rk.RefreshConfig(k=12, every=6),
+    rk.RefreshConfig(k=12, every=6, reach=0),
     rk.RefreshConfig(k=12, threshold=0.97, check_every=2),
     rk.RefreshConfig(k=10, every=8, grow=True, pool=1),
 ])
@@ -208,6 +234,26 @@ def test_subset_invariants(model, config):
     dec = Checked(config)
     decode_run(model, prompt_ids(50, seed=4), dec, n=30)
     assert dec.checked > 20
+
+
+def test_default_reach_covers_the_tokens_until_the_next_refresh():
+    assert rk.RefreshConfig().forward == 9  # S - 1 partial steps after a refresh
+    assert rk.RefreshConfig(every=4).forward == 3
+    assert rk.RefreshConfig(threshold=0.5).forward == 4  # QC - 1: until the first check
+    assert rk.RefreshConfig(threshold=0.5, check_every=8).forward == 7
+    assert rk.RefreshConfig(grow=True, pool=1).forward == 0  # the first version: raw top-K
+    assert rk.RefreshConfig(every=4, reach=0).forward == 0
+    assert rk.RefreshConfig(reach=20).forward == 20
+
+
+def test_selection_passes_reach(model, monkeypatch):
+    seen = []
+    real = rk.select_top
+    monkeypatch.setattr(rk, "select_top", lambda s, k, pool=1, reach=0:
+                        seen.append((pool, reach)) or real(s, k, pool, reach))
+    decode_run(model, prompt_ids(50), rk.RefreshDecode(rk.RefreshConfig(k=6, every=3, pool=3)), n=5)
+    decode_run(model, prompt_ids(50), rk.RefreshDecode(rk.RefreshConfig(k=6, every=3, reach=7)), n=5)
+    assert (3, 2) in seen and (7, 7) in seen
 
 
 def test_default_k_is_an_eighth_of_the_context(model):
@@ -381,6 +427,7 @@ def test_h2o_eviction_rule():
     (dict(every=5, threshold=0.9), "exclude each other"),
     (dict(check_every=3), "--refreshkv-check-every needs --refreshkv-threshold"),
     (dict(pool=4), "--refreshkv-pool must be an odd number >= 1, got 4"),
+    (dict(reach=-1), "--refreshkv-reach must be at least 0, got -1"),
 ])
 def test_config_errors(kw, needle):
     with pytest.raises(rk.RefreshError) as e:
@@ -417,6 +464,7 @@ def test_cli_refreshkv(saved_dir):
         [], ["--refreshkv-k", 10000], ["--refreshkv"], ["--refreshkv-k", 4, "--refreshkv-every", 2],
         ["--refreshkv-threshold", 0.9, "--refreshkv-check-every", 2, "--refreshkv-k", 4],
         ["--refreshkv-grow", "--refreshkv-pool", 1, "--refreshkv-k", 4],
+        ["--refreshkv-k", 4, "--refreshkv-reach", 0],
         ["--streaming-llm-k", 8], ["--h2o-k", 8], ["--refreshkv-k", 4, "--lookup"],
     )]
     for code, out, err in runs:

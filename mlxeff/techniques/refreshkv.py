@@ -8,8 +8,9 @@ to K of its slots (the *subset*), and a full-attention step now and then re-sele
 
 - *Selection* (after a full step of a layer): the attention weights of that step's token over every
   cached slot, GQA groups reduced by the maximum over their query heads, max-pooled over a window
-  of ``pool`` neighbouring slots (SnapKV's pooling, arXiv 2404.14469), and the K highest per KV
-  head. The token just decoded is always among them.
+  of ``pool`` neighbouring slots (SnapKV's pooling, arXiv 2404.14469) that reaches ``reach`` slots
+  further forward (a high score at slot i lifts slots i - pool//2 .. i + pool//2 + reach; a
+  deviation, below), and the K highest per KV head. The token just decoded is always among them.
 - *Partial steps*: the new token's keys and values are written to the full cache as usual and the
   token joins the subset; to keep K, the selected slot with the lowest score leaves it (once every
   selected slot has left, the oldest new token does). The attention reads the subset in place
@@ -20,13 +21,15 @@ to K of its slots (the *subset*), and a full-attention step now and then re-sele
   with its query at its last full step, and runs a full step (and re-selects) only where the
   cosine similarity is not above s.
 - ``grow=True`` with ``pool=1`` and the fixed schedule is the first version (Recycled Attention):
-  raw top-K, the subset growing by the decoded tokens until the next refresh (no eviction).
+  raw top-K (``reach`` defaults to 0 there), the subset growing by the decoded tokens until the
+  next refresh (no eviction).
 
 Exactness: K at least the context, or S = 1, decodes exactly as plain decoding (same tokens, same
 logits: those steps run the model's plain attention; a full step only also reads the weights).
 
-Defaults: K = context/8 and ``pool`` 7 (the paper's, after SnapKV's kernel size); S = 10 (the
-paper's fixed-stride ablation); QC = 5 (its better-quality setting). The threshold has no default:
+Defaults: K = context/8 and ``pool`` 7 (the paper's, after SnapKV's kernel size); ``reach`` S - 1
+(QC - 1 under the dynamic schedule, 0 with ``grow``); S = 10 (the paper's fixed-stride ablation);
+QC = 5 (its better-quality setting). The threshold has no default:
 the paper tuned it per model (0.85 for Llama-3.1-8B, 0.95 for Qwen2-7B). On the default model the
 similarity of a layer's queries 5 tokens apart has a median of about 0.37 (measured on three
 held-out passages, CPU), so 0.4 there refreshes about as often as S = 10.
@@ -41,7 +44,23 @@ Deviations and resolved choices:
 
 - The first selection comes from the first decoded token's full step, not from the prefill's last
   token: RefreshKV fills only the decode hook, so it composes with every prefill technique and
-  never touches the prefill (one full step more per generation than the paper).
+  never touches the prefill (one full step more per generation than the paper). Measured on the
+  default model's key-value retrieval (benchmarks/RESULTS.md, "RefreshKV", "reach"), this is also
+  the better point: at the prompt's last token (``Corresponding value:``) the heads that later
+  copy the value (layer 19's) attend to the end of the prompt, and only at the first answer token
+  (`` "``) to the value's first token; selecting at the prompt's last token, 0 of 20 items kept
+  the answer (teacher-forced, ``reach`` 0 or 9).
+- The pooling window reaches ``reach`` slots forward (SnapKV's kernel is centred; the paper takes
+  it over). A head that copies a span from the context reads one slot further at every generated
+  token, so the slots it will read before the next refresh are the ones *after* the one it read at
+  the full step. On the default model's key-value retrieval (an 8-hex-digit value, 6-8 tokens,
+  copied by layer 19's heads) the centred window of 7 covers the value's first 4 tokens and the
+  answers broke at the 5th or 6th (17 of 20 items, S = 10, teacher-forced on full attention's
+  answer); a centred window of 13 broke them at the 8th (6 of 20); ``reach`` 6 or 9 kept all 20
+  (on 20 further items, ``reach`` 9: 20 kept against 3; the dynamic schedule with ``reach`` 4:
+  20 of 20 on both sets). With ``reach`` S - 1 a span begun at a full step stays in the subset
+  until the next one. The cost: each selected cluster takes up to
+  ``reach`` more of the K slots (the same K as the baselines).
 - K is one number for every layer and KV head; by default one eighth of the cache at that first
   full step (the paper's K = L/8), then fixed for the generation. While a layer holds at most K
   tokens its "subset" is every slot (plain attention); a full step re-selects when it outgrows K.
@@ -66,7 +85,8 @@ Deviations and resolved choices:
 - Ties among equal pooled scores (max pooling makes plateaus) are broken arbitrarily.
 - Option names follow the registry's ``--NAME-OPTION`` rule: ``--refreshkv-k``,
   ``--refreshkv-every``, ``--refreshkv-threshold``, ``--refreshkv-check-every``,
-  ``--refreshkv-pool``, ``--refreshkv-grow`` (the ``--refresh-k`` spellings are not available).
+  ``--refreshkv-pool``, ``--refreshkv-reach``, ``--refreshkv-grow`` (the ``--refresh-k`` spellings
+  are not available).
 
 Comparisons (same subset size K, same machinery, ``mlxeff.techniques.refreshkv_baselines``):
 StreamingLLM (attention sinks + recent window) and H2O (heavy hitters + recent window).
@@ -99,25 +119,28 @@ def group_max(scores: mx.array, kv_heads: int) -> mx.array:
     return scores.reshape(B, kv_heads, H // kv_heads, n).max(axis=2)
 
 
-def max_pool(x: mx.array, window: int) -> mx.array:
-    """Maximum over ``window`` (odd) neighbouring entries of the last axis, centred ('same')."""
-    if window <= 1:
+def max_pool(x: mx.array, window: int, reach: int = 0) -> mx.array:
+    """Maximum over ``window`` (odd) neighbouring entries of the last axis, centred ('same'), and
+    the ``reach`` entries before them: entry j takes the maximum of x[j - window//2 - reach ..
+    j + window//2], so a high score also lifts the ``reach`` slots after its centred window."""
+    if window <= 1 and reach == 0:
         return x
     h = window // 2
+    width = window + reach
     n = x.shape[-1]
     lead = x.shape[:-1]
-    padded = mx.pad(x.reshape(-1, n), [(0, 0), (h, h)], constant_values=-math.inf)
+    padded = mx.pad(x.reshape(-1, n), [(0, 0), (h + reach, h)], constant_values=-math.inf)
     rows = padded.shape[0]
-    windows = mx.as_strided(padded, (rows, n, window), (n + 2 * h, 1, 1))
+    windows = mx.as_strided(padded, (rows, n, width), (n + width - 1, 1, 1))
     return windows.max(axis=-1).reshape(*lead, n)
 
 
-def select_top(scores: mx.array, k: int, pool: int = 1) -> mx.array:
-    """The ``k`` slots of highest (pooled) score per row of ``scores`` (B, R, n), the last slot
-    (the token just decoded) always included; int32 (B, R, k), ordered by ascending score (the
-    newest last), so that column j is the j-th to leave."""
+def select_top(scores: mx.array, k: int, pool: int = 1, reach: int = 0) -> mx.array:
+    """The ``k`` slots of highest (pooled, ``max_pool(scores, pool, reach)``) score per row of
+    ``scores`` (B, R, n), the last slot (the token just decoded) always included; int32 (B, R, k),
+    ordered by ascending score (the newest last), so that column j is the j-th to leave."""
     n = scores.shape[-1]
-    pooled = max_pool(scores.astype(mx.float32), pool)
+    pooled = max_pool(scores.astype(mx.float32), pool, reach)
     pooled = mx.where(mx.arange(n) == n - 1, math.inf, pooled)
     top = mx.argpartition(-pooled, kth=k - 1, axis=-1)[..., :k]
     order = mx.argsort(mx.take_along_axis(pooled, top, axis=-1), axis=-1)
@@ -163,7 +186,9 @@ class RefreshConfig:
     """``k`` slots per layer and KV head (None: one eighth of the context at the first full step);
     a full step every ``every`` tokens, or, with ``threshold``, when a layer's query similarity
     checked every ``check_every`` tokens is not above it; ``pool`` the max-pooling window (odd; 1:
-    raw scores); ``grow``: no eviction, the subset grows by the decoded tokens until the next
+    raw scores); ``reach``: a high score also keeps the ``reach`` slots after its pooling window
+    (None: the partial steps until the next refresh, S - 1, or until the next check, QC - 1; 0
+    with ``grow``); ``grow``: no eviction, the subset grows by the decoded tokens until the next
     refresh (the first version)."""
 
     k: Optional[int] = None
@@ -172,6 +197,7 @@ class RefreshConfig:
     check_every: Optional[int] = None
     pool: int = 7
     grow: bool = False
+    reach: Optional[int] = None
 
     def __post_init__(self):
         if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
@@ -190,6 +216,8 @@ class RefreshConfig:
             raise RefreshError("--refreshkv-check-every needs --refreshkv-threshold (the dynamic schedule)")
         if not isinstance(self.pool, int) or self.pool < 1 or self.pool % 2 == 0:
             raise RefreshError(f"--refreshkv-pool must be an odd number >= 1, got {self.pool}")
+        if self.reach is not None and (not isinstance(self.reach, int) or self.reach < 0):
+            raise RefreshError(f"--refreshkv-reach must be at least 0, got {self.reach}")
 
     @property
     def dynamic(self) -> bool:
@@ -201,6 +229,13 @@ class RefreshConfig:
         if self.dynamic:
             return self.check_every if self.check_every is not None else 5
         return self.every if self.every is not None else 10
+
+    @property
+    def forward(self) -> int:
+        """The slots after a high score's pooling window that the selection keeps too."""
+        if self.reach is not None:
+            return self.reach
+        return 0 if self.grow else self.stride - 1
 
 
 # ---- the decode strategy -----------------------------------------------------------------------
@@ -363,7 +398,7 @@ class RefreshDecode(DecodeStrategy):
         for n in sorted({int(offsets[l]) + 1 for l in ring}):  # layers of one length together
             group = [l for l in ring if offsets[l] + 1 == n]
             scores = mx.concatenate([group_max(cache[l].scores, self._heads[l]) for l in group], axis=1)
-            chosen = select_top(scores, self.k, self.config.pool)
+            chosen = select_top(scores, self.k, self.config.pool, self.config.forward)
             bounds = np.cumsum([self._heads[l] for l in group])[:-1].tolist()
             for l, part in zip(group, mx.split(chosen, bounds, axis=1) if len(group) > 1 else [chosen]):
                 self._mode[l], self._bases[l] = RING, part
@@ -408,6 +443,9 @@ register(Technique(
                else f"must be an odd number >= 1, got {v}"),
         Option("grow", bool, False, "No eviction: the subset grows by the decoded tokens until "
                "the next refresh (the first version; with --refreshkv-pool 1 and the fixed schedule)."),
+        Option("reach", int, None, "A selected slot also brings the slots after its pooling window "
+               "(default: S - 1, or QC - 1 with a threshold; 0 with --refreshkv-grow).",
+               check=lambda v: None if v is None or v >= 0 else f"must be at least 0, got {v}"),
     ),
     build=_build,
 ))
