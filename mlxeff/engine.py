@@ -66,7 +66,8 @@ class DecodeStrategy:
     """Runs ``tokens`` (n,), appended after everything cached, through the model; their logits (n, V)."""
 
     def __call__(self, model: nn.Module, tokens: mx.array, cache: list) -> mx.array:
-        return model(tokens[None], cache=cache)[0]
+        # squeeze, not ``[0]``: MLX turns an integer index into a gather, one more kernel a step
+        return model(tokens[None], cache=cache).squeeze(0)
 
 
 @dataclass
