@@ -380,11 +380,16 @@ def bits_of(a) -> np.ndarray:
     return np.array(a.astype(mx.float32)).view(np.uint32)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("basis", F.BASES)
 @pytest.mark.parametrize("C,P,out,inp", [(8, 3, 70, 1283), (12, 4, 70, 1283), (12, 4, 1, 30), (8, 3, 3, 8)])
-def test_reconstruct_equals_previous_formula_bit_for_bit(on_cpu, basis, C, P, out, inp):
+def test_reconstruct_equals_previous_formula_bit_for_bit(on_cpu, monkeypatch, threads, basis, C, P, out, inp):
     """The fast reconstruction is the same arithmetic: every seed, every code, a padded last block
-    (1283 is not a multiple of 8 or 12), both bases, over the whole exponent range."""
+    (1283 is not a multiple of 8 or 12), both bases, over the whole exponent range, in chunks of
+    rows (some of them short) on one thread or several."""
+    monkeypatch.setattr(F, "_CHUNK_BLOCKS", 1000)
+    monkeypatch.setattr(F, "_THREADS", threads)
+    monkeypatch.setattr(F, "_THREAD_MIN_BLOCKS", 0)
     for exp_base in (-6, -21, F.EXP_BASE_MIN, -118, F.EXP_BASE_MAX - 4, F.EXP_BASE_MAX):
         seeds, codes, _, _, _ = random_packed(out, inp, C, P, seed=out + inp + abs(exp_base))
         seeds[0, :] = np.arange(1, seeds.shape[1] + 1)  # the lowest and highest seeds occur

@@ -14,9 +14,10 @@ hold ``seeds``, ``codes``, ``exp_base`` as parameters; ``basis`` ("states" or "b
 ``seedlm_format``) picks the basis and its kernels (``KERNELS``: ``seedlm_kernels`` or
 ``seedlm_bits_kernels``). ``SeedLMLinear.__call__`` uses the fused GPU kernels where they cover
 (C, P) (up to ``MAX_ROWS`` rows of x: matvec, 8 for states, 1 for bits; more rows: dequantise
-to x's dtype per call, then matmul); otherwise a dense float32 reconstruction
-(``seedlm_format.reconstruct``) built once, cached (not saved) and rebuilt if the packed arrays are
-replaced.
+to x's dtype per call, then matmul); otherwise a dense reconstruction in x's dtype (computed in
+float32 by ``seedlm_format.reconstruct``, on the host) built once per dtype, cached (not saved) and
+rebuilt if the packed arrays are replaced. ``SeedLMEmbedding`` reconstructs the looked-up rows per
+call; as ``reconstruct`` evaluates its inputs, neither runs inside ``mx.compile``.
 
 Construction: one path. A layer is built from its ``config.json`` spec entry by the builder
 registered here for ``"method": "seedlm"`` (``mlxeff.quant.apply_quantization_spec``), on load and
@@ -84,18 +85,17 @@ class _SeedLMBase(nn.Module):
 
     def dense_weight(self, dtype=mx.float32) -> mx.array:
         """The reconstruction (computed in float32, then cast), built once per set of packed arrays
-        and dtype."""
+        and dtype; only the dtypes asked for are kept (no float32 copy beside a float16 one)."""
         key = (id(self.seeds), id(self.codes), id(self.exp_base))
         cache = self._dense_cache
         if cache.key != key:
-            _, cols = self._packed_rows_cols()
-            w = reconstruct(self.seeds, self.codes, self.exp_base, self.C, self.P, cols, K=self.K,
-                            basis=self.basis)
-            mx.eval(w)
-            cache.key, cache.weights = key, {mx.float32: w}
+            cache.key, cache.weights = key, {}
         if dtype not in cache.weights:
-            cache.weights[dtype] = cache.weights[mx.float32].astype(dtype)
-            mx.eval(cache.weights[dtype])
+            _, cols = self._packed_rows_cols()
+            w = reconstruct(self.seeds, self.codes, self.exp_base, self.C, self.P, cols, dtype=dtype,
+                            K=self.K, basis=self.basis)
+            mx.eval(w)
+            cache.weights[dtype] = w
         return cache.weights[dtype]
 
     def spec(self) -> dict:
