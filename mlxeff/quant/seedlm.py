@@ -16,8 +16,9 @@ hold ``seeds``, ``codes``, ``exp_base`` as parameters; ``basis`` ("states" or "b
 (C, P) (up to ``MAX_ROWS`` rows of x: matvec, 8 for states, 1 for bits; more rows: dequantise
 to x's dtype per call, then matmul); otherwise a dense reconstruction in x's dtype (computed in
 float32 by ``seedlm_format.reconstruct``, on the host) built once per dtype, cached (not saved) and
-rebuilt if the packed arrays are replaced. ``SeedLMEmbedding`` reconstructs the looked-up rows per
-call; as ``reconstruct`` evaluates its inputs, neither runs inside ``mx.compile``.
+rebuilt if the packed arrays are replaced. ``SeedLMEmbedding`` decodes the looked-up rows per call
+(the dequantise kernel on a GPU, else ``reconstruct``); as ``reconstruct`` evaluates its inputs,
+the CPU paths do not run inside ``mx.compile``.
 
 Construction: one path. A layer is built from its ``config.json`` spec entry by the builder
 registered here for ``"method": "seedlm"`` (``mlxeff.quant.apply_quantization_spec``), on load and
@@ -163,8 +164,15 @@ class SeedLMEmbedding(_SeedLMBase):
 
     def __call__(self, ids: mx.array) -> mx.array:
         flat = ids.reshape(-1)
-        rows = reconstruct(self.seeds[flat], self.codes[flat], self.exp_base, self.C, self.P,
-                           self.dims, K=self.K, basis=self.basis)
+        kernels = KERNELS[self.basis]
+        if kernels.kernel_available(self.C, self.P):
+            # on a GPU the dequantise kernel (``reconstruct`` runs on the host: a synchronisation
+            # in every decode step)
+            rows = kernels.seedlm_dequantize(self.seeds[flat], self.codes[flat], self.exp_base, self.C,
+                                             self.P, self.dims, dtype=mx.float32)
+        else:
+            rows = reconstruct(self.seeds[flat], self.codes[flat], self.exp_base, self.C, self.P,
+                               self.dims, K=self.K, basis=self.basis)
         return rows.reshape(*ids.shape, self.dims)
 
     def as_linear(self, x: mx.array) -> mx.array:
