@@ -78,6 +78,38 @@ def test_matches_mlx_lm_openelm():
     np.testing.assert_allclose(np.array(model(x)), np.array(ref(x)), atol=1e-4)
 
 
+def _graph_ops(tmp_path, *outputs):
+    """The operations of the graph that computes ``outputs``, by name (MLX's dot export)."""
+    import re
+    from collections import Counter
+
+    path = tmp_path / "graph.dot"
+    mx.export_to_dot(str(path), *outputs)
+    return Counter(re.findall(r'label\s*=\s*"([A-Za-z]+)', path.read_text()))
+
+
+def test_decode_step_builds_mlx_lm_openelms_graph(tmp_path):
+    """A plain decode step (the engine's DecodeStrategy) builds the same operations as mlx-lm's
+    OpenELM step on the same weights and computes the same logits: the engine adds no kernel to
+    a step (an extra elementwise product or gather per step is what cost decode parity on a GPU,
+    where a step is launch-bound)."""
+    from mlx_lm.models import openelm
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlxeff.engine import DecodeStrategy
+
+    model = make_model()
+    ref = openelm.Model(openelm.ModelArgs.from_dict(model.args.to_dict()))
+    ref.load_weights(tree_flatten(model.parameters()), strict=True)
+    prompt, y = mx.array([[1, 5, 9, 33, 2, 7]]), mx.array([64], dtype=mx.uint32)
+    ours_cache, ref_cache = model.make_cache(), make_prompt_cache(ref)
+    mx.eval(model(prompt, cache=ours_cache), ref(prompt, cache=ref_cache))
+    ours = DecodeStrategy()(model, y, ours_cache)[-1:]
+    theirs = ref(y[None], cache=ref_cache)[:, -1, :]
+    assert _graph_ops(tmp_path, ours) == _graph_ops(tmp_path, theirs)
+    np.testing.assert_array_equal(np.array(ours), np.array(theirs))
+
+
 @pytest.mark.parametrize("qk_norm,tied", [(True, True), (False, False)])
 def test_cache_decode_equals_full_forward(qk_norm, tied):
     model = make_model(tiny_args(normalize_qk_projections=qk_norm, share_input_output_layers=tied))
