@@ -1,6 +1,6 @@
 """RefreshKV vs plain decoding: speed at long contexts, and quality against StreamingLLM and H2O.
 
-Two parts, each one command:
+Three parts, each one command:
 
 ``speed``: decode tok/s over a context of 4k, 8k and 16k tokens, plain decoding and RefreshKV (K =
 context/8, a full step every S = 10 tokens; optionally the dynamic schedule), side by side in one
@@ -29,9 +29,17 @@ task generators (``project_items``: the held-out items of ``mlxeff eval --task k
 pooling reach for both schedules (``--reach 0``: the centred SnapKV window alone, as before the
 reach was added).
 
+``diagnose``: where RefreshKV settings lose a key-value retrieval on the default model (or
+``--model``): the project's items, teacher-forced on full attention's greedy answer; per setting
+(centred pooling windows, reach, the first selection at the prompt's last token or at the first
+answer token, both schedules) the items kept, the value token that first went wrong, whether that
+step was partial and whether the slot of that value token was in the subset of the head that
+copies it (the query head with the largest full-attention weight on it).
+
     python benchmarks/refreshkv.py speed [--shapes 1.1B,3B] [--contexts 4096,8192,16384] [--json]
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
       python benchmarks/refreshkv.py quality [--model DIR] [--json]
+    python benchmarks/refreshkv.py diagnose [--items 20] [--threshold 0.4] [--json]
 """
 
 from __future__ import annotations
@@ -485,6 +493,146 @@ def run_quality(args):
     return res
 
 
+# ---- diagnose: where RefreshKV loses a key-value retrieval ------------------------------------
+
+class _Weights(DecodeStrategy):
+    """Plain decoding that keeps every layer's attention weights of the step (float32, (H, n))."""
+
+    def __call__(self, model, tokens, cache):
+        for c in cache:
+            c.want_scores = True
+        try:
+            out = model(tokens[None], cache=cache)[0]
+            self.weights = [np.array(c.scores[0]) for c in cache]
+        finally:
+            for c in cache:
+                c.want_scores, c.scores = False, None
+        return out
+
+
+def diagnose_settings(args, k):
+    """name -> (RefreshConfig, where the first selection is made: 'answer' (the first decoded
+    token's full step, the strategy as it is) or 'prompt' (a full step on the prompt's last token,
+    the paper's selection point))."""
+    S, QC, th = args.every, args.check_every, args.threshold
+    fixed = dict(k=k, every=S)
+    return {
+        "S, centred pool 7 (reach 0)": (rk.RefreshConfig(**fixed, reach=0), "answer"),
+        "S, centred pool 13 (reach 0)": (rk.RefreshConfig(**fixed, pool=13, reach=0), "answer"),
+        "S, pool 7, reach 6": (rk.RefreshConfig(**fixed, reach=6), "answer"),
+        f"S, pool 7, reach {S - 1} (default)": (rk.RefreshConfig(**fixed), "answer"),
+        "S, reach 0, selected at the prompt's last token": (rk.RefreshConfig(**fixed, reach=0), "prompt"),
+        f"S, reach {S - 1}, selected at the prompt's last token": (rk.RefreshConfig(**fixed), "prompt"),
+        "dynamic, reach 0": (rk.RefreshConfig(k=k, threshold=th, check_every=QC, reach=0), "answer"),
+        f"dynamic, reach {QC - 1} (default)": (rk.RefreshConfig(k=k, threshold=th, check_every=QC), "answer"),
+    }
+
+
+def run_diagnose(args):
+    """Key-value retrieval items (the project's, 50 pairs), teacher-forced on full attention's
+    greedy answer: for each RefreshKV setting, whether every answer step keeps full attention's
+    token and, where one does not, which value token it was, whether the step was full, and whether
+    the slot of that value token was in the subset of the copying head (the query head with the
+    largest full-attention weight on it). Also where the copying head looks at the prompt's last
+    token and at the first answer token, relative to the value's first slot."""
+    import mlxeff
+    from mlxeff.io import resolve_model_dir
+    from mlxeff.tasks.runner import build_items
+
+    path = resolve_model_dir(args.model)
+    model, tok = mlxeff.load(path)
+    if gpu_backend() is None:
+        apply_compute_dtype(model, "auto")
+    k = args.k or rk.default_k(model.args.max_context_length)
+    items = build_items("kv-retrieval", tok, data=DATA / "gutenberg-children", docs=50,
+                        context_tokens=None, limit=args.items)
+    settings = diagnose_settings(args, k)
+    groups = [l.attn.n_heads // l.attn.n_kv_heads for l in model.layers]
+    res = dict(part="diagnose", model=str(path), device=str(mx.default_device()), mlx=mx.__version__,
+               k=k, every=args.every, threshold=args.threshold, check_every=args.check_every,
+               items=len(items), settings={n: dict(kept=0, failures=[]) for n in settings}, heads=[])
+    for it in items:
+        ids = tok.encode(it.prompt)
+        value = it.answers[0]
+        at = it.prompt.index(value)
+        va, vb = len(tok.encode(it.prompt[:at])), len(tok.encode(it.prompt[:at + len(value)]))
+        if tok.decode(ids[va:vb]).strip() != value:
+            raise SystemExit(f"error: item {len(res['heads'])}: the value's slots could not be located")
+        cache = model.make_cache()
+        mx.eval(ChunkedPrefill()(model, mx.array(ids[:-1], dtype=mx.uint32), cache))
+        P = cache[0].offset  # the prompt less its last token
+        probe = _Weights()
+        ref = [int(mx.argmax(probe(model, mx.array(ids[-1:], dtype=mx.uint32), cache)[-1]).item())]
+        weights = [probe.weights]  # weights[s]: the step that produced ref[s]
+        while value not in tok.decode(ref) and len(ref) < it.max_tokens:
+            ref.append(int(mx.argmax(probe(model, mx.array(ref[-1:], dtype=mx.uint32), cache)[-1]).item()))
+            weights.append(probe.weights)
+        if value not in tok.decode(ref):
+            raise SystemExit("error: full attention does not answer an item; the diagnosis needs it")
+        first = next(s for s in range(len(ref)) if tok.decode(ref[:s + 1]).lstrip(' "').startswith(value[:1]))
+
+        def copy_head(s):  # the query head that reads the slot of the value token ref[s] most
+            need = va + s - first
+            best = max((float(w[h, need]), l, h) for l, w in enumerate(weights[s]) for h in range(w.shape[0]))
+            return need, best[1], best[2]
+        _, l0, h0 = copy_head(first)
+        res["heads"].append(dict(head=f"L{l0}h{h0}",
+                                 prompt_last_peak=int(weights[0][l0][h0].argmax()) - va,
+                                 first_answer_peak=int(weights[1][l0][h0].argmax()) - va
+                                 if len(weights) > 1 else None))
+        for name, (config, where) in settings.items():
+            trim_cache(cache, cache[0].offset - P)
+            dec = rk.RefreshDecode(config)
+            if where == "prompt":
+                got = dec(model, mx.array(ids[-1:], dtype=mx.uint32), cache)
+                start = 1
+            else:
+                model(mx.array([ids[-1:]], dtype=mx.uint32), cache=cache)  # the prefill's last row
+                start = 1
+            fail = None
+            if where == "prompt" and int(mx.argmax(got[-1]).item()) != ref[0]:
+                fail = dict(step=0)
+            for s in range(start, len(ref)):
+                if fail is not None:
+                    break
+                before = dec.stats["full_layer_steps"]
+                got = dec(model, mx.array([ref[s - 1]], dtype=mx.uint32), cache)
+                if int(mx.argmax(got[-1]).item()) != ref[s]:
+                    fail = dict(step=s, full=dec.stats["full_layer_steps"] > before)
+                    if first <= s < first + (vb - va):
+                        need, l, h = copy_head(s)
+                        used = dec.used[l]
+                        fail.update(value_token=s - first + 1, copy_head=f"L{l}h{h}",
+                                    slot_in_subset=None if used is None
+                                    else bool(need in np.array(used[0, h // groups[l]]).tolist()))
+            entry = res["settings"][name]
+            entry["kept"] += fail is None
+            if fail is not None:
+                entry["failures"].append(fail)
+        trim_cache(cache, cache[0].offset - P)
+    return res
+
+
+def print_diagnose(res):
+    print(f"{res['model']}: key-value retrieval, {res['items']} items, K {res['k']}, S {res['every']}, "
+          f"threshold {res['threshold']}, QC {res['check_every']} (teacher-forced on full attention's answer)")
+    heads = [h["head"] for h in res["heads"]]
+    common = max(set(heads), key=heads.count)
+    print(f"  copying head of the value's first token: {common} in {heads.count(common)} items; its peak "
+          f"relative to the value's first slot: at the prompt's last token median "
+          f"{statistics.median(h['prompt_last_peak'] for h in res['heads']):+.0f}, at the first answer "
+          f"token median {statistics.median(h['first_answer_peak'] for h in res['heads']):+.0f}")
+    for name, e in res["settings"].items():
+        fails = e["failures"]
+        at = sorted({f.get("value_token", 0) for f in fails})
+        hist = {t: sum(f.get("value_token", 0) == t for f in fails) for t in at}
+        outside = sum(f.get("slot_in_subset") is False for f in fails)
+        partial = sum(f.get("full") is False for f in fails)
+        print(f"  {name:50s} kept {e['kept']}/{res['items']}; first wrong value token {hist} "
+              f"(0: a token outside the value); at a step no layer refreshed {partial}; the value token's "
+              f"slot outside the copying head's subset {outside}")
+
+
 # ---- command line ----------------------------------------------------------------------------
 
 def print_speed(res):
@@ -541,7 +689,12 @@ def main(argv=None):
     qp.add_argument("--answer-tokens", type=int, default=8)
     qp.add_argument("--reach", type=int, default=None, help="RefreshKV's pooling reach (default: "
                     "S - 1, or QC - 1 for the dynamic schedule; 0: the centred window alone)")
-    for p in (sp, qp):
+    dp = sub.add_parser("diagnose", help="where RefreshKV settings lose a key-value retrieval "
+                        "(teacher-forced on full attention's answer)")
+    dp.add_argument("--model", default=None, help="an mlxeff model directory (default: the embedded model)")
+    dp.add_argument("--k", type=int, default=None, help="default: the trained context / 8")
+    dp.add_argument("--items", type=int, default=20, help="key-value retrieval items (50 pairs)")
+    for p in (sp, qp, dp):
         p.add_argument("--every", type=int, default=10, help="RefreshKV's fixed schedule S")
         p.add_argument("--threshold", type=float, default=0.9, help="the dynamic schedule's s")
         p.add_argument("--check-every", type=int, default=5, help="the dynamic schedule's QC")
@@ -550,11 +703,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.part == "speed" and (args.steps < 2 or args.trials < 1):
         ap.error("--steps must be >= 2 and --trials >= 1")
-    res = run_speed(args) if args.part == "speed" else run_quality(args)
+    run, show = dict(speed=(run_speed, print_speed), quality=(run_quality, print_quality),
+                     diagnose=(run_diagnose, print_diagnose))[args.part]
+    res = run(args)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        (print_speed if args.part == "speed" else print_quality)(res)
+        show(res)
     out_dir = os.environ.get("OUT")
     if out_dir:
         Path(out_dir, f"refreshkv_{args.part}.json").write_text(json.dumps(res, indent=2))

@@ -44,23 +44,26 @@ Deviations and resolved choices:
 
 - The first selection comes from the first decoded token's full step, not from the prefill's last
   token: RefreshKV fills only the decode hook, so it composes with every prefill technique and
-  never touches the prefill (one full step more per generation than the paper). Measured on the
-  default model's key-value retrieval (benchmarks/RESULTS.md, "RefreshKV", "reach"), this is also
-  the better point: at the prompt's last token (``Corresponding value:``) the heads that later
-  copy the value (layer 19's) attend to the end of the prompt, and only at the first answer token
-  (`` "``) to the value's first token; selecting at the prompt's last token, 0 of 20 items kept
-  the answer (teacher-forced, ``reach`` 0 or 9).
+  never touches the prefill (one full step more per generation than the paper). On the default
+  model's key-value retrieval it is also the better point (``benchmarks/refreshkv.py diagnose``,
+  40 items, benchmarks/RESULTS.md): the head that copies the value (layer 19's query head 4 in 39
+  items) looks, at the prompt's last token (``Corresponding value:``), at the end of the prompt (a
+  median 650 slots past the value), and at the first answer token (`` "``) at the value's first
+  slot; selected at the prompt's last token, 0 of 40 answers survived (4 with ``reach`` 9).
 - The pooling window reaches ``reach`` slots forward (SnapKV's kernel is centred; the paper takes
   it over). A head that copies a span from the context reads one slot further at every generated
   token, so the slots it will read before the next refresh are the ones *after* the one it read at
-  the full step. On the default model's key-value retrieval (an 8-hex-digit value, 6-8 tokens,
-  copied by layer 19's heads) the centred window of 7 covers the value's first 4 tokens and the
-  answers broke at the 5th or 6th (17 of 20 items, S = 10, teacher-forced on full attention's
-  answer); a centred window of 13 broke them at the 8th (6 of 20); ``reach`` 6 or 9 kept all 20
-  (on 20 further items, ``reach`` 9: 20 kept against 3; the dynamic schedule with ``reach`` 4:
-  20 of 20 on both sets). With ``reach`` S - 1 a span begun at a full step stays in the subset
-  until the next one. The cost: each selected cluster takes up to
-  ``reach`` more of the K slots (the same K as the baselines).
+  the full step. On the default model's key-value retrieval (an 8-hex-digit value, 6-8 tokens)
+  the centred window of 7 covers the value's first 4 tokens: with S = 10, 6 of 40 answers
+  survived (teacher-forced on full attention's answer); the 34 others broke at value token 5-8, at
+  a partial step, that token's slot outside the copying head's subset. A centred window of 13 kept
+  32 (the 8 others broke at token 8); ``reach`` 6 or 9 kept 40; the dynamic schedule kept 17 with
+  ``reach`` 0 and 40 with 4. With ``reach`` S - 1 a span begun at a full step stays in the subset
+  until the next one (under the dynamic schedule, QC - 1: until the next check). The cost: a
+  selected cluster takes up to ``reach`` more of the K slots (the same K as the baselines).
+  End to end (``benchmarks/refreshkv.py quality``, K = 256 of 2,048, 40 items): key-value
+  retrieval 6/40 -> 40/40 (S = 10) and 17/40 -> 40/40 (dynamic), full attention 40/40;
+  multi-document QA 23/40 -> 22/40 (full 22/40); tail perplexity x1.070 -> x1.062 of full's.
 - K is one number for every layer and KV head; by default one eighth of the cache at that first
   full step (the paper's K = L/8), then fixed for the generation. While a layer holds at most K
   tokens its "subset" is every slot (plain attention); a full step re-selects when it outgrows K.
