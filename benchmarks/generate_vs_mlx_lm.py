@@ -5,8 +5,10 @@ mlx-lm through ``mlx_lm.load`` (mlx-lm's OpenELM class and ``stream_generate``).
 interleaved (the order alternates per trial) after a warm-up of each; medians are reported with the
 ratio mlxeff / mlx-lm.
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
-      python benchmarks/generate_vs_mlx_lm.py --random 270M --prompt-tokens 512 --gen-tokens 64
+    python benchmarks/generate_vs_mlx_lm.py --random 270M --prompt-tokens 512 --gen-tokens 64
+
+On the CPU it re-launches itself with OpenBLAS preloaded, as the ``mlxeff`` command does (a
+preload given by the user, e.g. ``LD_PRELOAD=.../libopenblas.so.0``, is kept).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+
+from mlxeff.bench import blas_in_use
 
 
 def word_tokenizer(vocab_size: int):
@@ -126,6 +130,7 @@ def main():
     result = {
         "model": str(args.model or f"random OpenELM-{args.random} ({args.dtype})"),
         "device": str(mx.default_device()),
+        "blas": blas_in_use() if mx.default_device() == mx.cpu else None,
         "prompt_tokens": args.prompt_tokens,
         "gen_tokens": args.gen_tokens,
         "trials": args.trials,
@@ -145,4 +150,9 @@ def main():
 
 
 if __name__ == "__main__":
+    if mx.default_device() == mx.cpu:  # as the ``mlxeff`` command does: the CPU backend with OpenBLAS
+        from mlxeff.cli import blas
+
+        blas.relaunch_with_openblas(hint=False)
+        blas.restore_environment()
     main()
