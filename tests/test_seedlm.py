@@ -404,3 +404,18 @@ def test_reconstruct_equals_previous_formula_bit_for_bit(on_cpu, monkeypatch, th
         assert got16.dtype == mx.float16
         np.testing.assert_array_equal(np.array(got16).view(np.uint16),
                                       np.array(want.astype(mx.float16)).view(np.uint16))
+
+
+def test_reconstruct_off_the_cpu_fills_a_numpy_array_then_copies(on_cpu, monkeypatch):
+    """Where the default device is not the CPU the result's memory may be the device's, so the
+    reconstruction is not written through a view of an MLX array: same bits either way."""
+    C, P, out, inp = 8, 3, 40, 100
+    seeds, codes, eb, _, _ = random_packed(out, inp, C, P, seed=5)
+    want = F.reconstruct(mx.array(seeds), mx.array(codes), eb, C, P, inp)
+    monkeypatch.setattr(F.mx, "default_device", lambda: mx.gpu)
+    made = []
+    real_zeros = F.mx.zeros
+    monkeypatch.setattr(F.mx, "zeros", lambda *a, **k: made.append(a) or real_zeros(*a, **k))
+    got = F.reconstruct(mx.array(seeds), mx.array(codes), eb, C, P, inp)
+    assert not made  # no MLX array was allocated to be written in place
+    np.testing.assert_array_equal(bits_of(got), bits_of(want))

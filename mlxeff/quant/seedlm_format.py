@@ -326,13 +326,18 @@ def reconstruct(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int, in_f
     seeds, codes = np.asarray(seeds), np.asarray(codes)  # views of the evaluated MLX arrays
     coef = _coef_table(int(_exp_base_scalar(exp_base).item()))
     cols = _column_tables(C, P, basis, K)
-    # the result is written in place through a numpy view of an evaluated MLX array (MLX shares
-    # the memory; a numpy array copied by mx.array would touch every page twice)
-    result = mx.zeros((out, in_features), mx.float32)
-    mx.eval(result)
-    W = np.asarray(result)
-    if not (W.flags.c_contiguous and W.flags.writeable):
-        raise RuntimeError("MLX gave no writable contiguous view of a new array")
+    # On the CPU the result is written in place through a numpy view of an evaluated MLX array
+    # (the memory is shared; a numpy array copied by mx.array would touch every page twice).
+    # Elsewhere the array's memory may belong to a device, so numpy fills its own and MLX copies.
+    in_place = mx.default_device() == mx.cpu
+    result = mx.zeros((out, in_features), mx.float32) if in_place else None
+    if in_place:
+        mx.eval(result)
+        W = np.asarray(result)
+        if not (W.flags.c_contiguous and W.flags.writeable):
+            raise RuntimeError("MLX gave no writable contiguous view of a new array")
+    else:
+        W = np.empty((out, in_features), np.float32)
     rows = max(1, _CHUNK_BLOCKS // nb)  # rows per chunk: a chunk's arrays stay in the core's cache
     tasks = [(r, min(out, r + rows)) for r in range(0, out, rows)]
     threads = min(_THREADS, len(tasks))
@@ -343,6 +348,7 @@ def reconstruct(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int, in_f
                           range(0, len(tasks), step)))
     else:
         _reconstruct_rows(seeds, codes, coef, cols, W, tasks)
+    result = result if in_place else mx.array(W)
     return result if dtype == mx.float32 else result.astype(dtype)
 
 
