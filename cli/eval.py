@@ -79,7 +79,8 @@ def perplexity_command(model, text: Path, *, max_tokens, window, stride, batch_s
     path, net, tokenizer = load_for_generation(model, dtype)
     files = data.expand_files([str(text)], "text")
     raw = data.read_text(files[0])
-    tokens = data.tokenize_files(files, tokenizer)
+    # with --max-tokens only what is scored (and one more, to know whether the text was cut)
+    tokens = data.tokenize_files(files, tokenizer, limit=None if max_tokens is None else max_tokens + 1)
     truncated = max_tokens is not None and len(tokens) > max_tokens
     if truncated:
         tokens = tokens[:max_tokens]

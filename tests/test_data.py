@@ -63,6 +63,30 @@ def test_split_chunks_keeps_encoding(tok_dir):
     assert pieces == whole
 
 
+def test_tokenizing_with_a_limit_gives_the_streams_first_tokens(tok_dir, tmp_path, monkeypatch):
+    """``limit`` stops early (``mlxeff eval --max-tokens``) with a prefix of the whole stream, across
+    chunk batches and files, never cached."""
+    out, files = tok_dir
+    tok = data.load_tokenizer(out)
+    monkeypatch.setattr(data, "CHUNK_CHARS", 64)  # many chunks, a few per batch
+    whole = data.tokenize_files(files, tok)
+    encoded = []
+    real = data.split_chunks
+    monkeypatch.setattr(data, "split_chunks", lambda text, size=64: encoded.append(1) or real(text, 64))
+    for limit in (1, 37, len(whole) // 2, len(whole) - 1, len(whole) + 5):
+        encoded.clear()
+        part = data.tokenize_files(files, tok, cache_dir=tmp_path, limit=limit)
+        assert len(part) >= min(limit, len(whole)) and np.array_equal(part, whole[: len(part)]), limit
+        if limit < len(whole) // 3:
+            assert len(encoded) < len(files)  # later files were never read into the tokenizer
+    assert not list(tmp_path.glob("tokens-*"))
+    text = data.read_text(files[0])
+    ids = data.encode_text(tok, text)
+    for limit in (5, 200):
+        got = data.encode_text(tok, text, limit)
+        assert limit <= len(got) < len(ids) and np.array_equal(got, ids[: len(got)])
+
+
 def test_tokenizer_special_ids_round_trip_and_streaming(tok_dir):
     out, _ = tok_dir
     tok = data.load_tokenizer(out)
