@@ -293,7 +293,7 @@ class RefreshDecode(DecodeStrategy):
         n = int(tokens.size)
         valid = self._owner is not None and self._valid(cache)
         if n > 1:  # a drafter's rows: full attention, no re-selection
-            out = model(tokens[None], cache=cache)[0]
+            out = model(tokens[None], cache=cache).squeeze(0)
             if valid:
                 self._expect = np.array([c.offset for c in cache])
             self.used = [None] * len(cache)
@@ -317,7 +317,7 @@ class RefreshDecode(DecodeStrategy):
                 c.attend_index = None if self._mode[l] == ALL else index(l)
                 decided[l] = False
         try:
-            out = model(tokens[None], cache=cache)[0]
+            out = model(tokens[None], cache=cache).squeeze(0)
             self.used = [index(l) if not decided[l] and self._mode[l] == RING else None
                          for l in range(len(cache))]
             refreshed = [l for l in range(len(cache)) if decided[l]]

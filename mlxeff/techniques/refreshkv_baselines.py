@@ -61,7 +61,7 @@ class StreamingDecode(DecodeStrategy):
     def __call__(self, model, tokens, cache):
         if tokens.size > 1:
             self.used = None
-            return model(tokens[None], cache=cache)[0]
+            return model(tokens[None], cache=cache).squeeze(0)
         if self._owner is not cache[0]:
             check_appending(cache, "--streaming-llm")
             self._owner = cache[0]
@@ -75,7 +75,7 @@ class StreamingDecode(DecodeStrategy):
         for c in cache:
             c.attend_index = index
         try:
-            return model(tokens[None], cache=cache)[0]
+            return model(tokens[None], cache=cache).squeeze(0)
         finally:
             for c in cache:
                 c.attend_index = None
@@ -110,7 +110,7 @@ class H2ODecode(DecodeStrategy):
     def __call__(self, model, tokens, cache):
         if tokens.size > 1:  # drafted rows: attend everything; the next step starts afresh
             self._owner, self.used = None, [None] * len(cache)
-            return model(tokens[None], cache=cache)[0]
+            return model(tokens[None], cache=cache).squeeze(0)
         if self._owner is not cache[0] or cache[0].offset != self._expect:
             self._reset(model, cache)
         o = cache[0].offset  # the new token's slot
@@ -124,7 +124,7 @@ class H2ODecode(DecodeStrategy):
                     [self.heavy[l], mx.broadcast_to(recent, (B, KVH, recent.size))], axis=-1)
             self.used.append(c.attend_index)
         try:
-            out = model(tokens[None], cache=cache)[0]
+            out = model(tokens[None], cache=cache).squeeze(0)
             for l, c in enumerate(cache):
                 got = group_max(c.scores.astype(mx.float32), self._heads[l])  # (B, KVH, attended)
                 acc = got[..., :0] if self.acc[l] is None else self.acc[l]
