@@ -150,9 +150,7 @@ def main():
 
 
 if __name__ == "__main__":
-    if mx.default_device() == mx.cpu:  # as the ``mlxeff`` command does: the CPU backend with OpenBLAS
-        from mlxeff.cli import blas
+    from mlxeff.cli.blas import relaunch_benchmark
 
-        blas.relaunch_with_openblas(hint=False)
-        blas.restore_environment()
+    relaunch_benchmark()
     main()

@@ -21,8 +21,9 @@ quality is then meaningless and prompts are random ids). Prompts longer than the
 ``max_context_length`` run RoPE beyond the trained positions: the speed is still a valid
 measurement, the quality figures there describe an extrapolating model and are flagged.
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
-      python benchmarks/lazyllm.py [--model DIR] [--json]
+    python benchmarks/lazyllm.py [--model DIR] [--json]
+
+On the CPU it re-launches itself with OpenBLAS preloaded, as the ``mlxeff`` command does.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mlxeff.bench import blas_in_use  # noqa: E402
 from mlxeff.eval import greedy_agreement, prefix_agreement  # noqa: E402
 from mlxeff.generate import ChunkedPrefill, DecodeStrategy  # noqa: E402
 from mlxeff.precision import apply_compute_dtype  # noqa: E402
@@ -321,7 +323,7 @@ def main(argv=None):
     qlengths = ([int(x) for x in args.quality_lengths.split(",") if x] if args.quality_lengths
                 else sorted({ctx, 2048}))
     tokens = text_tokens(tokenizer, model.args.vocab_size, rng)
-    blas = "openblas" if "openblas" in os.environ.get("LD_PRELOAD", "") else "bundled"
+    blas = "openblas" if blas_in_use() == "OpenBLAS" else "bundled"
     result = dict(model=desc, layers=L, max_context_length=ctx, device=str(mx.default_device()),
                   dtype=str(model.transformer.norm.weight.dtype),
                   mlx=mx.__version__, blas=blas if mx.default_device() == mx.cpu else None,
@@ -382,4 +384,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from mlxeff.cli.blas import relaunch_benchmark
+
+    relaunch_benchmark()  # on the CPU: with OpenBLAS, as the mlxeff command runs
     main()

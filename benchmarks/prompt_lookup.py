@@ -10,8 +10,9 @@ and time to first token are compared. Both must produce the same tokens (lossles
 Reported beside the speed: the drafts' acceptance rate, tokens per decode forward, and how much of
 the output repeats the passage.
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
-      python benchmarks/prompt_lookup.py [--model DIR] [--json]
+    python benchmarks/prompt_lookup.py [--model DIR] [--json]
+
+On the CPU it re-launches itself with OpenBLAS preloaded, as the ``mlxeff`` command does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mlxeff  # noqa: E402
+from mlxeff.bench import blas_in_use  # noqa: E402
 from mlxeff.precision import apply_compute_dtype  # noqa: E402
 
 DEFAULT_VALID = ROOT.parent / "shared" / "data" / "gutenberg-children" / "valid.txt.gz"
@@ -117,7 +118,7 @@ def main():
     }
     result = {"model": str(args.model), "device": str(mx.default_device()),
               "dtype": str(model.transformer.norm.weight.dtype),
-              "openblas": "openblas" in os.environ.get("LD_PRELOAD", ""),
+              "openblas": blas_in_use() == "OpenBLAS",
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "summary": summary, "items": items}
     if args.json:
@@ -138,4 +139,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from mlxeff.cli.blas import relaunch_benchmark
+
+    relaunch_benchmark()  # on the CPU: with OpenBLAS, as the mlxeff command runs
     main()

@@ -37,9 +37,10 @@ step was partial and whether the slot of that value token was in the subset of t
 copies it (the query head with the largest full-attention weight on it).
 
     python benchmarks/refreshkv.py speed [--shapes 1.1B,3B] [--contexts 4096,8192,16384] [--json]
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
-      python benchmarks/refreshkv.py quality [--model DIR] [--json]
+    python benchmarks/refreshkv.py quality [--model DIR] [--json]
     python benchmarks/refreshkv.py diagnose [--items 20] [--threshold 0.4] [--json]
+
+On the CPU it re-launches itself with OpenBLAS preloaded, as the ``mlxeff`` command does.
 """
 
 from __future__ import annotations
@@ -716,4 +717,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from mlxeff.cli.blas import relaunch_benchmark
+
+    relaunch_benchmark()  # on the CPU: with OpenBLAS, as the mlxeff command runs
     main()

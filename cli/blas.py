@@ -225,6 +225,18 @@ def relaunch_with_openblas(hint: bool = True) -> None:
         _hinted = True
 
 
+def relaunch_benchmark() -> None:
+    """For a benchmark script: on MLX's CPU backend, run it again with OpenBLAS preloaded as the
+    ``mlxeff`` command does (no hint line), then give child processes the user's environment
+    back. A preload the user gave is kept; on a GPU nothing happens."""
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        return
+    relaunch_with_openblas(hint=False)
+    restore_environment()
+
+
 def child_environment() -> Optional[dict]:
     """The environment of a child Python process (a benchmark's run per device) with OpenBLAS
     preloaded as the re-launch would preload it; None where the re-launch would not happen. Pass

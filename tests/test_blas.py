@@ -182,3 +182,19 @@ def test_eval_and_generate_state_the_blas_that_ran(saved_dir, tmp_path):
     out, err = mlxeff("generate", "Once upon", "--model", path, "--max-tokens", 3, "--json")
     assert json.loads(out)["generation_tokens"] >= 1
     assert err[-1].startswith("cpu blas: OpenBLAS"), err
+
+
+def test_relaunch_benchmark_only_on_the_cpu(monkeypatch):
+    """Benchmark scripts re-launch with OpenBLAS (no hint) and restore the environment on the CPU
+    backend; on a GPU they do nothing."""
+    import mlx.core as mx
+
+    calls = []
+    monkeypatch.setattr(blas, "relaunch_with_openblas", lambda hint=True: calls.append(("relaunch", hint)))
+    monkeypatch.setattr(blas, "restore_environment", lambda: calls.append(("restore",)))
+    blas.relaunch_benchmark()
+    assert calls == [("relaunch", False), ("restore",)]
+    calls.clear()
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    blas.relaunch_benchmark()
+    assert calls == []
