@@ -329,15 +329,14 @@ def reconstruct(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int, in_f
     # On the CPU the result is written in place through a numpy view of an evaluated MLX array
     # (the memory is shared; a numpy array copied by mx.array would touch every page twice).
     # Elsewhere the array's memory may belong to a device, so numpy fills its own and MLX copies.
-    in_place = mx.default_device() == mx.cpu
-    result = mx.zeros((out, in_features), mx.float32) if in_place else None
-    if in_place:
+    if mx.default_device() == mx.cpu:
+        result = mx.zeros((out, in_features), mx.float32)
         mx.eval(result)
         W = np.asarray(result)
         if not (W.flags.c_contiguous and W.flags.writeable):
             raise RuntimeError("MLX gave no writable contiguous view of a new array")
     else:
-        W = np.empty((out, in_features), np.float32)
+        result, W = None, np.empty((out, in_features), np.float32)
     rows = max(1, _CHUNK_BLOCKS // nb)  # rows per chunk: a chunk's arrays stay in the core's cache
     tasks = [(r, min(out, r + rows)) for r in range(0, out, rows)]
     threads = min(_THREADS, len(tasks))
@@ -348,7 +347,8 @@ def reconstruct(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int, in_f
                           range(0, len(tasks), step)))
     else:
         _reconstruct_rows(seeds, codes, coef, cols, W, tasks)
-    result = result if in_place else mx.array(W)
+    if result is None:
+        result = mx.array(W)
     return result if dtype == mx.float32 else result.astype(dtype)
 
 
@@ -363,13 +363,12 @@ _NIBBLES = (np.arange(256) & 15 | (np.arange(256) >> 4) << 8).astype("<u2")
 
 
 def _coef_table(exp_base: int) -> np.ndarray:
-    """(256,) float32: entry e * 16 + n is ``c * 2^(e + exp_base)`` for the coefficient nibble n
-    (c its two's complement value), as ``pow2`` computes the power (from the exponent bits)."""
-    e = np.arange(EXP_CODES, dtype=np.int32)[:, None] + np.int32(exp_base)
-    n = np.arange(16, dtype=np.int32)[None, :]
-    c = np.where(n >= 8, n - 16, n).astype(np.float32)
-    with np.errstate(over="ignore"):  # c * 2^127 overflows to inf, as in MLX
-        return (c * ((e + 127) << 23).view(np.float32)).reshape(-1)
+    """(256,) float32: entry e * 16 + n is ``c * 2^(e + exp_base)`` for the exponent code e and the
+    coefficient nibble n (c its value), computed by the format's own ``unpack_codes`` and ``pow2``
+    on every code byte (read as one block of P = 1: exponent code low, coefficient nibble high)."""
+    e, c = unpack_codes(mx.arange(256, dtype=mx.uint8)[:, None], 1, 1)
+    by_byte = c[:, 0, 0].astype(mx.float32) * pow2(e[:, 0] + exp_base)  # byte n * 16 + e
+    return np.array(by_byte).reshape(16, 16).T.reshape(-1)
 
 
 @lru_cache(maxsize=8)
