@@ -164,15 +164,10 @@ class SeedLMEmbedding(_SeedLMBase):
 
     def __call__(self, ids: mx.array) -> mx.array:
         flat = ids.reshape(-1)
-        kernels = KERNELS[self.basis]
-        if kernels.kernel_available(self.C, self.P):
-            # on a GPU the dequantise kernel (``reconstruct`` runs on the host: a synchronisation
-            # in every decode step)
-            rows = kernels.seedlm_dequantize(self.seeds[flat], self.codes[flat], self.exp_base, self.C,
-                                             self.P, self.dims, dtype=mx.float32)
-        else:
-            rows = reconstruct(self.seeds[flat], self.codes[flat], self.exp_base, self.C, self.P,
-                               self.dims, K=self.K, basis=self.basis)
+        # the dequantise kernel on a GPU, ``reconstruct`` elsewhere (on the host: on a GPU that
+        # would synchronise every decode step); K is the format's one register width
+        rows = KERNELS[self.basis].seedlm_dequantize(self.seeds[flat], self.codes[flat], self.exp_base,
+                                                     self.C, self.P, self.dims, dtype=mx.float32)
         return rows.reshape(*ids.shape, self.dims)
 
     def as_linear(self, x: mx.array) -> mx.array:
