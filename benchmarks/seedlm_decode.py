@@ -373,9 +373,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    if "--cpu" in sys.argv:  # as the ``mlxeff`` command does: MLX's CPU backend with OpenBLAS
-        from mlxeff.cli import blas
+    from mlxeff.cli.blas import relaunch_benchmark
 
-        blas.relaunch_with_openblas(hint=False)
-        blas.restore_environment()
+    relaunch_benchmark(on_cpu="--cpu" in sys.argv)  # the device is chosen by the flag here
     main()

@@ -225,13 +225,16 @@ def relaunch_with_openblas(hint: bool = True) -> None:
         _hinted = True
 
 
-def relaunch_benchmark() -> None:
-    """For a benchmark script: on MLX's CPU backend, run it again with OpenBLAS preloaded as the
-    ``mlxeff`` command does (no hint line), then give child processes the user's environment
-    back. A preload the user gave is kept; on a GPU nothing happens."""
-    import mlx.core as mx
+def relaunch_benchmark(on_cpu: Optional[bool] = None) -> None:
+    """For a benchmark script: when it computes on MLX's CPU backend (``on_cpu``; None: the default
+    device is the CPU), run it again with OpenBLAS preloaded as the ``mlxeff`` command does (no
+    hint line), then give child processes the user's environment back. A preload the user gave is
+    kept; otherwise nothing happens."""
+    if on_cpu is None:
+        import mlx.core as mx
 
-    if mx.default_device() != mx.cpu:
+        on_cpu = mx.default_device() == mx.cpu
+    if not on_cpu:
         return
     relaunch_with_openblas(hint=False)
     restore_environment()

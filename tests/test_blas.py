@@ -198,3 +198,5 @@ def test_relaunch_benchmark_only_on_the_cpu(monkeypatch):
     monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
     blas.relaunch_benchmark()
     assert calls == []
+    blas.relaunch_benchmark(on_cpu=True)  # a script that picks the CPU by a flag
+    assert calls == [("relaunch", False), ("restore",)]
