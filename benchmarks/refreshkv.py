@@ -503,7 +503,7 @@ class _Weights(DecodeStrategy):
         for c in cache:
             c.want_scores = True
         try:
-            out = model(tokens[None], cache=cache)[0]
+            out = model(tokens[None], cache=cache).squeeze(0)
             self.weights = [np.array(c.scores[0]) for c in cache]
         finally:
             for c in cache:
@@ -584,16 +584,14 @@ def run_diagnose(args):
         for name, (config, where) in settings.items():
             trim_cache(cache, cache[0].offset - P)
             dec = rk.RefreshDecode(config)
+            fail = None
             if where == "prompt":
                 got = dec(model, mx.array(ids[-1:], dtype=mx.uint32), cache)
-                start = 1
+                if int(mx.argmax(got[-1]).item()) != ref[0]:
+                    fail = dict(step=0)
             else:
                 model(mx.array([ids[-1:]], dtype=mx.uint32), cache=cache)  # the prefill's last row
-                start = 1
-            fail = None
-            if where == "prompt" and int(mx.argmax(got[-1]).item()) != ref[0]:
-                fail = dict(step=0)
-            for s in range(start, len(ref)):
+            for s in range(1, len(ref)):
                 if fail is not None:
                     break
                 before = dec.stats["full_layer_steps"]
