@@ -23,15 +23,25 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 def apply_compute_dtype(model: nn.Module, dtype: Optional[str] = "auto") -> Optional[str]:
     """Cast ``model``'s floating-point parameters for computing, in place; the dtype applied
     (None: the stored one, ``auto`` on a GPU). ``None`` means ``auto``."""
-    from .quant.affine import dequantize_affine
-
     dtype = dtype or "auto"
     if dtype == "auto":
-        if mx.default_device() != mx.cpu:
+        if not dequantize_on_cpu(model):
             return None
-        dequantize_affine(model)
         dtype = "float32"
     if dtype not in DTYPES:
         raise MlxeffError(f"--dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
     model.set_dtype(DTYPES[dtype])
     return dtype
+
+
+def dequantize_on_cpu(model: nn.Module) -> bool:
+    """On the CPU, replace ``model``'s affine 4/8-bit layers by their dequantized weights, in place
+    (the module docstring says why); elsewhere leave it. Returns whether the device is the CPU.
+    Training commands call it on a frozen base: the train-m2r2 validation of 1,024 tokens on the
+    quantized default model v2 took about 3 minutes on the CPU box."""
+    from .quant.affine import dequantize_affine
+
+    if mx.default_device() != mx.cpu:
+        return False
+    dequantize_affine(model)
+    return True

@@ -37,3 +37,43 @@ def test_compute_dtype_auto_dequantizes_on_the_cpu_and_bad_names_fail():
     assert model.layers[0].attn.qkv_proj.weight.dtype == mx.float32 and model(x).dtype == mx.float32
     with pytest.raises(MlxeffError, match="--dtype must be"):
         apply_compute_dtype(model, "float64")
+
+
+def test_training_commands_compute_a_quantized_base_dequantized_on_the_cpu(tmp_path, tiny_tokenizer, monkeypatch):
+    """train-m2r2 and train-kv-prediction keep the base frozen; on the CPU its affine layers must
+    compute dequantized (a 4-bit base made train-m2r2's validation take minutes there)."""
+    import pytest
+
+    import mlxeff
+    from mlxeff.techniques import kv_prediction_train, m2r2_train
+    from mlxeff.train.config import TrainConfig
+
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the CPU rule")
+    model = make_model(tiny_args(vocab_size=len(tiny_tokenizer)), seed=1)
+    quantize_affine(model, bits=4, group_size=32, embedding_bits=8)
+    mlxeff.save(model, tiny_tokenizer, tmp_path / "base")
+    (tmp_path / "train.txt").write_text("Once upon a time there was a little cat. " * 40)
+    seen = []
+
+    class Reached(Exception):
+        pass
+
+    def record(base):
+        from mlxeff.precision import dequantize_on_cpu
+
+        assert dequantize_on_cpu(base) is True
+        seen.append(not any(isinstance(m, nn.QuantizedLinear) for _, m in base.named_modules()))
+        raise Reached
+
+    common = dict(base_dir=tmp_path / "base", train_files=[str(tmp_path / "train.txt")],
+                  valid_files=None)
+    for module, run in ((m2r2_train, lambda: m2r2_train.run_m2r2_training(
+            TrainConfig(seq_len=16), rate=2, rank=2, out=tmp_path / "m2r2", **common)),
+            (kv_prediction_train, lambda: kv_prediction_train.run_kv_training(
+                TrainConfig(seq_len=16), aux_spec="layers:2", out=tmp_path / "kvp", eval_tokens=32,
+                **common))):
+        monkeypatch.setattr(module, "dequantize_on_cpu", record)
+        with pytest.raises(Reached):
+            run()
+    assert seen == [True, True]

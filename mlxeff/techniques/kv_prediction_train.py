@@ -38,6 +38,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import MlxeffError
+from ..precision import dequantize_on_cpu
 
 from ..models import Model
 from ..cache import PassThroughCache
@@ -230,6 +231,7 @@ def run_kv_training(cfg, *, base_dir, aux_spec: str, train_files, valid_files, o
     if tok is None:
         raise MlxeffError("the base model has no tokenizer files", base_dir)
     disk_dtype = base.transformer.token_embeddings.weight.dtype
+    dequantize_on_cpu(base)
     base.set_dtype(DTYPES[cfg.dtype])
     aux, layer_map, aux_info = auxiliary_from_spec(base, aux_spec)
     predictor = KVPredictor.for_models(aux, base, layer_map, init=predictor_init)

@@ -31,6 +31,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import MlxeffError
+from ..precision import dequantize_on_cpu
 from .m2r2 import M2R2, FastStream, M2R2Config
 
 
@@ -206,6 +207,7 @@ def run_m2r2_training(cfg, *, base_dir, rate: float, rank: int, train_files, val
     if tok is None:
         raise MlxeffError("the base model has no tokenizer files", base_dir)
     disk_dtype = base.transformer.norm.weight.dtype
+    dequantize_on_cpu(base)
     base.set_dtype(DTYPES[cfg.dtype])
     config = M2R2Config.for_model(base.args, rate, rank)
     mx.random.seed(cfg.seed)
