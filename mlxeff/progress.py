@@ -9,6 +9,7 @@ context manager closes the bar with a newline, so the next line starts clean.
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from typing import Optional
@@ -49,6 +50,25 @@ def enabled(requested: Optional[bool] = None) -> bool:
 
 def bar(total: Optional[float] = None, desc: str = "", unit: str = "it", *, show: Optional[bool] = None,
         unit_scale: bool = False, leave: bool = True, **kwargs) -> tqdm:
-    """A progress bar (use it as a context manager, call ``update(n)``); disabled bars cost nothing."""
+    """A progress bar (use it as a context manager, call ``update(n)``); disabled bars cost nothing.
+
+    The bar follows the terminal's size. A terminal that reports none (0 x 0: a pseudo-terminal
+    nobody sized, as some container and CI runners give) gets ``FALLBACK_SIZE``: tqdm would take
+    its 0 rows to mean that the bar lies below the screen and print nothing at all."""
+    columns, rows = _terminal_size()
+    sized = (dict(dynamic_ncols=True) if columns > 0 and rows > 0
+             else dict(ncols=FALLBACK_SIZE[0], nrows=FALLBACK_SIZE[1]))
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, leave=leave,
-                disable=not enabled(show), file=sys.stderr, dynamic_ncols=True, **kwargs)
+                disable=not enabled(show), file=sys.stderr, **{**sized, **kwargs})
+
+
+FALLBACK_SIZE = (80, 24)  # columns, rows
+
+
+def _terminal_size() -> tuple:
+    """stderr's terminal size (columns, rows); (0, 0) when it reports none or is not a terminal."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):
+        return 0, 0
+    return size.columns, size.lines

@@ -44,3 +44,26 @@ def test_json_output_has_no_progress(tmp_path, saved_dir, monkeypatch):
     assert json.loads(r.stdout)["tokens"] > 0 and "window" not in r.stderr
     r = CliRunner().invoke(app, ["eval", str(path), "--perplexity", str(f), "--window", "32"])
     assert r.exit_code == 0 and "perplexity" in r.stderr and "window" in r.stderr
+
+
+def test_a_bar_shows_on_a_terminal_that_reports_no_size():
+    """A pseudo-terminal nobody sized reports 0 x 0; tqdm alone then prints nothing at all."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from test_interrupt import read_until
+
+    master, slave = pty.openpty()  # a new pseudo-terminal has no size
+    code = ("import time; from mlxeff.progress import bar\n"
+            "with bar(4, desc='sized', unit='steps') as b:\n    b.update(1); time.sleep(0.3)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    try:
+        seen = read_until(master, (b"1/4",), 20)
+        proc.wait(timeout=20)
+    finally:
+        os.close(master)
+    assert b"sized:" in seen and b"1/4" in seen, seen
