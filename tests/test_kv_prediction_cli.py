@@ -183,3 +183,23 @@ def test_ctrl_c_keeps_the_work_outside_the_base_and_resume_finishes(trained):
         assert not work.exists()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_train_on_an_affine_base_saves_float_weights(tmp_path, tiny_tokenizer):
+    """A base whose vocabulary matrix is 8-bit (the default model v2) stores its embedding as
+    packed uint32: the artifact takes the base's float dtype, not that one."""
+    import mlx.core as mx
+
+    from mlxeff.quant.affine import quantize_affine
+
+    model = make_model(layerwise_config(4, 64, 16, vocab_size=len(tiny_tokenizer), ffn_dim_divisor=32))
+    quantize_affine(model, bits=4, group_size=32, embedding_bits=8)
+    mlxeff.save(model, tiny_tokenizer, tmp_path / "base")
+    (tmp_path / "train.txt").write_text(TEXT * 10)
+    proc = run_in_process("train-kv-prediction", "--base", tmp_path / "base", "--aux", "lp-0.5",
+                          "--train", tmp_path / "train.txt", "--steps", 2, "--seq-len", 16,
+                          "--batch-size", 2, "--warmup", 1)
+    assert proc.exit_code == 0, proc.output
+    out = tmp_path / "base" / "kv_prediction" / "lp-0.5"
+    dtypes = {str(v.dtype) for f in out.glob("*.safetensors") for v in mx.load(str(f)).values()}
+    assert dtypes and dtypes <= {"mlx.core.float16", "mlx.core.bfloat16", "mlx.core.float32"}, dtypes

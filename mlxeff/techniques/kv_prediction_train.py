@@ -230,7 +230,7 @@ def run_kv_training(cfg, *, base_dir, aux_spec: str, train_files, valid_files, o
     base, tok = io.load(base_dir)
     if tok is None:
         raise MlxeffError("the base model has no tokenizer files", base_dir)
-    disk_dtype = base.transformer.token_embeddings.weight.dtype
+    disk_dtype = base.transformer.norm.weight.dtype  # a float (the embedding may be packed uint32)
     dequantize_on_cpu(base)
     base.set_dtype(DTYPES[cfg.dtype])
     aux, layer_map, aux_info = auxiliary_from_spec(base, aux_spec)
