@@ -55,9 +55,8 @@ def bar(total: Optional[float] = None, desc: str = "", unit: str = "it", *, show
     The bar follows the terminal's size. A terminal that reports none (0 x 0: a pseudo-terminal
     nobody sized, as some container and CI runners give) gets ``FALLBACK_SIZE``: tqdm would take
     its 0 rows to mean that the bar lies below the screen and print nothing at all."""
-    columns, rows = _terminal_size()
-    sized = (dict(dynamic_ncols=True) if columns > 0 and rows > 0
-             else dict(ncols=FALLBACK_SIZE[0], nrows=FALLBACK_SIZE[1]))
+    sized = (dict(ncols=FALLBACK_SIZE[0], nrows=FALLBACK_SIZE[1]) if _unsized_terminal()
+             else dict(dynamic_ncols=True))  # a file or pipe: no width limit, as before
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, leave=leave,
                 disable=not enabled(show), file=sys.stderr, **{**sized, **kwargs})
 
@@ -65,10 +64,10 @@ def bar(total: Optional[float] = None, desc: str = "", unit: str = "it", *, show
 FALLBACK_SIZE = (80, 24)  # columns, rows
 
 
-def _terminal_size() -> tuple:
-    """stderr's terminal size (columns, rows); (0, 0) when it reports none or is not a terminal."""
+def _unsized_terminal() -> bool:
+    """Whether stderr is a terminal that reports 0 columns or 0 rows."""
     try:
         size = os.get_terminal_size(sys.stderr.fileno())
-    except (AttributeError, OSError, ValueError):
-        return 0, 0
-    return size.columns, size.lines
+    except (AttributeError, OSError, ValueError):  # not a terminal (a file, a pipe, a capture)
+        return False
+    return size.columns <= 0 or size.lines <= 0
