@@ -45,7 +45,7 @@ def test_training_commands_compute_a_quantized_base_dequantized_on_the_cpu(tmp_p
     import pytest
 
     import mlxeff
-    from mlxeff.techniques import kv_prediction_train, m2r2_train
+    from mlxeff.techniques import artifacts, kv_prediction_train, m2r2_train
     from mlxeff.train.config import TrainConfig
 
     if mx.default_device() != mx.cpu:
@@ -68,12 +68,12 @@ def test_training_commands_compute_a_quantized_base_dequantized_on_the_cpu(tmp_p
 
     common = dict(base_dir=tmp_path / "base", train_files=[str(tmp_path / "train.txt")],
                   valid_files=None)
-    for module, run in ((m2r2_train, lambda: m2r2_train.run_m2r2_training(
-            TrainConfig(seq_len=16), rate=2, rank=2, out=tmp_path / "m2r2", **common)),
-            (kv_prediction_train, lambda: kv_prediction_train.run_kv_training(
+    monkeypatch.setattr(artifacts, "dequantize_on_cpu", record)  # both load their base there
+    for run in (lambda: m2r2_train.run_m2r2_training(
+            TrainConfig(seq_len=16), rate=2, rank=2, out=tmp_path / "m2r2", **common),
+            lambda: kv_prediction_train.run_kv_training(
                 TrainConfig(seq_len=16), aux_spec="layers:2", out=tmp_path / "kvp", eval_tokens=32,
-                **common))):
-        monkeypatch.setattr(module, "dequantize_on_cpu", record)
+                **common)):
         with pytest.raises(Reached):
             run()
     assert seen == [True, True]

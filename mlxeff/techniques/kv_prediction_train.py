@@ -38,10 +38,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import MlxeffError
-from ..precision import dequantize_on_cpu
 
 from ..models import Model
 from ..cache import PassThroughCache
+from .artifacts import load_frozen_base
 from .kv_prediction import KVPrediction, KVPredictor, base_view_keys, sink_kv
 
 
@@ -213,7 +213,6 @@ def run_kv_training(cfg, *, base_dir, aux_spec: str, train_files, valid_files, o
     """
     import shutil
 
-    from .. import io
     from ..train import DTYPES, LogRecorder, list_checkpoints, train_loop
     from ..train.checkpoints import run_folder
     from ..train.corpus import CorpusFiles, load_corpus
@@ -227,12 +226,7 @@ def run_kv_training(cfg, *, base_dir, aux_spec: str, train_files, valid_files, o
     own_work = work is None
     work = default_work_dir(out, base_dir) if own_work else Path(work)
 
-    base, tok = io.load(base_dir)
-    if tok is None:
-        raise MlxeffError("the base model has no tokenizer files", base_dir)
-    disk_dtype = base.transformer.norm.weight.dtype  # a float (the embedding may be packed uint32)
-    dequantize_on_cpu(base)
-    base.set_dtype(DTYPES[cfg.dtype])
+    base, tok, disk_dtype = load_frozen_base(base_dir, DTYPES[cfg.dtype])
     aux, layer_map, aux_info = auxiliary_from_spec(base, aux_spec)
     predictor = KVPredictor.for_models(aux, base, layer_map, init=predictor_init)
     model = KVPredictionModel(base, aux, predictor)

@@ -31,7 +31,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import MlxeffError
-from ..precision import dequantize_on_cpu
+from .artifacts import load_frozen_base
 from .m2r2 import M2R2, FastStream, M2R2Config
 
 
@@ -190,7 +190,7 @@ def run_m2r2_training(cfg, *, base_dir, rate: float, rank: int, train_files, val
     """Train a fast stream for the model in ``base_dir`` and save the artifact to ``out``
     (``m2r2``). Checkpoints live in ``work`` (default: a hidden sibling of ``out``) and are removed
     after success unless ``keep_work``."""
-    from .. import data, io
+    from .. import data
     from ..train import DTYPES, LogRecorder, train_loop
 
     wall = time.perf_counter()
@@ -203,12 +203,7 @@ def run_m2r2_training(cfg, *, base_dir, rate: float, rank: int, train_files, val
     files = data.expand_files(train_files, "training")
     vfiles = data.expand_files(valid_files, "validation") if valid_files else []
 
-    base, tok = io.load(base_dir)
-    if tok is None:
-        raise MlxeffError("the base model has no tokenizer files", base_dir)
-    disk_dtype = base.transformer.norm.weight.dtype
-    dequantize_on_cpu(base)
-    base.set_dtype(DTYPES[cfg.dtype])
+    base, tok, disk_dtype = load_frozen_base(base_dir, DTYPES[cfg.dtype])
     config = M2R2Config.for_model(base.args, rate, rank)
     mx.random.seed(cfg.seed)
     stream = FastStream(base.args, config)
