@@ -61,10 +61,9 @@ def train_kv_prediction(
     loads."""
     from dataclasses import replace
 
-    from mlxeff.progress import configure
+    from mlxeff.progress import silenced
     from mlxeff.techniques.kv_prediction_train import KVLossConfig, run_kv_training
 
-    configure(False if json_output else None)
     cfg = replace(run.cfg, save_every=run.cfg.eval_every)  # a checkpoint at each validation
     if out is None:
         if name is None:
@@ -73,14 +72,15 @@ def train_kv_prediction(
                 name += f"-kv{kv_weight:g}"
         out = Path(base) / "kv_prediction" / name
     say = (lambda msg: print(msg, file=sys.stderr, flush=True))
-    summary = run_kv_training(
-        cfg, base_dir=base, aux_spec=aux, train_files=train_files, valid_files=valid_files or [],
-        out=out, loss_cfg=KVLossConfig(kv_weight=kv_weight, base_weight=base_weight,
-                                       aux_weight=aux_weight),
-        predictor_init=predictor_init, work=work, eval_tokens=run.eval_tokens,
-        cache_dir=run.cache_dir, resume=run.resume, keep_work=keep_work, force=force,
-        save_dtype=save_dtype, say=say,
-    )
+    with silenced(json_output):  # bars off for --json, and back on afterwards (in-process callers)
+        summary = run_kv_training(
+            cfg, base_dir=base, aux_spec=aux, train_files=train_files, valid_files=valid_files or [],
+            out=out, loss_cfg=KVLossConfig(kv_weight=kv_weight, base_weight=base_weight,
+                                           aux_weight=aux_weight),
+            predictor_init=predictor_init, work=work, eval_tokens=run.eval_tokens,
+            cache_dir=run.cache_dir, resume=run.resume, keep_work=keep_work, force=force,
+            save_dtype=save_dtype, say=say,
+        )
     if json_output:
         print_json(summary)
         return

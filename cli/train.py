@@ -51,20 +51,20 @@ def train(
     """Train a model on text files, checkpointing into OUT (automatically, and on Ctrl-C; continue
     with --resume) and saving the final model (with its tokenizer) to OUT/model in the mlxeff
     format."""
-    from mlxeff.progress import configure
+    from mlxeff.progress import silenced
     from mlxeff.train import run_training
 
-    configure(False if json_output else None)
     shape = dict(config=config, layers=layers, model_dim=model_dim, head_dim=head_dim,
                  qkv_mult=tuple(qkv_mult), ffn_mult=tuple(ffn_mult), gqa_groups=gqa_groups,
                  ffn_divisor=ffn_divisor)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True))
-    summary = run_training(
-        run.cfg, train_files=train_files, valid_files=valid_files or [], out=out,
-        tokenizer=tokenizer, vocab_size=vocab_size, tokenizer_chars=tokenizer_chars, shape=shape,
-        eval_tokens=run.eval_tokens, save_dtype=save_dtype, cache_dir=run.cache_dir,
-        resume=run.resume, say=say,
-    )
+    with silenced(json_output):  # bars off for --json, and back on afterwards (in-process callers)
+        summary = run_training(
+            run.cfg, train_files=train_files, valid_files=valid_files or [], out=out,
+            tokenizer=tokenizer, vocab_size=vocab_size, tokenizer_chars=tokenizer_chars, shape=shape,
+            eval_tokens=run.eval_tokens, save_dtype=save_dtype, cache_dir=run.cache_dir,
+            resume=run.resume, say=say,
+        )
     if json_output:
         print_json(summary)
     else:
