@@ -37,7 +37,8 @@ def apply_compute_dtype(model: nn.Module, dtype: Optional[str] = "auto") -> Opti
 def dequantize_on_cpu(model: nn.Module) -> bool:
     """On the CPU, replace ``model``'s affine 4/8-bit layers by their dequantized weights, in place
     (the module docstring says why); elsewhere leave it. Returns whether the device is the CPU.
-    Trainers call it on the frozen base they adapt (``techniques.artifacts.load_frozen_base``)."""
+    (Trainers dequantize the frozen base they adapt on every device:
+    ``techniques.artifacts.load_frozen_base``.)"""
     from .quant.affine import dequantize_affine
 
     if mx.default_device() != mx.cpu:
