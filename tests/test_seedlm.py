@@ -363,6 +363,19 @@ def test_config_validation_api():
     assert F.SeedLMConfig.for_bits(4, C=8, P=2).bits == 3.5
 
 
+@pytest.mark.parametrize("basis", F.BASES)
+@pytest.mark.parametrize("C,P", [(8, 3), (12, 4), (6, 1)])
+def test_cycle_columns_are_the_basis_table_of_every_seed(basis, C, P):
+    """Column p of every seed's basis, read where ``reconstruct`` reads it (column 0 of the seed
+    p * step places further along the cycle), is ``basis_table``'s, bit for bit."""
+    rows, position, step = F._cycle_columns(C, P, basis, F.K_DEFAULT)
+    table = np.array(F.basis_table(C, P, basis))
+    seeds = np.arange(1, 1 << F.K_DEFAULT)
+    for p in range(P):
+        np.testing.assert_array_equal(rows[position[seeds] + p * step].view(np.uint32),
+                                      table[seeds, :, p].view(np.uint32), err_msg=f"column {p}")
+
+
 def previous_reconstruct(seeds, codes, exp_base, C, P, inp, basis):
     """The reconstruction as first written (a gather of (out, nb, C, P) bases, summed over p in
     order in float32): the oracle the faster ``F.reconstruct`` must equal bit for bit."""

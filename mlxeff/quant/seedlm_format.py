@@ -40,13 +40,15 @@ Per weight matrix W of shape (out, in) (a Linear's weight), configuration (C, P)
   (K + 4 + 4P) / C (a float for other configurations). An optional ``"bias": true`` marks a
   Linear with a bias, which is stored unquantised as ``bias``.
 
-Reference arithmetic (``reconstruct``), float32 throughout: each block's basis is read from a table
-of all 65535 bases (``basis_table``, from ``lfsr``); ``coef_p = c_p * 2^(e + exp_base)`` (exact: a
-small integer times a power of two), and ``w[c] = sum_p u[c, p] * coef_p`` summed over p in order.
-The dequantise kernel computes the same products in the same order (a backend may fuse a
-multiply-add), which is why this, not a matrix product with its library-dependent summation order,
-is the reference. ``reconstruct`` runs these float32 operations in numpy on the host (one
-multiply and one add per term, never fused), so its result is the same on every device.
+Reference arithmetic (``reconstruct``), float32 throughout: each block's basis is read from tables
+``lfsr`` builds from the register's cycle (``basis_table``: all 65535 bases; ``reconstruct`` reads
+the same values from one column per cycle position, ``_cycle_columns``); ``coef_p = c_p * 2^(e +
+exp_base)`` (exact: a small integer times a power of two), and ``w[c] = sum_p u[c, p] * coef_p``
+summed over p in order. The dequantise kernel computes the same products in the same order (a
+backend may fuse a multiply-add), which is why this, not a matrix product with its
+library-dependent summation order, is the reference. ``reconstruct`` runs these float32
+operations in numpy on the host (one multiply and one add per term, never fused), so its result
+is the same on every device.
 
 Deviations and choices:
 - Taps for K=16 are our maximal-length choice (``lfsr`` says why); any maximal tap set yields the
@@ -307,25 +309,30 @@ def reconstruct(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int, in_f
                 dtype=mx.float32, K: int = K_DEFAULT, basis: str = BASIS_LEGACY) -> mx.array:
     """The dense weight (out, in_features) of a packed tensor, computed in float32, in ``dtype``.
 
-    Each block's basis is read from ``basis_table`` (every seed's C x P basis, built by ``lfsr``
-    from the register's cycle, which the tests check against stepping the register), and
-    ``u[c, p] * (c_p * 2^(e + exp_base))`` is summed over p in order: ``w = u_0 k_0``, then
-    ``w = w + u_p k_p`` for p = 1 .. P-1, each product and sum rounded to float32 (no fused
-    multiply-add). The result is contiguous (a strided weight makes every CPU matmul against it
-    about 10x slower). Seeds must be nonzero (``validate_packed``); shapes are checked (ValueError).
+    Each block's basis column u_p is read from ``_cycle_columns`` (the values of ``basis_table``,
+    every seed's C x P basis, built by ``lfsr`` from the register's cycle, which the tests check
+    against stepping the register), and ``u[c, p] * (c_p * 2^(e + exp_base))`` is summed over p
+    in order: ``w = u_0 k_0``, then ``w = w + u_p k_p`` for p = 1 .. P-1, each product and sum
+    rounded to float32 (no fused multiply-add). The result is contiguous (a strided weight makes
+    every CPU matmul against it about 10x slower). Seeds must be nonzero (``validate_packed``);
+    shapes are checked (ValueError).
 
-    Computed with numpy on the host (``_reconstruct_rows``), in chunks of rows whose arrays stay in
-    the core's cache, on up to ``_THREADS`` threads (numpy releases the GIL), written straight into
-    the returned array's memory. Why: the previous MLX formulation gathered every block's C x P basis
-    as one (out, nb, C, P) array (0.7 G floats for an OpenELM-270M model) on MLX's single-threaded
-    CPU gather; it took 11-14 s per 270M model on one core of the 2-core CPU box, this 1.7-2.7 s
-    (about 0.6 s of it allocating the 0.9 GB result), bit for bit the same.
+    Computed with numpy on the host (``_reconstruct_rows``), in chunks of rows, on up to
+    ``_THREADS`` threads (numpy releases the GIL), written straight into the returned array's
+    memory. Why: the first MLX formulation gathered every block's C x P basis as one (out, nb, C, P)
+    array (0.7 G floats for an OpenELM-270M model) on MLX's single-threaded CPU gather; it took
+    11-14 s per 270M model on one core of the 2-core CPU box. The first numpy formulation (one
+    table per column, coefficients broadcast, 4096-block chunks) took 3.5-3.9 s for the 231 M block
+    weights of a 270M model there (median of four or five fresh processes each, 4 bits, either
+    basis), this one 1.6-1.8 s, bit for bit the same. About 0.6 s of that is allocating the 0.9 GB
+    result: ``mx.zeros`` touches every page first, on MLX's one CPU thread (0.07 s of it is the
+    fill; the rest the page faults, which any first write pays, and MLX has no uninitialised array).
     """
     out, nb = check_packed(seeds, codes, C, P, in_features)
     check_basis(basis, error=ValueError)
     seeds, codes = np.asarray(seeds), np.asarray(codes)  # views of the evaluated MLX arrays
-    coef = _coef_table(int(_exp_base_scalar(exp_base).item()))
-    cols = _column_tables(C, P, basis, K)
+    coef = _coef_rows(int(_exp_base_scalar(exp_base).item()), C)
+    cycle = _cycle_columns(C, P, basis, K)
     # On the CPU the result is written in place through a numpy view of an evaluated MLX array
     # (the memory is shared; a numpy array copied by mx.array would touch every page twice).
     # Elsewhere the array's memory may belong to a device, so numpy fills its own and MLX copies.
@@ -337,25 +344,29 @@ def reconstruct(seeds: mx.array, codes: mx.array, exp_base, C: int, P: int, in_f
             raise RuntimeError("MLX gave no writable contiguous view of a new array")
     else:
         result, W = None, np.empty((out, in_features), np.float32)
-    rows = max(1, _CHUNK_BLOCKS // nb)  # rows per chunk: a chunk's arrays stay in the core's cache
+    rows = max(1, _CHUNK_BLOCKS // nb)  # rows per chunk (``_CHUNK_BLOCKS`` says why so many)
     tasks = [(r, min(out, r + rows)) for r in range(0, out, rows)]
     threads = min(_THREADS, len(tasks))
     if threads > 1 and out * nb >= _THREAD_MIN_BLOCKS:
         step = -(-len(tasks) // threads)
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda t: _reconstruct_rows(seeds, codes, coef, cols, W, tasks[t:t + step]),
+            list(pool.map(lambda t: _reconstruct_rows(seeds, codes, coef, cycle, P, W, tasks[t:t + step]),
                           range(0, len(tasks), step)))
     else:
-        _reconstruct_rows(seeds, codes, coef, cols, W, tasks)
+        _reconstruct_rows(seeds, codes, coef, cycle, P, W, tasks)
     if result is None:
         result = mx.array(W)
     return result if dtype == mx.float32 else result.astype(dtype)
 
 
-# Blocks per chunk (about 130 KB of float32 per array at C = 8), threads, and the fewest blocks
-# worth a thread pool. Threads: the CPUs this process may run on (a process pinned to one core
-# runs one thread), at most 8.
-_CHUNK_BLOCKS = 4096
+# Blocks per chunk (1 MB of float32 per array at C = 8), threads, and the fewest blocks worth a
+# thread pool. Chunks this large spill the arrays from a 1 MB L2, but a numpy call costs 1-2.5 us
+# however small, and two threads mostly wait for each other's GIL hand-offs when the calls are
+# short: the 270M model's arithmetic (4 bits, pages already touched, 2-core CPU box, medians of six
+# runs) took 0.55 s on two threads at 32768 blocks against 0.91 s at 16384, 0.65 s at 65536 and
+# 0.98 s on one thread at 16384. Threads: the CPUs this process may run on (a process pinned to
+# one core runs one thread), at most 8.
+_CHUNK_BLOCKS = 32768
 _THREADS = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), 8)
 _THREAD_MIN_BLOCKS = 1 << 16
 # byte -> its two nibbles, low first: the uint16 lo | hi << 8 stored little-endian
@@ -371,36 +382,71 @@ def _coef_table(exp_base: int) -> np.ndarray:
     return np.array(by_byte).reshape(16, 16).T.reshape(-1)
 
 
+@lru_cache(maxsize=64)  # per (exp_base, C): 0.5-1.5 ms of MLX operations, 64 layers per 270M model
+def _coef_rows(exp_base: int, C: int) -> np.ndarray:
+    """(256, C) float32, read-only: ``_coef_table`` with each entry repeated C times (a row scales a
+    gathered C-float basis column with one contiguous multiply)."""
+    rows = np.ascontiguousarray(np.repeat(_coef_table(exp_base)[:, None], C, axis=1))
+    rows.setflags(write=False)
+    return rows
+
+
+def _column_step(C: int, basis: str) -> int:
+    """Register steps from one column of a basis to the next: column p of the seed i steps along
+    the cycle is column 0 of the seed i + p * step (``states``: a column is the next state, 1;
+    ``bits``: a column is the next 2C stream bits, 2C)."""
+    check_basis(basis, error=ValueError)
+    return 1 if basis == "states" else 2 * C
+
+
 @lru_cache(maxsize=8)
-def _column_tables(C: int, P: int, basis: str, K: int) -> Tuple[np.ndarray, ...]:
-    """``basis_table`` as P contiguous (2^K, C) float32 arrays, column p of every seed's basis."""
-    table = np.array(basis_table(C, P, basis, K))
-    return tuple(np.ascontiguousarray(table[:, :, p]) for p in range(P))
+def _cycle_columns(C: int, P: int, basis: str, K: int) -> Tuple[np.ndarray, np.ndarray, int]:
+    """``(rows, position, step)``: ``rows`` (2^K - 1 + (P - 1) * step, C) float32, row j column 0
+    of the basis of the seed j steps along the register's cycle from state 1 (wrapping), so that
+    column p of seed s is ``rows[position[s] + p * step]`` (``_column_step``); ``position`` (2^K,)
+    intp, a state's place in the cycle (0 for state 0, never a valid seed). 2 MB at C=8 against
+    ``basis_table``'s 6.3 MB, and the P columns of a states block are adjacent rows: the gathers
+    that dominate ``_reconstruct_rows`` hit the cache more often: 28-42 % less time per weight
+    than one (2^K, C) table per column (a 5120x1280 layer, both bases, 3 and 4 bits, medians of
+    8 runs on one core of the 2-core CPU box)."""
+    states, index = lfsr.cycle_table(K)
+    step = _column_step(C, basis)
+    seeds = states[np.arange(len(states) + (P - 1) * step) % len(states)]
+    rows = np.ascontiguousarray(lfsr.bases(seeds, C, P, basis, K)[:, :, 0])
+    return rows, np.maximum(index, 0).astype(np.intp), step
 
 
-def _reconstruct_rows(seeds, codes, coef, cols, W, tasks) -> None:
+def _reconstruct_rows(seeds, codes, coef, cycle, P, W, tasks) -> None:
     """Fill W's rows for each (first, last) row range of ``tasks``: per column p, gather u_p of each
-    block's seed (a C-float row of ``cols[p]``), scale it by k_p (looked up in ``coef`` by the
-    block's exponent and c_p nibbles) and add it to the sum of the columns before it."""
-    nb, C, P, inp = seeds.shape[1], cols[0].shape[1], len(cols), W.shape[1]
+    block's seed (a C-float row of the ``_cycle_columns`` table ``cycle``), scale it by k_p (a
+    C-float row of ``coef``, looked up by the block's exponent and c_p nibbles) and add it to the
+    sum of the columns before it."""
+    table, position, step = cycle
+    nb, C, inp = seeds.shape[1], table.shape[1], W.shape[1]
+    columns = [table[p * step:] for p in range(P)]  # contiguous views: column p at the seed's place
     rows = max((last - first for first, last in tasks), default=0)
-    acc, term = np.empty((rows * nb, C), np.float32), np.empty((rows * nb, C), np.float32)
-    key, k = np.empty(rows * nb, np.uint8), np.empty(rows * nb, np.float32)
+    direct = inp == nb * C  # no padded block: the sum is built in W's own rows
+    acc = None if direct else np.empty((rows * nb, C), np.float32)
+    term, k = np.empty((rows * nb, C), np.float32), np.empty((rows * nb, C), np.float32)
+    place, key = np.empty(rows * nb, np.intp), np.empty(rows * nb, np.intp)
     pairs = np.empty((rows, codes.shape[1]), "<u2")
-    for first, last in tasks:
-        m = (last - first) * nb
-        np.take(_NIBBLES, codes[first:last], out=pairs[: last - first])
-        nibbles = pairs[: last - first].view(np.uint8)[:, : nb * (P + 1)].reshape(m, P + 1)  # e, c_0 ..
-        e16 = nibbles[:, 0] << 4
-        idx = seeds[first:last].reshape(m)
-        w, t = acc[:m], term[:m]
-        with np.errstate(over="ignore", invalid="ignore"):  # inf and nan where MLX makes them
+    # ndarray.take (0.7 us a call against np.take's 2.5 us) with mode "clip" (mode "raise" writes
+    # out through a buffer): every index here is in range, so clipping changes nothing
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and nan where MLX makes them
+        for first, last in tasks:
+            m = (last - first) * nb
+            _NIBBLES.take(codes[first:last], out=pairs[: last - first], mode="clip")
+            nibbles = pairs[: last - first].view(np.uint8)[:, : nb * (P + 1)].reshape(m, P + 1)  # e, c_0 ..
+            e16 = nibbles[:, 0] << 4
+            position.take(seeds[first:last].reshape(m), out=place[:m], mode="clip")
+            w, t = (W[first:last].reshape(m, C) if direct else acc[:m]), term[:m]
             for p in range(P):
                 np.bitwise_or(e16, nibbles[:, p + 1], out=key[:m])
-                np.take(coef, key[:m], out=k[:m])
+                coef.take(key[:m], axis=0, out=k[:m], mode="clip")
                 u = w if p == 0 else t
-                np.take(cols[p], idx, axis=0, out=u, mode="clip")
-                np.multiply(u, k[:m, None], out=u)
+                columns[p].take(place[:m], axis=0, out=u, mode="clip")
+                np.multiply(u, k[:m], out=u)
                 if p:
                     np.add(w, t, out=w)
-        W[first:last] = w.reshape(last - first, nb * C)[:, :inp]
+            if not direct:
+                W[first:last] = w.reshape(last - first, nb * C)[:, :inp]
