@@ -64,16 +64,19 @@ def test_prompt_lookup_greedy_equals_plain_greedy_on_20_prompts_random_openelm()
 
 
 def test_prompt_lookup_greedy_equals_plain_greedy_on_20_prompts_embedded_model():
+    from mlxeff.quant.affine import dequantize_affine
+
     model, tokenizer = mlxeff.load(REPO / "mlxeff" / "assets" / "default")
-    model.set_dtype(mx.float32)
+    dequantize_affine(model)  # the same weights (mx.dequantize of the stored ones), dense matmuls:
+    model.set_dtype(mx.float32)  # MLX's CPU 4-bit matmul made this test take 72 s
     text = ("The little girl walked to the river. The little girl walked to the river and sat down. "
             "Once upon a time there was a king who had three daughters. ")
     ids = tokenizer.encode(text)
     drafted = accepted = 0
     for i in range(20):
-        prompt = ids[: 8 + 3 * i] + ids[: 5 + i]
-        plain, _ = greedy(model, prompt, 20)
-        looked, stats = greedy(model, prompt, 20, drafter=PromptLookup(3, 8))
+        prompt = ids[: 6 + 2 * i] + ids[: 3 + i // 2]  # a head of the text, then its start again
+        plain, _ = greedy(model, prompt, 12)
+        looked, stats = greedy(model, prompt, 12, drafter=PromptLookup(3, 8))
         assert looked == plain, i
         drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
     assert drafted > accepted > 0  # drafts were made, some accepted and some rejected

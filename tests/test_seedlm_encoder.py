@@ -159,13 +159,22 @@ def test_two_ranks_equal_one(tmp_path):
     assert np.array_equal(one.coeffs, two["coeffs"]) and one.exp_base == two["exp_base"]
 
 
-def test_convert_on_two_ranks_writes_what_one_process_writes(tmp_path, saved_dir):
+def test_convert_on_two_ranks_writes_what_one_process_writes(tmp_path, tiny_tokenizer):
     """``mlxeff convert --quantize seedlm`` under ``mlx.launch -n 2 --backend ring``: the encoding
-    is shared out, rank 0 alone writes, and the files equal a one-process convert's byte for byte."""
+    is shared out, rank 0 alone writes, and the files equal a one-process convert's byte for byte.
+    One layer (four weight matrices to share out): the exhaustive encoder's time grows with the
+    weights, and three processes encode here (27 s per convert with the fixture's four layers)."""
+    import mlxeff
+    from conftest import make_model
+
+    from mlxeff.models import layerwise_config
+
     launcher = Path(sys.executable).parent / "mlx.launch"
     if not launcher.exists():
         pytest.skip("mlx.launch is not installed next to this Python")
-    src, _ = saved_dir
+    src = tmp_path / "tiny"
+    one_layer = layerwise_config(1, 64, 16, vocab_size=len(tiny_tokenizer), ffn_dim_divisor=32)
+    mlxeff.save(make_model(one_layer), tiny_tokenizer, src)
     env = dict(os.environ, MLXEFF_NO_OPENBLAS="1")
     cmd = [sys.executable, "-m", "mlxeff.cli.main", "convert", str(src), "--quantize", "seedlm",
            "--bits", "4", "--dtype", "float32", "-o"]
