@@ -228,10 +228,14 @@ def test_cuda_dequant_is_the_reference_bit_for_bit(C, P, out, inf):
 
 def test_convert_seedlm_basis_option(tmp_path, monkeypatch, capsys):
     import mlxeff
-    from conftest import make_model, tiny_args, write_hf_openelm
+    from conftest import make_model, write_hf_openelm
     from test_convert_cli import assert_clean_failure, run_inprocess
 
-    hf = write_hf_openelm(make_model(tiny_args()), tmp_path / "hf")
+    from mlxeff.models import layerwise_config
+
+    # one layer: the exhaustive encoder's time grows with the weights (four layers took 39 s)
+    hf = write_hf_openelm(make_model(layerwise_config(1, 64, 16, vocab_size=96, ffn_dim_divisor=32)),
+                          tmp_path / "hf")
     out = tmp_path / "out"
     code, _, err = run_inprocess(monkeypatch, capsys, "convert", hf, "--out", out, "--no-tokenizer", "--quantize", "seedlm",
                                  "--seedlm-basis", "bits", "--json")
