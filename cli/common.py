@@ -37,12 +37,13 @@ def _default(o):
 
 
 DTYPE_HELP = ("Compute precision: auto (float32 on the CPU, where float16/bfloat16 matmuls are slow; "
-              "the stored precision on a GPU), float32, float16 or bfloat16.")
+              "the stored precision on a GPU), float32, float16 or bfloat16. On the CPU, affine "
+              "4-bit layers always compute from their dequantized weights.")
 
 
 def apply_compute_dtype(net, dtype: str) -> None:
     """Cast the model's floating-point parameters for computing (``mlxeff.precision``: ``auto``
-    is float32 on the CPU, affine 4-bit layers dequantized there)."""
+    is float32 on the CPU; affine 4-bit layers are dequantized there whatever the dtype)."""
     from mlxeff.errors import MlxeffError
     from mlxeff.precision import apply_compute_dtype as apply
 

@@ -2,9 +2,9 @@
 
 ``auto`` is float32 on the CPU -- MLX's CPU backend runs float16/bfloat16 matmuls slowly, and its
 4-bit matmul is a loop of one-row products, so affine 4-bit layers compute from their
-dequantized float32 weights there (``mlxeff.quant.affine.dequantize_affine``; on the CPU box a
-1280 x 320 4-bit product took 8.5x as long for 9 rows as for one, and the default model's prefill
-of a 1,016-token prompt took 12.7 s quantized against 3.7 s dequantized) -- and
+dequantized weights there, whatever the dtype asked for (``mlxeff.quant.affine.dequantize_affine``;
+on the CPU box a 1280 x 320 4-bit product took 8.5x as long for 9 rows as for one, and the default
+model's prefill of a 1,016-token prompt took 12.7 s quantized against 3.7 s dequantized) -- and
 the stored precision on a GPU. SeedLM layers keep their own kernels in every case.
 """
 
@@ -24,12 +24,13 @@ def apply_compute_dtype(model: nn.Module, dtype: Optional[str] = "auto") -> Opti
     """Cast ``model``'s floating-point parameters for computing, in place; the dtype applied
     (None: the stored one, ``auto`` on a GPU). ``None`` means ``auto``."""
     dtype = dtype or "auto"
+    if dtype != "auto" and dtype not in DTYPES:
+        raise MlxeffError(f"--dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
+    on_cpu = dequantize_on_cpu(model)  # an explicit dtype too: the 4-bit CPU matmul is the slow one
     if dtype == "auto":
-        if not dequantize_on_cpu(model):
+        if not on_cpu:
             return None
         dtype = "float32"
-    if dtype not in DTYPES:
-        raise MlxeffError(f"--dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
     model.set_dtype(DTYPES[dtype])
     return dtype
 

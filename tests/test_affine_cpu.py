@@ -39,6 +39,23 @@ def test_compute_dtype_auto_dequantizes_on_the_cpu_and_bad_names_fail():
         apply_compute_dtype(model, "float64")
 
 
+def test_an_explicit_compute_dtype_also_dequantizes_on_the_cpu():
+    """``--dtype float32`` on an affine model must not leave the CPU on its 4-bit matmul."""
+    import pytest
+
+    from mlxeff.precision import apply_compute_dtype
+
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the CPU rule")
+    model = make_model(tiny_args(), seed=1)
+    x = mx.array([[5, 6, 7, 8, 9, 10]])
+    quantize_affine(model, bits=4, group_size=32, embedding_bits=8)
+    want = model(x)
+    assert apply_compute_dtype(model, "float32") == "float32"
+    assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    assert mx.allclose(model(x), want, atol=1e-4)
+
+
 def test_training_commands_compute_a_quantized_base_dequantized(tmp_path, tiny_tokenizer, monkeypatch):
     """train-m2r2 and train-kv-prediction keep the base frozen; its affine layers must compute
     dequantized on every device (a 4-bit base made train-m2r2's validation take minutes on the
