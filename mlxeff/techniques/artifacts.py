@@ -52,10 +52,12 @@ def load_frozen_base(base_dir, dtype) -> tuple:
     rows) are compute-bound, where a dense matmul is the fast one, and the frozen weights are
     exactly ``mx.dequantize`` of the stored ones. Measured: on the CPU, validating 1,024 tokens on
     the quantized default model v2 took about 3 minutes. On an H200 (MLX 0.32.4 CUDA, bfloat16)
-    with the base left quantized, validating 8,192 tokens did not finish in 90 s and the first
-    training step of 64 x 512 tokens not in 250 s, where the same model, unquantized, trained at
-    830,755 tokens/s on an H100; the quantized matmuls are the suspected cause there (not
-    isolated: no GPU time was left to time the dequantized base)."""
+    with the base left quantized, a probe stopped after 100 s (start-up included) had not finished
+    validating 8,192 tokens, and a run stopped after 300 s (start-up and a 65,536-token
+    validation included) had not finished its first 64 x 512-token step, where the same model,
+    unquantized, trained at 434,000-493,000 tokens/s on an H100 (batches of 32,768 tokens); the
+    quantized matmuls are the suspected cause there (not isolated: no GPU time was left to time
+    the dequantized base)."""
     from .. import io
 
     base, tok = io.load(base_dir)
