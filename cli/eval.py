@@ -22,19 +22,21 @@ def evaluate(
     text: Optional[Path] = typer.Option(None, "--perplexity", help="Text to score: .txt or .txt.gz "
                                         "(one document, followed by EOS, as in training)."),
     task: Optional[str] = typer.Option(None, "--task", help="A task instead of --perplexity: "
-                                       "multidoc-qa, kv-retrieval, copy (generated; held-out books), "
+                                       "multidoc-qa, kv-retrieval, copy, repeat (generated; held-out "
+                                       "books), "
                                        "nq-open-oracle, kv75 (generated from the sets), "
                                        "lambada_openai, arc_easy, piqa (log-probabilities)."),
     data: Optional[Path] = typer.Option(None, "--data", help="--task's data: the corpus directory "
-                                        "(valid.txt.gz beside train-*.txt.gz) for multidoc-qa and "
-                                        "copy; the set's .jsonl.gz file, or its directory, for the "
+                                        "(valid.txt.gz beside train-*.txt.gz) for multidoc-qa, "
+                                        "copy and repeat; the set's .jsonl.gz file, or its directory, for the "
                                         "others."),
     docs: Optional[int] = typer.Option(None, "--docs", help="Passages per prompt (multidoc-qa 10, "
                                        "nq-open-oracle 10) or key-value pairs (kv-retrieval 50, "
                                        "kv75 75)."),
     context_tokens: Optional[int] = typer.Option(None, "--context-tokens", help="Prompt size in "
                                                  "tokens (multidoc-qa, about; default 2000) or the "
-                                                 "passage to copy (copy; default 200)."),
+                                                 "passage to copy (copy; default 200) or to "
+                                                 "restart (repeat; default 1000)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Items to score (generated tasks: "
                                         "default 200; sets: all)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the generated items and distractors."),

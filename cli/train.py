@@ -43,6 +43,11 @@ def train(
                                                  "multipliers of the first and last layer."),
     gqa_groups: int = typer.Option(4, "--gqa-groups", help="Query heads per KV head."),
     ffn_divisor: int = typer.Option(64, "--ffn-divisor", help="FFN widths are multiples of this."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Continue training a saved model "
+                                        "directory (its shape, weights and tokenizer; affine "
+                                        "4/8-bit layers are dequantized to float32 first). The "
+                                        "shape options are then ignored; the optimizer starts "
+                                        "fresh."),
     run: TrainingRun = None,
     save_dtype: str = typer.Option("float16", "--save-dtype", help="Precision of the saved "
                                    "model: float16, bfloat16 or float32."),
@@ -63,7 +68,7 @@ def train(
             run.cfg, train_files=train_files, valid_files=valid_files or [], out=out,
             tokenizer=tokenizer, vocab_size=vocab_size, tokenizer_chars=tokenizer_chars, shape=shape,
             eval_tokens=run.eval_tokens, save_dtype=save_dtype, cache_dir=run.cache_dir,
-            resume=run.resume, say=say,
+            resume=run.resume, init=init, say=say,
         )
     if json_output:
         print_json(summary)

@@ -14,7 +14,7 @@ from test_tasks import DEFAULT, HELDOUT_WORDS, TRAIN_WORDS, write_corpus
 
 from mlxeff import data
 from mlxeff.errors import MlxeffError
-from mlxeff.tasks import corpus, mixture
+from mlxeff.tasks import corpus, generators, mixture
 
 SEQ = 256
 
@@ -123,3 +123,34 @@ def test_fillers_and_places_use_whole_tokens(built, tok):
     for need in (1, 5, 40, 200):
         piece, n = mixture.filler(split, rng, need, count)
         assert need <= n <= need + mixture.FILLER_SLACK and n == count(piece) and piece.endswith("\n")
+
+
+def test_weights_add_repeat_items_inside_sequences(built, tok, tmp_path):
+    root, _, _ = built
+    out = tmp_path / "rep.txt.gz"
+    weights = mixture.parse_weights("multidoc-qa=1,repeat=2")
+    assert weights == {"multidoc-qa": 1.0, "repeat": 2.0}
+    stats = mixture.build(root, tok, out, tokens=8_000, seq_len=SEQ, seed=0, progress=False,
+                          weights=weights)
+    assert set(stats["items"]) == {"multidoc-qa", "repeat"} and stats["items"]["repeat"] > 0
+    assert stats["weights"] == weights
+    text = gzip.decompress(out.read_bytes()).decode()
+    ids = data.encode_text(tok, text)
+    for offset, n, task, piece in stats["places"]:
+        assert offset // SEQ == (offset + n - 1) // SEQ
+        if task == "repeat":  # the passage, a separator, the whole passage again
+            item = tok.decode(ids[offset:offset + n].tolist())
+            body = item[:-1]
+            assert any(body == body[:k] + sep + body[:k] for sep in generators.REPEAT_SEPARATORS
+                       for k in [(len(body) - len(sep)) // 2] if k > 20), item
+    # the default weights still make the default model v2's file
+    assert mixture.parse_weights("multidoc-qa=2,kv-retrieval=1,copy=1.5") == mixture.WEIGHTS
+
+
+@pytest.mark.parametrize("text,expect", [("nope=1", "unknown task 'nope'"),
+                                         ("copy=x", "is not TASK=NUMBER"),
+                                         ("copy=-1", "must be at least 0"),
+                                         ("copy=0", "at least one task needs a positive weight")])
+def test_bad_weights_are_one_line(text, expect):
+    with pytest.raises(MlxeffError, match=expect):
+        mixture.parse_weights(text)

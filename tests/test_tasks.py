@@ -207,6 +207,27 @@ def test_prompt_sizes_follow_context_tokens(heldout, count):
     assert 44 <= c.meta["passage_tokens"] <= 51 and c.prompt.startswith("Text: ")
     assert c.prompt.endswith("\nCopy:") and c.prompt[6:-6] == c.target[1:]
 
+    r = generators.repeat_task(heldout, 0, context_tokens=60, count=count)
+    assert 52 <= r.meta["passage_tokens"] <= 60
+
+
+def test_repeat_item_is_the_passage_restarted_without_a_marker(heldout, train, count):
+    for split in (heldout, train):
+        seps = set()
+        for i in range(12):
+            r = generators.repeat_task(split, i, context_tokens=60, count=count)
+            assert r == generators.repeat_task(split, i, context_tokens=60, count=count)
+            whole = r.prompt + r.target
+            sep = next(s for s in generators.REPEAT_SEPARATORS
+                       for k in [(len(whole) - len(s)) // 2] if whole == whole[:k] + s + whole[:k])
+            seps.add(sep)
+            passage = whole[:(len(whole) - len(sep)) // 2]
+            head = " ".join(passage.split(" ")[:generators.RESTART_WORDS])
+            assert r.prompt == passage + sep + head and r.answers == [r.target.strip()]
+        # held-out items restart with no separator (as token lists are concatenated); training
+        # items vary it
+        assert seps == {""} if split is heldout else len(seps) > 1
+
 
 def test_kv_layout_matches_lost_in_the_middle():
     item = generators.kv_retrieval(3, pairs=4)

@@ -386,3 +386,41 @@ def test_report_without_a_bar_writes_step_lines_sparingly():
     assert lines == ["step 5/20  loss 2.5000  lr 1.00e-03  1,234 tok/s",
                      "step 15/20  valid loss 2.0000  ppl 7.39",
                      "step 20/20  loss 2.2500  lr 1.00e-04  5,678 tok/s"]
+
+
+def test_cli_init_continues_from_a_quantized_model(corpus, tmp_path):
+    """``--init DIR``: the run starts from DIR's weights (affine layers dequantized) with DIR's shape
+    and tokenizer; with a learning rate of ~0 the saved model is DIR's, dequantized."""
+    import mlxeff
+    from mlxeff.io import default_model_dir
+    from mlxeff.quant.affine import dequantize_affine
+
+    out = tmp_path / "cont"
+    summary = _cli_in_process("train", "--init", default_model_dir(), "--train",
+                              corpus / "train" / "part-0.txt", "--steps", 1, "--seq-len", 64,
+                              "--batch-size", 2, "--lr", 1e-12, "--min-lr", 1e-13, "--warmup", 0,
+                              "--weight-decay", 0, "--out", out, "--json")
+    assert summary["init"] == str(default_model_dir())
+    base, _ = mlxeff.load(default_model_dir())
+    dequantize_affine(base)
+    cont, tok = mlxeff.load(out / "model")
+    assert tok is not None and cont.args.num_transformer_layers == base.args.num_transformer_layers
+    a, b = dict(tree_flatten(base.parameters())), dict(tree_flatten(cont.parameters()))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert mx.allclose(a[k].astype(mx.float16), b[k], atol=0, rtol=0).item(), k
+
+
+@pytest.mark.parametrize("extra,expect", [(["--vocab-size", 300], "--vocab-size does not apply"),
+                                          ([], "not a model directory (no config.json)")])
+def test_cli_init_bad_input(corpus, tmp_path, extra, expect):
+    from typer.testing import CliRunner
+
+    from mlxeff.cli.main import app
+
+    init = tmp_path / "nomodel" if not extra else __import__("mlxeff").io.default_model_dir()
+    r = CliRunner().invoke(app, ["train", "--init", str(init), "--train",
+                                 str(corpus / "train" / "part-0.txt"), "--steps", "1",
+                                 "--out", str(tmp_path / "run"), *extra])
+    assert isinstance(r.exception, MlxeffError) and expect in str(r.exception)
+    assert not (tmp_path / "run").exists()

@@ -1,6 +1,6 @@
 """Task evaluations: what a model does with its context, measured through the generation engine.
 
-- ``generators``: synthetic tasks (multi-document QA, key-value retrieval, copy) rendered as plain
+- ``generators``: synthetic tasks (multi-document QA, key-value retrieval, copy, repeat) rendered as plain
   text prompts, deterministic, with training items from the training books and evaluation items
   from the held-out books only (``corpus``, ``overlap``);
 - ``sets``: published sets (nq-open-oracle with distractor passages, kv75) rendered the same way;
@@ -41,6 +41,8 @@ TASKS: Dict[str, TaskInfo] = {t.name: t for t in (
              "the value of one of K random 8-hex-digit keys in a JSON object"),
     TaskInfo("copy", "generate", "books", "token_accuracy", None, 200, 200,
              "repeat a held-out book passage of N tokens verbatim"),
+    TaskInfo("repeat", "generate", "books", "token_accuracy", None, 1000, 50,
+             "continue a held-out book passage of N tokens restarted without a marker"),
     TaskInfo("nq-open-oracle", "generate", "set", "contains", 10, None, None,
              "Natural Questions with the gold Wikipedia passage among K-1 distractors"),
     TaskInfo("kv75", "generate", "set", "exact", 75, None, None,

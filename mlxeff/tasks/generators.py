@@ -26,6 +26,14 @@ copy. Each item is a plain-text prompt (no chat template) and the continuation a
       Text: ...
       Copy: ...
 
+- **repeat**: the same without a marker -- the passage, then its first ``RESTART_WORDS`` words
+  again, and the reader continues the restarted passage (what prompt lookup's copy-heavy prompt
+  asks: ``benchmarks/prompt_lookup.py``). Book text never repeats itself, so a model trained on
+  books and marked copies alone does not continue an unmarked restart; training items (the whole
+  passage twice) teach it. The separator before the restart is drawn per item from
+  ``REPEAT_SEPARATORS`` (none, as when token lists are concatenated; a space; a line break);
+  evaluation items use none.
+
 Training items may carry **follow-ups** (``followups=N``): after the answer, N further questions
 about the same passages (multi-document QA) or N further keys of the same object (key-value
 retrieval), each with its answer on its line -- the many-queries-per-context layout of multi-query
@@ -57,8 +65,10 @@ MIN_PASSAGE_TOKENS = 24
 ANSWER_TOKENS = 8  # a one-word answer; the newline after it ends generation earlier
 VALUE_TOKENS = 16  # a quoted 8-hex-digit value
 KEY_DIGITS = 8
+RESTART_WORDS = 4  # words of the passage repeated in a repeat item's prompt
+REPEAT_SEPARATORS = ("", " ", "\n")
 _TASK_CODES = {"multidoc-qa": 1, "kv-retrieval": 2, "copy": 3, "nq-open-oracle": 4, "kv75": 5,
-               "mixture": 6, "filler": 7}
+               "mixture": 6, "filler": 7, "repeat": 8}
 _SPLIT_CODES = {"train": 0, "heldout": 1}
 _PLAIN = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 _ANSWER = re.compile(r"([A-Za-z]+(?:'[A-Za-z]+)?)[.,;:!?]*")
@@ -205,7 +215,7 @@ def _qa_followups(passages: Sequence[str], asked: set, rng: np.random.Generator,
 
 
 # ---------------------------------------------------------------------------------------------
-# key-value retrieval and copy
+# key-value retrieval, copy and repeat
 
 
 def random_hex(rng: np.random.Generator, count: int, digits: int = KEY_DIGITS) -> List[str]:
@@ -245,3 +255,19 @@ def copy_task(split: BookSplit, index: int, *, context_tokens: int, count: Count
     target = " " + passage
     return Item(render_copy(passage), target, [passage], count(target) + 2,
                 {"passage_tokens": count(target)})
+
+
+def repeat_task(split: BookSplit, index: int, *, context_tokens: int, count: CountTokens,
+                seed: int = 0) -> Item:
+    """The passage, a separator, its first ``RESTART_WORDS`` words again; the target is the rest of
+    the passage. Held-out items use no separator; training items draw one (module docstring)."""
+    if context_tokens < MIN_PASSAGE_TOKENS:
+        raise MlxeffError(f"--context-tokens must be at least {MIN_PASSAGE_TOKENS} for repeat, "
+                          f"got {context_tokens}")
+    rng = item_rng("repeat", split.name, seed, index)
+    _, passage = draw_passage(split, rng, context_tokens, count)
+    sep = REPEAT_SEPARATORS[int(rng.integers(len(REPEAT_SEPARATORS)))] if split.name == "train" else ""
+    words = passage.split(" ")
+    head, rest = " ".join(words[:RESTART_WORDS]), " " + " ".join(words[RESTART_WORDS:])
+    return Item(passage + sep + head, rest, [rest.strip()], count(rest) + 2,
+                {"passage_tokens": count(passage)})

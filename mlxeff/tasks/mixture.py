@@ -10,6 +10,9 @@ key-value item; ``generators`` explains why), as many as fit the training sequen
 task and size are drawn per item: multi-document QA with 2-12 passages in up to 2,000 tokens, key-
 value retrieval with 2-80 pairs, copy of 20-600 tokens (weights 2:1:1.5 by count), so the evaluation
 settings (10 passages in 2,000 tokens, 50 pairs, 200 tokens) lie inside the training range.
+``--weights`` changes the shares and can add **repeat** items (a passage of 50-1,000 tokens, then
+the whole passage again without a marker; ``generators``), as the default model v2's continued
+training does (``benchmarks/default_model_v2.sh``, ``FINETUNE``).
 
 Packing. ``mlxeff train`` concatenates its files' tokens (each file followed by EOS, in the order
 given) and cuts the stream into sequences ``tokens[i*L : i*L + L + 1]`` (``mlxeff.data``), with no
@@ -47,24 +50,45 @@ import numpy as np
 from ..errors import MlxeffError
 from .corpus import BookSplit, CountTokens, fit_words, load_split, token_counter
 from .generators import (Item, MIN_PASSAGE_TOKENS, copy_task, item_rng, kv_retrieval,
-                         multidoc_budget, multidoc_qa)
+                         multidoc_budget, multidoc_qa, repeat_task)
 
-WEIGHTS = {"multidoc-qa": 2.0, "kv-retrieval": 1.0, "copy": 1.5}
+WEIGHTS = {"multidoc-qa": 2.0, "kv-retrieval": 1.0, "copy": 1.5}  # the default model v2's mixture
+TASK_NAMES = ("multidoc-qa", "kv-retrieval", "copy", "repeat")
 MAX_CONTEXT = 2000  # the largest multi-document prompt (the evaluation's size)
 DOCS = (2, 12)
 PAIRS = (2, 80)
 COPY_TOKENS = (20, 600)
+REPEAT_TOKENS = (50, 1000)
 FOLLOWUPS = {"multidoc-qa": (4, 8), "kv-retrieval": (8, 16)}  # further questions per item (range)
 FILLER_SLACK = 8
 CHECK_ITEMS = 64
 
 
+def parse_weights(text: str) -> dict:
+    """``"multidoc-qa=2,copy=1.5,repeat=1"`` -> the task weights (tasks not named get 0)."""
+    weights = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in TASK_NAMES:
+            raise MlxeffError(f"--weights: unknown task {name!r} (choose from {', '.join(TASK_NAMES)})")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise MlxeffError(f"--weights: {part!r} is not TASK=NUMBER") from None
+        if not weights[name] >= 0:
+            raise MlxeffError(f"--weights: {name}'s weight must be at least 0, got {value}")
+    if sum(weights.values()) <= 0:
+        raise MlxeffError("--weights: at least one task needs a positive weight")
+    return weights
+
+
 def draw_item(split: BookSplit, number: int, count: CountTokens, seed: int,
-              seq_len: int) -> Tuple[str, Item]:
+              seq_len: int, weights: Optional[dict] = None) -> Tuple[str, Item]:
     """Training item ``number``: its task and size drawn by seed, then the item itself."""
     rng = item_rng("mixture", "train", seed, number)
-    names = list(WEIGHTS)
-    p = np.array([WEIGHTS[n] for n in names])
+    weights = WEIGHTS if weights is None else weights
+    names = list(weights)
+    p = np.array([weights[n] for n in names])
     task = names[int(rng.choice(len(names), p=p / p.sum()))]
     longest = min(MAX_CONTEXT, seq_len - 48)  # room for the answer and the filler's overshoot
     if task == "multidoc-qa":
@@ -81,6 +105,10 @@ def draw_item(split: BookSplit, number: int, count: CountTokens, seed: int,
         pairs = min(pairs, max(1, (longest - 64) // 24))  # about 21 tokens per pair
         more = int(rng.integers(FOLLOWUPS[task][0], FOLLOWUPS[task][1] + 1))
         return task, kv_retrieval(number, pairs=pairs, split="train", seed=seed, followups=more)
+    if task == "repeat":  # the passage twice: up to about the longest context
+        n = int(rng.integers(REPEAT_TOKENS[0], REPEAT_TOKENS[1] + 1))
+        n = max(MIN_PASSAGE_TOKENS, min(n, (longest - 16) // 2))
+        return task, repeat_task(split, number, context_tokens=n, count=count, seed=seed)
     n = int(rng.integers(COPY_TOKENS[0], COPY_TOKENS[1] + 1))
     n = max(MIN_PASSAGE_TOKENS, min(n, (longest - 16) // 2))
     return task, copy_task(split, number, context_tokens=n, count=count, seed=seed)
@@ -121,41 +149,42 @@ def filler(split: BookSplit, rng: np.random.Generator, need: int, count: CountTo
 
 
 def fitted_item(split: BookSplit, number: int, count: CountTokens, seed: int,
-                seq_len: int) -> Tuple[str, Item, int]:
+                seq_len: int, weights: Optional[dict] = None) -> Tuple[str, Item, int]:
     """Training item ``number`` as ``(task, item, tokens)``, its follow-ups fitted to ``seq_len``."""
-    task, item = draw_item(split, number, count, seed, seq_len)
+    task, item = draw_item(split, number, count, seed, seq_len, weights)
     return task, item, fit_followups(item, count, seq_len - FILLER_SLACK)
 
 
 def drawn_items(split: BookSplit, count: CountTokens, seed: int,
-                seq_len: int) -> Iterator[Tuple[str, Item, int]]:
+                seq_len: int, weights: Optional[dict] = None) -> Iterator[Tuple[str, Item, int]]:
     """Training items 0, 1, 2, ... (``fitted_item``)."""
     number = 0
     while True:
-        yield fitted_item(split, number, count, seed, seq_len)
+        yield fitted_item(split, number, count, seed, seq_len, weights)
         number += 1
 
 
 _WORKER: dict = {}
 
 
-def _start_worker(split: BookSplit, tokenizer, seed: int, seq_len: int) -> None:
-    _WORKER.update(split=split, count=token_counter(tokenizer), seed=seed, seq_len=seq_len)
+def _start_worker(split: BookSplit, tokenizer, seed: int, seq_len: int, weights) -> None:
+    _WORKER.update(split=split, count=token_counter(tokenizer), seed=seed, seq_len=seq_len,
+                   weights=weights)
 
 
 def _draw_batch(start: int, size: int) -> List[Tuple[str, Item, int]]:
     w = _WORKER
-    return [fitted_item(w["split"], number, w["count"], w["seed"], w["seq_len"])
+    return [fitted_item(w["split"], number, w["count"], w["seed"], w["seq_len"], w["weights"])
             for number in range(start, start + size)]
 
 
 def parallel_items(split: BookSplit, tokenizer, seed: int, seq_len: int, workers: int,
-                   batch: int = 16) -> Iterator[Tuple[str, Item, int]]:
+                   batch: int = 16, weights: Optional[dict] = None) -> Iterator[Tuple[str, Item, int]]:
     """``drawn_items`` computed by ``workers`` processes, yielded in the same order. Items are pure
     functions of their number, so the file is byte-identical to the sequential one; only the
     fillers (drawn from one random stream, in file order) stay in the calling process."""
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_start_worker, initargs=(split, tokenizer, seed, seq_len))
+                               initializer=_start_worker, initargs=(split, tokenizer, seed, seq_len, weights))
     try:
         ahead = 4 * workers
         pending = deque(pool.submit(_draw_batch, i * batch, batch) for i in range(ahead))
@@ -168,7 +197,8 @@ def parallel_items(split: BookSplit, tokenizer, seed: int, seq_len: int, workers
 
 
 def layout(split: BookSplit, count: CountTokens, *, tokens: int, seq_len: int, seed: int,
-           progress: Optional[bool] = None, items: Optional[Iterator[Tuple[str, Item, int]]] = None):
+           progress: Optional[bool] = None, items: Optional[Iterator[Tuple[str, Item, int]]] = None,
+           weights: Optional[dict] = None):
     """The file's pieces and the items' places ``(token offset, tokens, task, piece index)``:
     ``(pieces, places, stats)``. ``items``: where the items come from (default ``drawn_items``).
     ``build`` checks the options first."""
@@ -177,10 +207,11 @@ def layout(split: BookSplit, count: CountTokens, *, tokens: int, seq_len: int, s
     rng = item_rng("filler", "train", seed, 0)
     pieces: List[str] = []
     places: List[Tuple[int, int, str]] = []
-    stats = {"items": {t: 0 for t in WEIGHTS}, "item_tokens": {t: 0 for t in WEIGHTS},
-             "filler_tokens": 0}
+    weights = WEIGHTS if weights is None else weights
+    stats = {"weights": dict(weights), "items": {t: 0 for t in weights},
+             "item_tokens": {t: 0 for t in weights}, "filler_tokens": 0}
     offset = number = 0
-    items = items if items is not None else drawn_items(split, count, seed, seq_len)
+    items = items if items is not None else drawn_items(split, count, seed, seq_len, weights)
     with bar(total=tokens, desc="task mixture", unit="tok", unit_scale=True, show=progress) as pbar:
         while offset < tokens:
             task, item, n = next(items)
@@ -207,7 +238,7 @@ def layout(split: BookSplit, count: CountTokens, *, tokens: int, seq_len: int, s
 
 def build(data_dir, tokenizer, out: Path, *, tokens: int, seq_len: int = 2048, seed: int = 0,
           progress: Optional[bool] = None, split: Optional[BookSplit] = None,
-          workers: int = 1) -> dict:
+          workers: int = 1, weights: Optional[dict] = None) -> dict:
     """Write the mixture file ``out`` (``.txt.gz``) and ``<out>.json``; returns the summary.
     ``workers`` > 1 draws the items in that many processes (same bytes)."""
     from ..data import encode_text
@@ -224,10 +255,11 @@ def build(data_dir, tokenizer, out: Path, *, tokens: int, seq_len: int = 2048, s
     tic = time.perf_counter()
     split = split if split is not None else load_split(data_dir, "train")
     count = token_counter(tokenizer)
-    items = parallel_items(split, tokenizer, seed, seq_len, workers) if workers > 1 else None
+    items = (parallel_items(split, tokenizer, seed, seq_len, workers, weights=weights)
+             if workers > 1 else None)
     try:
         pieces, places, stats = layout(split, count, tokens=tokens, seq_len=seq_len, seed=seed,
-                                       progress=progress, items=items)
+                                       progress=progress, items=items, weights=weights)
     finally:
         if items is not None:
             items.close()
@@ -270,12 +302,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1,
                     help="processes drawing the items (the file is the same for any number)")
+    ap.add_argument("--weights", default=None,
+                    help="task weights by count, e.g. 'multidoc-qa=2,copy=1.5,repeat=1' (tasks: "
+                         f"{', '.join(TASK_NAMES)}; default {','.join(f'{k}={v:g}' for k, v in WEIGHTS.items())})")
     args = ap.parse_args(argv)
     from ..data import load_tokenizer
 
     try:
+        weights = parse_weights(args.weights) if args.weights is not None else None
         stats = build(args.data, load_tokenizer(args.tokenizer), Path(args.out), tokens=args.tokens,
-                      seq_len=args.seq_len, seed=args.seed, workers=args.workers)
+                      seq_len=args.seq_len, seed=args.seed, workers=args.workers, weights=weights)
     except MlxeffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 from ..errors import MlxeffError
 from . import TaskInfo, get_task
 from .corpus import token_counter
-from .generators import Item, copy_task, kv_retrieval, multidoc_qa
+from .generators import Item, copy_task, kv_retrieval, multidoc_qa, repeat_task
 from .scoring import contains_match, exact_match, token_accuracy, wilson_interval
 
 SAMPLES = 3
@@ -75,8 +75,8 @@ def build_items(name: str, tokenizer, *, data=None, docs: Optional[int] = None,
     if name == "multidoc-qa":
         return [multidoc_qa(split, i, docs=docs, context_tokens=context_tokens, count=count,
                             seed=seed) for i in range(n)]
-    return [copy_task(split, i, context_tokens=context_tokens, count=count, seed=seed)
-            for i in range(n)]
+    make = repeat_task if name == "repeat" else copy_task
+    return [make(split, i, context_tokens=context_tokens, count=count, seed=seed) for i in range(n)]
 
 
 def generate_line(model, tokenizer, prompt: str, max_tokens: int, hooks: Optional[dict] = None):

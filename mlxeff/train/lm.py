@@ -63,6 +63,26 @@ def init_model(args, seed: int):
     return model
 
 
+def load_init_model(init_dir: Path, seq_len: int):
+    """``(model, tokenizer)``: a saved model to continue training from, in float32 (affine 4/8-bit
+    layers dequantized: exactly ``mx.dequantize`` of the stored weights; SeedLM layers are refused,
+    their weights are not trainable parameters). Its context grows to ``seq_len`` if shorter."""
+    from .. import io
+    from ..quant.affine import dequantize_affine
+
+    model, tok = io.load(init_dir)
+    if tok is None:
+        raise MlxeffError("--init: the model has no tokenizer files", init_dir)
+    if any(type(m).__name__.startswith("SeedLM") for _, m in model.named_modules()):
+        raise MlxeffError("--init: a SeedLM model cannot be trained; convert the float model "
+                          "instead", init_dir)
+    dequantize_affine(model)
+    model.set_dtype(mx.float32)
+    model.args.max_context_length = max(model.args.max_context_length or 0, seq_len)
+    mx.eval(model.parameters())
+    return model, tok
+
+
 def _check_tokenizer_options(tokenizer: Optional[Path], vocab_size: Optional[int]) -> None:
     if tokenizer is not None and vocab_size is not None:
         raise MlxeffError("give either --tokenizer DIR or --vocab-size N, not both")
@@ -112,8 +132,10 @@ def _keep_figures_of_the_run_that_trained(summary: dict, previous: Path) -> None
 def run_training(cfg: TrainConfig, *, train_files, valid_files, out, tokenizer=None,
                  vocab_size=None, tokenizer_chars: int = 40_000_000, shape: dict,
                  eval_tokens: int = 262_144, save_dtype: str = "float16", cache_dir=None,
-                 resume: bool = False, say=print, log=None) -> dict:
-    """Tokenizer, token cache, model, ``train_loop``, and the final model in ``out/model``."""
+                 resume: bool = False, init=None, say=print, log=None) -> dict:
+    """Tokenizer, token cache, model, ``train_loop``, and the final model in ``out/model``.
+    ``init``: a saved model directory to continue training from (its shape and weights; ``shape``
+    is then ignored, and the tokenizer is the model's unless ``tokenizer`` names one)."""
     from ..io import save
 
     wall = time.perf_counter()
@@ -122,21 +144,38 @@ def run_training(cfg: TrainConfig, *, train_files, valid_files, out, tokenizer=N
     if save_dtype not in DTYPES:
         raise MlxeffError(f"--save-dtype must be one of {sorted(DTYPES)}, got {save_dtype!r}")
     check_eval_tokens(eval_tokens, cfg.seq_len)
+    if init is not None:
+        if vocab_size is not None:
+            raise MlxeffError("--init keeps the model's tokenizer; --vocab-size does not apply")
+        if not (Path(init) / "config.json").is_file():
+            raise MlxeffError("--init: not a model directory (no config.json)", init)
+        tokenizer = tokenizer or Path(init)
     _check_tokenizer_options(tokenizer, vocab_size)
     if out.exists() and not out.is_dir():
         raise MlxeffError("exists and is not a directory", out)
     files = CorpusFiles.expand(train_files, valid_files)
-    build_args(shape, vocab_size or 512, cfg.seq_len)
+    if init is None:
+        build_args(shape, vocab_size or 512, cfg.seq_len)
     if not resume:
         refuse_existing(out)
 
     with run_folder(out, say):
         tok, tok_dir = _resolve_tokenizer(out, tokenizer, vocab_size, files.train, tokenizer_chars,
                                           say)
-        args = _model_args(tok, tok_dir, shape, cfg.seq_len)
+        if init is None:
+            args = _model_args(tok, tok_dir, shape, cfg.seq_len)
+        else:
+            model, _ = load_init_model(Path(init), cfg.seq_len)
+            args = model.args
+            if args.vocab_size != _vocab_of(tok):
+                raise MlxeffError(f"--init: the model has {args.vocab_size} vocabulary rows, the "
+                                  f"tokenizer {_vocab_of(tok)} tokens", tok_dir)
         corpus = load_corpus(files, tok, Path(cache_dir) if cache_dir else out / "cache", cfg, say)
         windows = corpus.valid_windows(cfg.seq_len, eval_tokens)
-        model = init_model(args, cfg.seed)
+        if init is None:
+            model = init_model(args, cfg.seed)
+        else:
+            say(f"continuing from {init}")
         n_params = args.num_parameters()
         say(f"model: {args.num_transformer_layers} layers, width {args.model_dim}, "
             f"{n_params:,} parameters; {cfg.tokens_per_step:,} tokens per step, "
@@ -153,6 +192,7 @@ def run_training(cfg: TrainConfig, *, train_files, valid_files, out, tokenizer=N
         "model_dir": str(model_dir),
         "parameters": n_params,
         "config": args.to_dict(),
+        "init": str(init) if init is not None else None,
         "train": cfg.to_dict(),
         **files.describe(),
         "train_tokens_available": int(len(corpus.train_tokens)),
