@@ -3,7 +3,10 @@
 Both load the same directory: mlxeff through ``mlxeff.load`` (its own model class and engine),
 mlx-lm through ``mlx_lm.load`` (mlx-lm's OpenELM class and ``stream_generate``). Runs are
 interleaved (the order alternates per trial) after a warm-up of each; medians are reported with the
-ratio mlxeff / mlx-lm.
+ratio mlxeff / mlx-lm, and beside it the median of the per-trial ratios (each trial's two runs are
+back to back, so a machine whose speed drifts between trials -- seen on the H100, where trials of
+both engines fell into two regimes near 320 and 450 tokens/s -- moves both runs of a pair alike,
+while the per-engine medians can land in different regimes).
 
     python benchmarks/generate_vs_mlx_lm.py --random 270M --prompt-tokens 512 --gen-tokens 64
 
@@ -127,6 +130,8 @@ def main():
     keys = ("prompt_tps", "generation_tps", "ttft_s", "peak_memory_gb")
     med = {e: {k: statistics.median(r[k] for r in rs) for k in keys} for e, rs in runs.items()}
     ratio = {k: med["mlxeff"][k] / med["mlx_lm"][k] for k in keys}
+    paired = {k: statistics.median(a[k] / b[k] for a, b in zip(runs["mlxeff"], runs["mlx_lm"]))
+              for k in keys}
     result = {
         "model": str(args.model or f"random OpenELM-{args.random} ({args.dtype})"),
         "device": str(mx.default_device()),
@@ -136,6 +141,7 @@ def main():
         "trials": args.trials,
         "median": med,
         "ratio_mlxeff_over_mlx_lm": ratio,
+        "paired_ratio_median": paired,
         "preloaded": preload is not None,
         "trials_raw": runs,
     }
@@ -144,9 +150,10 @@ def main():
         return
     print(f"{result['model']} on {result['device']}: {args.prompt_tokens}-token prompt, "
           f"{args.gen_tokens} generated, median of {args.trials} interleaved trials")
-    print(f"{'':16}{'mlxeff':>12}{'mlx-lm':>12}{'ratio':>9}")
+    print(f"{'':16}{'mlxeff':>12}{'mlx-lm':>12}{'ratio':>9}{'paired':>9}")
     for k, label in zip(keys, ("prompt tok/s", "gen tok/s", "TTFT (s)", "peak mem (GB)")):
-        print(f"{label:16}{med['mlxeff'][k]:>12.3f}{med['mlx_lm'][k]:>12.3f}{ratio[k]:>9.3f}")
+        print(f"{label:16}{med['mlxeff'][k]:>12.3f}{med['mlx_lm'][k]:>12.3f}{ratio[k]:>9.3f}"
+              f"{paired[k]:>9.3f}")
 
 
 if __name__ == "__main__":

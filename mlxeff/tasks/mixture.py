@@ -12,7 +12,7 @@ value retrieval with 2-80 pairs, copy of 20-600 tokens (weights 2:1:1.5 by count
 settings (10 passages in 2,000 tokens, 50 pairs, 200 tokens) lie inside the training range.
 ``--weights`` changes the shares and can add **repeat** items (a passage of 50-1,000 tokens, then
 the whole passage again without a marker; ``generators``), as the default model v2's continued
-training does (``benchmarks/default_model_v2.sh``, ``FINETUNE``).
+training does (``benchmarks/default_model_v2_1.sh``).
 
 Packing. ``mlxeff train`` concatenates its files' tokens (each file followed by EOS, in the order
 given) and cuts the stream into sequences ``tokens[i*L : i*L + L + 1]`` (``mlxeff.data``), with no
