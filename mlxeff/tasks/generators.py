@@ -30,7 +30,8 @@ copy. Each item is a plain-text prompt (no chat template) and the continuation a
   again, and the reader continues the restarted passage (what prompt lookup's copy-heavy prompt
   asks: ``benchmarks/prompt_lookup.py``). Book text never repeats itself, so a model trained on
   books and marked copies alone does not continue an unmarked restart; training items (the whole
-  passage twice) teach it. The separator before the restart is drawn per item from
+  passage twice) are meant to teach it (4,666 of them in the default model v2.1's 196 M training
+  tokens did not: ``benchmarks/RESULTS.md``, "Default model v2.1"). The separator before the restart is drawn per item from
   ``REPEAT_SEPARATORS`` (none, as when token lists are concatenated; a space; a line break);
   evaluation items use none.
 
