@@ -95,6 +95,19 @@ def parse_args(argv=None):
 
 # ---- prompts -------------------------------------------------------------------------------------
 
+TASK_DATA = {"story": DATA / "gutenberg-children" / "valid.txt.gz",
+             "copy": DATA / "gutenberg-children" / "valid.txt.gz",
+             "qa": DATA / "eval" / "nq-open-oracle.jsonl.gz"}
+
+
+def check_task_data(tasks) -> None:
+    """One line and exit 1 when a task's prompt source is missing (before any model loads)."""
+    for task in tasks:
+        if not TASK_DATA[task].is_file():
+            raise SystemExit(f"error: {TASK_DATA[task]}: not found (the {task} prompts are drawn "
+                             "from it; leave the task out with --tasks)")
+
+
 def build_prompts(tok, tasks, count, seed, budget):
     """Token ids per task (each prompt leaves ``budget`` tokens of context for the output)."""
     import numpy as np
@@ -411,6 +424,7 @@ def main(argv=None):
         return
     import mlx.core as mx
 
+    check_task_data(args.tasks)
     devices = args.devices or (["cpu", "gpu"] if mx.is_available(mx.gpu) else ["cpu"])
     runs = []
     for device in devices:

@@ -438,3 +438,18 @@ def test_benchmark_runs_end_to_end(tmp_path):
     assert {r["task"] for r in rows} == {"copy", "story"}
     assert all(r["identical_to_plain"] for r in rows)
     assert all(r["speedup"] == 1.0 for r in rows if r["method"] == "plain")
+
+
+def test_benchmark_names_a_missing_prompt_source(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speculative.py"
+    spec = importlib.util.spec_from_file_location("speculative_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setitem(bench.TASK_DATA, "qa", tmp_path / "nq-open-oracle.jsonl.gz")
+    with pytest.raises(SystemExit, match=r"nq-open-oracle.jsonl.gz: not found \(the qa prompts"):
+        bench.check_task_data(["story", "qa"])
+    bench.TASK_DATA["qa"].write_bytes(b"")
+    bench.check_task_data(["qa"])  # present: no error
