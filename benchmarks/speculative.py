@@ -118,8 +118,7 @@ def build_prompts(tok, tasks, count, seed, budget):
     out = {}
     text = None
     if {"story", "copy"} & set(tasks):
-        text = np.asarray(data.encode_text(
-            tok, data.read_text(DATA / "gutenberg-children" / "valid.txt.gz")[:1_000_000]))
+        text = np.asarray(data.encode_text(tok, data.read_text(TASK_DATA["story"])[:1_000_000]))
     if "story" in tasks:
         starts = rng.integers(0, len(text) - 300, count)
         out["story"] = [text[s:s + 256].tolist() for s in starts]
@@ -128,7 +127,7 @@ def build_prompts(tok, tasks, count, seed, budget):
         newline = tok.encode("\n\n", add_special_tokens=False)
         out["copy"] = [text[s:s + 160].tolist() + newline + text[s:s + 16].tolist() for s in starts]
     if "qa" in tasks:
-        with gzip.open(DATA / "eval" / "nq-open-oracle.jsonl.gz", "rt") as f:
+        with gzip.open(TASK_DATA["qa"], "rt") as f:
             items = [json.loads(line) for _, line in zip(range(400), f)]
         prompts = []
         for i in rng.permutation(len(items))[:count]:

@@ -31,9 +31,9 @@ copy. Each item is a plain-text prompt (no chat template) and the continuation a
   asks: ``benchmarks/prompt_lookup.py``). Book text never repeats itself, so a model trained on
   books and marked copies alone does not continue an unmarked restart; training items (the whole
   passage twice) are meant to teach it (4,666 of them in the default model v2.1's 196 M training
-  tokens did not: ``benchmarks/RESULTS.md``, "Default model v2.1"). The separator before the restart is drawn per item from
-  ``REPEAT_SEPARATORS`` (none, as when token lists are concatenated; a space; a line break);
-  evaluation items use none.
+  tokens did not: ``benchmarks/RESULTS.md``, "Default model v2.1"). The separator before the
+  restart is drawn per item from ``REPEAT_SEPARATORS`` (none, as when token lists are
+  concatenated; a space; a line break); evaluation items use none.
 
 Training items may carry **follow-ups** (``followups=N``): after the answer, N further questions
 about the same passages (multi-document QA) or N further keys of the same object (key-value
@@ -267,7 +267,8 @@ def repeat_task(split: BookSplit, index: int, *, context_tokens: int, count: Cou
                           f"got {context_tokens}")
     rng = item_rng("repeat", split.name, seed, index)
     _, passage = draw_passage(split, rng, context_tokens, count)
-    sep = REPEAT_SEPARATORS[int(rng.integers(len(REPEAT_SEPARATORS)))] if split.name == "train" else ""
+    train = split.name == "train"
+    sep = REPEAT_SEPARATORS[int(rng.integers(len(REPEAT_SEPARATORS)))] if train else ""
     words = passage.split(" ")
     head, rest = " ".join(words[:RESTART_WORDS]), " " + " ".join(words[RESTART_WORDS:])
     return Item(passage + sep + head, rest, [rest.strip()], count(rest) + 2,

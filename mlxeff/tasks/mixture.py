@@ -105,13 +105,11 @@ def draw_item(split: BookSplit, number: int, count: CountTokens, seed: int,
         pairs = min(pairs, max(1, (longest - 64) // 24))  # about 21 tokens per pair
         more = int(rng.integers(FOLLOWUPS[task][0], FOLLOWUPS[task][1] + 1))
         return task, kv_retrieval(number, pairs=pairs, split="train", seed=seed, followups=more)
-    if task == "repeat":  # the passage twice: up to about the longest context
-        n = int(rng.integers(REPEAT_TOKENS[0], REPEAT_TOKENS[1] + 1))
-        n = max(MIN_PASSAGE_TOKENS, min(n, (longest - 16) // 2))
-        return task, repeat_task(split, number, context_tokens=n, count=count, seed=seed)
-    n = int(rng.integers(COPY_TOKENS[0], COPY_TOKENS[1] + 1))
-    n = max(MIN_PASSAGE_TOKENS, min(n, (longest - 16) // 2))
-    return task, copy_task(split, number, context_tokens=n, count=count, seed=seed)
+    # copy or repeat: the passage twice (marked or not), within the longest context
+    low, high = REPEAT_TOKENS if task == "repeat" else COPY_TOKENS
+    n = max(MIN_PASSAGE_TOKENS, min(int(rng.integers(low, high + 1)), (longest - 16) // 2))
+    make = repeat_task if task == "repeat" else copy_task
+    return task, make(split, number, context_tokens=n, count=count, seed=seed)
 
 
 def fit_followups(item: Item, count: CountTokens, limit: int) -> int:
@@ -184,7 +182,8 @@ def parallel_items(split: BookSplit, tokenizer, seed: int, seq_len: int, workers
     functions of their number, so the file is byte-identical to the sequential one; only the
     fillers (drawn from one random stream, in file order) stay in the calling process."""
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_start_worker, initargs=(split, tokenizer, seed, seq_len, weights))
+                               initializer=_start_worker,
+                               initargs=(split, tokenizer, seed, seq_len, weights))
     try:
         ahead = 4 * workers
         pending = deque(pool.submit(_draw_batch, i * batch, batch) for i in range(ahead))

@@ -55,9 +55,10 @@ def load_frozen_base(base_dir, dtype) -> tuple:
     with the base left quantized, a probe stopped after 100 s (start-up included) had not finished
     validating 8,192 tokens, and a run stopped after 300 s (start-up and a 65,536-token
     validation included) had not finished its first 64 x 512-token step, where the same model,
-    unquantized, trained at 434,000-493,000 tokens/s on an H100 (batches of 32,768 tokens); the
-    quantized matmuls are the suspected cause there (not isolated: no GPU time was left to time
-    the dequantized base)."""
+    unquantized, trained at 434,000-493,000 tokens/s on an H100 (batches of 32,768 tokens).
+    Dequantized, M2R2 then trained at 630,000-693,000 tokens/s on an H100, though one compiled
+    probe there still stalled for 70 s before its first step: the quantized matmuls were not the
+    whole cause of that stall (``benchmarks/RESULTS.md``, "M2R2 trained on the GPU")."""
     from .. import io
 
     base, tok = io.load(base_dir)

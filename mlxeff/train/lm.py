@@ -64,23 +64,32 @@ def init_model(args, seed: int):
 
 
 def load_init_model(init_dir: Path, seq_len: int):
-    """``(model, tokenizer)``: a saved model to continue training from, in float32 (affine 4/8-bit
-    layers dequantized: exactly ``mx.dequantize`` of the stored weights; SeedLM layers are refused,
-    their weights are not trainable parameters). Its context grows to ``seq_len`` if shorter."""
-    from .. import io
-    from ..quant.affine import dequantize_affine
+    """A saved model to continue training from, in float32 (loaded as trainers load their frozen
+    base, ``techniques.artifacts.load_frozen_base``: affine 4/8-bit layers dequantized, exactly
+    ``mx.dequantize`` of the stored weights); SeedLM layers are refused, their weights are not
+    trainable parameters. Its context grows to ``seq_len`` if shorter."""
+    from ..quant.seedlm import bits_per_weight
+    from ..techniques.artifacts import load_frozen_base
 
-    model, tok = io.load(init_dir)
-    if tok is None:
-        raise MlxeffError("--init: the model has no tokenizer files", init_dir)
-    if any(type(m).__name__.startswith("SeedLM") for _, m in model.named_modules()):
+    model, _, _ = load_frozen_base(init_dir, mx.float32)
+    if bits_per_weight(model)["weights"]:
         raise MlxeffError("--init: a SeedLM model cannot be trained; convert the float model "
                           "instead", init_dir)
-    dequantize_affine(model)
-    model.set_dtype(mx.float32)
     model.args.max_context_length = max(model.args.max_context_length or 0, seq_len)
     mx.eval(model.parameters())
-    return model, tok
+    return model
+
+
+def _initial_model(init, tok, tok_dir: Path, shape: dict, seq_len: int, seed: int):
+    """A fresh model of ``shape`` (``init_model``), or the saved model ``init`` to continue,
+    checked against the tokenizer."""
+    if init is None:
+        return init_model(_model_args(tok, tok_dir, shape, seq_len), seed)
+    model = load_init_model(Path(init), seq_len)
+    if model.args.vocab_size != _vocab_of(tok):
+        raise MlxeffError(f"--init: the model has {model.args.vocab_size} vocabulary rows, the "
+                          f"tokenizer {_vocab_of(tok)} tokens", tok_dir)
+    return model
 
 
 def _check_tokenizer_options(tokenizer: Optional[Path], vocab_size: Optional[int]) -> None:
@@ -162,19 +171,12 @@ def run_training(cfg: TrainConfig, *, train_files, valid_files, out, tokenizer=N
     with run_folder(out, say):
         tok, tok_dir = _resolve_tokenizer(out, tokenizer, vocab_size, files.train, tokenizer_chars,
                                           say)
-        if init is None:
-            args = _model_args(tok, tok_dir, shape, cfg.seq_len)
-        else:
-            model, _ = load_init_model(Path(init), cfg.seq_len)
-            args = model.args
-            if args.vocab_size != _vocab_of(tok):
-                raise MlxeffError(f"--init: the model has {args.vocab_size} vocabulary rows, the "
-                                  f"tokenizer {_vocab_of(tok)} tokens", tok_dir)
+        # before tokenizing, so a bad shape or model fails fast (no MLX randomness in between)
+        model = _initial_model(init, tok, tok_dir, shape, cfg.seq_len, cfg.seed)
+        args = model.args
         corpus = load_corpus(files, tok, Path(cache_dir) if cache_dir else out / "cache", cfg, say)
         windows = corpus.valid_windows(cfg.seq_len, eval_tokens)
-        if init is None:
-            model = init_model(args, cfg.seed)
-        else:
+        if init is not None:
             say(f"continuing from {init}")
         n_params = args.num_parameters()
         say(f"model: {args.num_transformer_layers} layers, width {args.model_dim}, "
