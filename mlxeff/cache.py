@@ -63,6 +63,7 @@ class PositionedKVCache(KVCache):
         n = keys.shape[2]
         if positions is None and self._positions is None:
             self.next_position = self.offset
+            self._device_positions = None
             return out
         if positions is None:
             new = np.arange(self.next_position, self.next_position + n, dtype=self._positions.dtype)
@@ -127,13 +128,13 @@ class PositionedKVCache(KVCache):
     def trim(self, n: int) -> int:
         n = min(self.offset, n)
         self.offset -= n
+        self._device_positions = None
         if self._positions is None:
             self.next_position = self.offset
         else:
             self._positions[self.offset:] = UNFILLED
             filled = self._positions[: self.offset]
             self.next_position = int(math.floor(float(filled.max()))) + 1 if self.offset else 0
-            self._device_positions = None
         return n
 
     @property

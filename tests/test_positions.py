@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-from mlxeff.cache import PositionedKVCache, trim_cache
+from mlxeff.cache import UNFILLED, PositionedKVCache, trim_cache
 from mlxeff.models.attention import rope_at, rope_real
 
 from conftest import make_model, tiny_args
@@ -151,3 +151,50 @@ def test_mlx_lm_generate_runs_with_the_positioned_cache(tmp_path):
     assert isinstance(cache[0], PositionedKVCache)
     plain = [int(mx.argmax(model(prompt[None])[0, -1]))]
     assert ours[0] == plain[0]
+
+
+def test_few_rows_route_reads_every_cached_slot_causally(monkeypatch):
+    """Rows appended in order take the pruned-attention route on a GPU (the kernel is replaced by
+    its plain-MLX reference here): the logits of a multi-row forward after a cached prompt, and
+    after a trim, equal the SDPA path's."""
+    import mlxeff.models.attention as attention
+    from mlxeff.models.pruned_attention import pruned_attention_reference
+
+    model = make_model()
+    x = _ids(30, 3)
+    calls = []
+
+    def reference(q, k, v, index, **kw):
+        calls.append(q.shape[2])
+        return pruned_attention_reference(q, k, v, index, **kw)
+
+    def run():
+        cache = model.make_cache()
+        out = [model(x[:, :20], cache=cache), model(x[:, 20:25], cache=cache)]
+        trim_cache(cache, 3)
+        out.append(model(x[:, 22:30], cache=cache))
+        return out
+
+    expected = run()
+    monkeypatch.setattr(attention, "kernel_available", lambda head_dim: True)
+    monkeypatch.setattr(attention, "pruned_attention_kernel", reference)
+    routed = run()
+    assert calls and set(calls) == {5, 8}  # the 20-row prompt stays on SDPA (more than FEW_ROWS)
+    for a, b in zip(expected, routed):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=2e-5)
+    monkeypatch.setattr(attention, "FEW_ROWS", 0)
+    calls.clear()
+    run()
+    assert not calls
+
+
+def test_slot_position_array_follows_an_ordered_cache():
+    cache = PositionedKVCache()
+    kv = mx.zeros((1, 2, 3, 8))
+    cache.update_and_fetch(kv, kv)
+    assert np.array(cache.slot_position_array())[:3].tolist() == [0, 1, 2]
+    cache.update_and_fetch(kv, kv)
+    assert np.array(cache.slot_position_array())[:6].tolist() == [0, 1, 2, 3, 4, 5]
+    cache.trim(4)
+    table = np.array(cache.slot_position_array())
+    assert table[:2].tolist() == [0, 1] and (table[2:] == UNFILLED).all()

@@ -32,7 +32,9 @@ rows at explicit positions, attend causally by position among the listed slots. 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
@@ -127,7 +129,9 @@ def attend(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask, cache=N
     index = None if cache is None else getattr(cache, "attend_index", None)
     if callable(index):
         index = index(q)  # the technique chooses this layer's slots from its queries
-    if index is None and (positions is None or mask is not None):
+    if index is None and positions is None and few_rows_in_order(q, mask, cache):
+        out = attend_few_rows(q, cache, scale)
+    elif index is None and (positions is None or mask is not None):
         if isinstance(mask, str) and q.shape[2] == 1:
             mask = None  # one row appended after everything cached sees everything
         out = scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
@@ -139,6 +143,36 @@ def attend(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask, cache=N
         keys = k if index is None else gather_slots(k, index)
         cache.scores = last_row_scores(q[:, :, -1:], keys, scale)
     return out
+
+
+# Query rows up to which rows appended in order attend through the pruned-attention kernel on a
+# GPU (0: never). MLX's CUDA backend sends 2+ query rows to cuDNN's attention, which builds a
+# graph per exact (query rows, key length) pair: the verify forward of drafted decoding has a new
+# key length every step, so every step built a graph per layer shape (benchmarks/RESULTS.md,
+# "Drafted decoding on the GPU"). MLXEFF_FEW_ROWS=0 in the environment keeps MLX's own attention.
+FEW_ROWS = int(os.environ.get("MLXEFF_FEW_ROWS", "16"))
+
+
+def few_rows_in_order(q: mx.array, mask, cache) -> bool:
+    """Whether ``q``'s rows were appended in order after everything cached (the plain causal rule)
+    and are few enough for the pruned-attention kernel, which this device has."""
+    return (1 < q.shape[2] <= FEW_ROWS and (mask is None or isinstance(mask, str))
+            and getattr(cache, "ordered", False) and getattr(cache, "keys", None) is not None
+            and kernel_available(q.shape[-1]))
+
+
+def attend_few_rows(q: mx.array, cache, scale: float) -> mx.array:
+    """Rows appended in order, causal over the cache's buffers read in place: every cached slot
+    at a position <= the row's (slot i holds position i in an ordered cache)."""
+    index, q_positions, k_positions = _in_order_arrays(cache.offset, q.shape[2], cache.keys.shape[2])
+    return pruned_attention_kernel(q, cache.keys, cache.values, index, scale=scale,
+                                   q_positions=q_positions, k_positions=k_positions)
+
+
+@lru_cache(maxsize=4)  # one forward asks once per layer with the same numbers
+def _in_order_arrays(offset: int, rows: int, size: int) -> tuple:
+    return (mx.arange(offset, dtype=mx.int32), mx.arange(offset - rows, offset, dtype=mx.int32)[None],
+            mx.arange(size, dtype=mx.int32))
 
 
 def gather_slots(x: mx.array, index: mx.array) -> mx.array:
