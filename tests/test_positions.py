@@ -154,8 +154,8 @@ def test_mlx_lm_generate_runs_with_the_positioned_cache(tmp_path):
 
 
 def test_few_rows_route_reads_every_cached_slot_causally(monkeypatch):
-    """Rows appended in order take the pruned-attention route on a GPU (the kernel is replaced by
-    its plain-MLX reference here): the logits of a multi-row forward after a cached prompt, and
+    """Rows appended in order take the pruned-attention route on a CUDA GPU (the kernel is replaced
+    by its plain-MLX reference here): the logits of a multi-row forward after a cached prompt, and
     after a trim, equal the SDPA path's."""
     import mlxeff.models.attention as attention
     from mlxeff.models.pruned_attention import pruned_attention_reference
@@ -177,6 +177,10 @@ def test_few_rows_route_reads_every_cached_slot_causally(monkeypatch):
 
     expected = run()
     monkeypatch.setattr(attention, "kernel_available", lambda head_dim: True)
+    monkeypatch.setattr(attention, "gpu_backend", lambda: "metal")
+    run()
+    assert not calls  # Metal keeps MLX's attention
+    monkeypatch.setattr(attention, "gpu_backend", lambda: "cuda")
     monkeypatch.setattr(attention, "pruned_attention_kernel", reference)
     routed = run()
     assert calls and set(calls) == {5, 8}  # the 20-row prompt stays on SDPA (more than FEW_ROWS)

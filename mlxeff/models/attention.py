@@ -42,6 +42,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.base import scaled_dot_product_attention
 
+from ..kernels import gpu_backend
 from .pruned_attention import kernel_available, pruned_attention_kernel
 
 
@@ -146,19 +147,21 @@ def attend(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask, cache=N
 
 
 # Query rows up to which rows appended in order attend through the pruned-attention kernel on a
-# GPU (0: never). MLX's CUDA backend sends 2+ query rows to cuDNN's attention, which builds a
+# CUDA GPU (0: never). MLX's CUDA backend sends 2+ query rows to cuDNN's attention, which builds a
 # graph per exact (query rows, key length) pair: the verify forward of drafted decoding has a new
-# key length every step, so every step built a graph per layer shape (benchmarks/RESULTS.md,
-# "Drafted decoding on the GPU"). MLXEFF_FEW_ROWS=0 in the environment keeps MLX's own attention.
+# key length every step, so every step built a graph per layer shape, 114 ms a forward against
+# 3.7 ms (benchmarks/RESULTS.md, "Drafted decoding on the GPU"). MLX's Metal attention builds no
+# per-length graphs, and the route is not measured there, so Metal keeps it.
+# MLXEFF_FEW_ROWS=0 in the environment keeps MLX's attention on CUDA too.
 FEW_ROWS = int(os.environ.get("MLXEFF_FEW_ROWS", "16"))
 
 
 def few_rows_in_order(q: mx.array, mask, cache) -> bool:
     """Whether ``q``'s rows were appended in order after everything cached (the plain causal rule)
-    and are few enough for the pruned-attention kernel, which this device has."""
+    and are few enough for the pruned-attention kernel, on a CUDA GPU that runs it."""
     return (1 < q.shape[2] <= FEW_ROWS and (mask is None or isinstance(mask, str))
             and getattr(cache, "ordered", False) and getattr(cache, "keys", None) is not None
-            and kernel_available(q.shape[-1]))
+            and gpu_backend() == "cuda" and kernel_available(q.shape[-1]))
 
 
 def attend_few_rows(q: mx.array, cache, scale: float) -> mx.array:
