@@ -190,6 +190,36 @@ def bench_dequant(n: int, args) -> list:
     return rows
 
 
+
+def bench_dequant_order(n: int, args) -> list:
+    """The 4-bit dequantise kernel timed back to back (10 calls after 2 warm-up calls), then 5
+    times each right after a host reference reconstruction, without and with ``mx.clear_cache()``
+    in between, then back to back again: what a kernel call costs depends on what ran before it."""
+    def median_us(f, k):
+        return statistics.median(timed(f) for _ in range(k)) * 1e6
+
+    rows = []
+    for name in ("seedlm4", "seedlm4-bits"):
+        (C, P), basis = CONFIGS[name], BASIS[name]
+        s, c, eb = random_packed(n, n, C, P, seed=n + C)
+        mx.eval(s, c)
+        kernel = lambda: KERNELS[basis].seedlm_dequantize(s, c, eb, C, P, n, dtype=mx.float16)  # noqa: E731
+        entry = {"n": n, "config": name}
+        timed(kernel)
+        timed(kernel)
+        entry["back_to_back_us"] = median_us(kernel, 10)
+        for clear in (False, True):
+            ts = []
+            for _ in range(5):
+                mx.eval(reconstruct(s, c, eb, C, P, n, dtype=mx.float16, basis=basis))
+                if clear:
+                    mx.clear_cache()
+                ts.append(timed(kernel))
+            entry["after_reference_cleared_us" if clear else "after_reference_us"] = statistics.median(ts) * 1e6
+        entry["back_to_back_again_us"] = median_us(kernel, 10)
+        rows.append(entry)
+    return rows
+
 # (stage_x, threads, tile_rows) tried by --sweep; (True, 256, 8) is the first GPU run's launch shape
 SWEEP = [(True, 256, 8), (True, 128, 8), (True, 256, 4)] + [
     (False, T, TR) for T in (32, 64, 128, 256) for TR in (2, 4, 8)] + [(False, 128, 16), (False, 64, 16)]
@@ -337,6 +367,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sweep", action="store_true", help="also sweep the 4-bit kernel's launch shape")
     ap.add_argument("--sweep-bits", action="store_true",
                     help="also sweep the bits basis' 4-bit matvec launch (warps, split, tables)")
+    ap.add_argument("--dequant-order", action="store_true",
+                    help="also time the 4-bit dequantise kernels back to back and right after a host reference")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -349,6 +381,8 @@ def main(argv=None) -> None:
         "matvec": [bench_matvec(n, int(r), args) for n in sizes for r in args.rows.split(",")],
         "dequant": [e for n in sizes for e in bench_dequant(n, args)],
     }
+    if args.dequant_order and sk.kernel_available():
+        result["dequant_order"] = [e for n in sizes for e in bench_dequant_order(n, args)]
     if args.sweep_bits and bk.kernel_available():
         result["bits_sweep"] = [e for n in sizes for e in bench_bits_sweep(n, args)]
     if args.sweep and sk.kernel_available():
