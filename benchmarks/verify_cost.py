@@ -40,8 +40,10 @@ MAX_ROWS = 9
 
 
 def one_pass(model, rng, prompt_tokens: int, steps: int) -> dict:
+    high = min(4000, model.args.vocab_size)
+
     def ids(n):
-        return mx.array(rng.integers(5, 4000, size=(1, n)), dtype=mx.uint32)
+        return mx.array(rng.integers(min(5, high - 1), high, size=(1, n)), dtype=mx.uint32)
 
     cache = model.make_cache()
     tic = time.perf_counter()

@@ -453,3 +453,25 @@ def test_benchmark_names_a_missing_prompt_source(tmp_path, monkeypatch):
         bench.check_task_data(["story", "qa"])
     bench.TASK_DATA["qa"].write_bytes(b"")
     bench.check_task_data(["qa"])  # present: no error
+
+
+def test_verify_cost_benchmark_times_every_row_count(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from mlxeff.io import save
+
+    from conftest import make_model, make_tokenizer
+
+    save(make_model(), make_tokenizer(), tmp_path / "m")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "verify_cost.py"
+    spec = importlib.util.spec_from_file_location("verify_cost_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--model", str(tmp_path / "m"), "--steps", "18", "--prompt-tokens", "8", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["passes"]) == 2
+    for p in out["passes"]:
+        assert sorted(map(int, p["median_ms"])) == list(range(1, 10))
+        assert all(v > 0 for v in p["median_ms"].values()) and p["prefill_s"] > 0
