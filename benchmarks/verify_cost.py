@@ -13,7 +13,8 @@ in milliseconds, synchronised after each forward.
     MLXEFF_FEW_ROWS=0 python benchmarks/verify_cost.py ...   # MLX's own attention for 2+ rows
 
 ``--dequantize`` replaces affine-quantized layers by their dense weights (float16 on a GPU,
-float32 on the CPU) first.
+float32 on the CPU) first. ``--prefill-lengths 480,496,...`` also prefills each listed prompt
+length twice on fresh caches (a user's first prompt of a length against a repeat of it).
 """
 
 from __future__ import annotations
@@ -63,6 +64,23 @@ def one_pass(model, rng, prompt_tokens: int, steps: int) -> dict:
             "first_ms": {T: round(1e3 * v[0], 3) for T, v in per_rows.items() if v}}
 
 
+def prefill_lengths(model, rng, lengths) -> dict:
+    """Each prompt length prefilled twice on fresh caches: the first meets the length new, the
+    second again (MLX's CUDA attention builds a cuDNN graph per new shape)."""
+    high = min(4000, model.args.vocab_size)
+    first, again = [], []
+    for n in lengths:
+        x = mx.array(rng.integers(min(5, high - 1), high, size=(1, n)), dtype=mx.uint32)
+        for times in (first, again):
+            tic = time.perf_counter()
+            mx.eval(model(x, cache=model.make_cache()))
+            times.append(time.perf_counter() - tic)
+    return {"lengths": list(lengths), "first_ms": [round(1e3 * t, 3) for t in first],
+            "again_ms": [round(1e3 * t, 3) for t in again],
+            "median_first_ms": round(1e3 * statistics.median(first), 3),
+            "median_again_ms": round(1e3 * statistics.median(again), 3)}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -70,6 +88,8 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--steps", type=int, default=90)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefill-lengths", default="",
+                   help="also prefill these prompt lengths (comma-separated), each twice")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     model = load_model(args.model)
@@ -82,6 +102,8 @@ def main(argv=None) -> None:
     out = {"device": str(mx.default_device()), "mlx": mx.__version__, "model": str(args.model),
            "dequantized": args.dequantize, "few_rows": attention.FEW_ROWS,
            "passes": [one_pass(model, rng, args.prompt_tokens, args.steps) for _ in range(2)]}
+    if args.prefill_lengths:
+        out["prefill"] = prefill_lengths(model, rng, [int(n) for n in args.prefill_lengths.split(",")])
     if args.json:
         print(json.dumps(out))
         return
@@ -89,6 +111,10 @@ def main(argv=None) -> None:
     for i, r in enumerate(out["passes"]):
         cells = "  ".join(f"{T}:{ms:.2f}" for T, ms in r["median_ms"].items())
         print(f"pass {i}: median ms by rows  {cells}")
+    if "prefill" in out:
+        r = out["prefill"]
+        print(f"prefill of {len(r['lengths'])} new lengths: median {r['median_first_ms']:.2f} ms, "
+              f"the same lengths again {r['median_again_ms']:.2f} ms")
 
 
 if __name__ == "__main__":

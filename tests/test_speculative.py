@@ -469,8 +469,10 @@ def test_verify_cost_benchmark_times_every_row_count(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("verify_cost_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--model", str(tmp_path / "m"), "--steps", "18", "--prompt-tokens", "8", "--json"])
+    bench.main(["--model", str(tmp_path / "m"), "--steps", "18", "--prompt-tokens", "8",
+                "--prefill-lengths", "5,7", "--json"])
     out = json.loads(capsys.readouterr().out)
+    assert out["prefill"]["lengths"] == [5, 7] and len(out["prefill"]["again_ms"]) == 2
     assert len(out["passes"]) == 2
     for p in out["passes"]:
         assert sorted(map(int, p["median_ms"])) == list(range(1, 10))
