@@ -190,7 +190,6 @@ def bench_dequant(n: int, args) -> list:
     return rows
 
 
-
 def bench_dequant_order(n: int, args) -> list:
     """The 4-bit dequantise kernel timed back to back (10 calls after 2 warm-up calls), then 5
     times each right after a host reference reconstruction, without and with ``mx.clear_cache()``
@@ -219,6 +218,7 @@ def bench_dequant_order(n: int, args) -> list:
         entry["back_to_back_again_us"] = median_us(kernel, 10)
         rows.append(entry)
     return rows
+
 
 # (stage_x, threads, tile_rows) tried by --sweep; (True, 256, 8) is the first GPU run's launch shape
 SWEEP = [(True, 256, 8), (True, 128, 8), (True, 256, 4)] + [

@@ -34,17 +34,22 @@ sys.path.insert(0, str(ROOT))
 
 import mlxeff.models.attention as attention  # noqa: E402
 from mlxeff.cache import trim_cache  # noqa: E402
+from mlxeff.errors import MlxeffError  # noqa: E402
 from mlxeff.io import load_model  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "mlxeff" / "assets" / "default"
 MAX_ROWS = 9
 
 
-def one_pass(model, rng, prompt_tokens: int, steps: int) -> dict:
+def random_ids(model, rng, n: int) -> mx.array:
+    """(1, n) random token ids within the model's vocabulary (below 4000, above the first few)."""
     high = min(4000, model.args.vocab_size)
+    return mx.array(rng.integers(min(5, high - 1), high, size=(1, n)), dtype=mx.uint32)
 
+
+def one_pass(model, rng, prompt_tokens: int, steps: int) -> dict:
     def ids(n):
-        return mx.array(rng.integers(min(5, high - 1), high, size=(1, n)), dtype=mx.uint32)
+        return random_ids(model, rng, n)
 
     cache = model.make_cache()
     tic = time.perf_counter()
@@ -67,10 +72,9 @@ def one_pass(model, rng, prompt_tokens: int, steps: int) -> dict:
 def prefill_lengths(model, rng, lengths) -> dict:
     """Each prompt length prefilled twice on fresh caches: the first meets the length new, the
     second again (MLX's CUDA attention builds a cuDNN graph per new shape)."""
-    high = min(4000, model.args.vocab_size)
     first, again = [], []
     for n in lengths:
-        x = mx.array(rng.integers(min(5, high - 1), high, size=(1, n)), dtype=mx.uint32)
+        x = random_ids(model, rng, n)
         for times in (first, again):
             tic = time.perf_counter()
             mx.eval(model(x, cache=model.make_cache()))
@@ -81,18 +85,32 @@ def prefill_lengths(model, rng, lengths) -> dict:
             "median_again_ms": round(1e3 * statistics.median(again), 3)}
 
 
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def positive_ints(text: str) -> list:
+    """Comma-separated positive integers (an empty string: none)."""
+    return [positive_int(t) for t in text.split(",")] if text else []
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--dequantize", action="store_true", help="dense weights instead of affine ones")
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--steps", type=int, default=90)
+    p.add_argument("--prompt-tokens", type=positive_int, default=512)
+    p.add_argument("--steps", type=positive_int, default=90)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prefill-lengths", default="",
+    p.add_argument("--prefill-lengths", type=positive_ints, default=[],
                    help="also prefill these prompt lengths (comma-separated), each twice")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
-    model = load_model(args.model)
+    try:
+        model = load_model(args.model)
+    except MlxeffError as e:
+        raise SystemExit(f"error: {e}")
     if args.dequantize:
         from mlxeff.quant.affine import dequantize_affine
 
@@ -103,7 +121,7 @@ def main(argv=None) -> None:
            "dequantized": args.dequantize, "few_rows": attention.FEW_ROWS,
            "passes": [one_pass(model, rng, args.prompt_tokens, args.steps) for _ in range(2)]}
     if args.prefill_lengths:
-        out["prefill"] = prefill_lengths(model, rng, [int(n) for n in args.prefill_lengths.split(",")])
+        out["prefill"] = prefill_lengths(model, rng, args.prefill_lengths)
     if args.json:
         print(json.dumps(out))
         return

@@ -473,6 +473,10 @@ def test_verify_cost_benchmark_times_every_row_count(tmp_path, capsys):
                 "--prefill-lengths", "5,7", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["prefill"]["lengths"] == [5, 7] and len(out["prefill"]["again_ms"]) == 2
+    for bad in (["--prefill-lengths", "5,x"], ["--steps", "0"], ["--model", str(tmp_path / "none")]):
+        with pytest.raises(SystemExit) as e:
+            bench.main(bad)
+        assert e.value.code  # a non-zero exit, one line, no traceback
     assert len(out["passes"]) == 2
     for p in out["passes"]:
         assert sorted(map(int, p["median_ms"])) == list(range(1, 10))
