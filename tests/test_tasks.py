@@ -393,6 +393,8 @@ def test_runner_hooks_reach_the_engine(tok):
     """The same model scored with the engine's default strategies passed explicitly, and without."""
     from conftest import make_model, tiny_args
 
+    from mlxeff.generate import encode_prompt
+
     model = make_model(tiny_args(vocab_size=8192), seed=3)
     calls = []
 
@@ -455,3 +457,36 @@ def test_kv75_subsets_keep_the_asked_pair():
         assert len(records) == 10 and records[item.meta["gold_position"]] == (key, item.answers[0])
     with pytest.raises(MlxeffError, match="--docs 76 is not between 1 and the 75"):
         sets.kv75_items(EVAL / "kv75.jsonl.gz", docs=76, limit=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/copy_fidelity.py
+
+
+def test_copy_fidelity_separates_teacher_forcing_from_generation(tok, corpus_dir):
+    import importlib.util
+
+    from conftest import make_model, tiny_args
+
+    from mlxeff.generate import encode_prompt
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "copy_fidelity.py"
+    spec = importlib.util.spec_from_file_location("copy_fidelity_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = make_model(tiny_args(vocab_size=8192))
+    r = bench.run_task(model, tok, "copy", 2, 40, corpus_dir)
+    assert r["items"] == 2 and len(r["records"]) == 2
+    for item, rec in zip(runner.build_items("copy", tok, data=corpus_dir, context_tokens=40, limit=2),
+                         r["records"]):
+        prompt = encode_prompt(tok, item.prompt).reshape(-1).tolist()
+        ref = tok.encode(item.target, add_special_tokens=False)
+        logits = model(mx.array([prompt + ref[:-1]]))[0, len(prompt) - 1:]
+        hits = np.array(mx.argmax(logits, axis=-1)) == np.array(ref)
+        assert rec["teacher_forced_accuracy"] == pytest.approx(hits.mean())
+        _, out, _ = runner.generate_line(model, tok, item.prompt, item.max_tokens)
+        assert rec["generated_accuracy"] == pytest.approx(scoring.token_accuracy(out, ref))
+        # a random model misses at once; cached decoding and a full forward choose alike (float32)
+        assert rec["first_miss"] == next(i for i, (g, t) in enumerate(zip(out, ref)) if g != t)
+        assert rec["full_forward_agrees"] is True
+    assert r["exact_copies"] == 0 and r["misses_the_full_forward_agrees_with"] == 2
