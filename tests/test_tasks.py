@@ -393,8 +393,6 @@ def test_runner_hooks_reach_the_engine(tok):
     """The same model scored with the engine's default strategies passed explicitly, and without."""
     from conftest import make_model, tiny_args
 
-    from mlxeff.generate import encode_prompt
-
     model = make_model(tiny_args(vocab_size=8192), seed=3)
     calls = []
 
