@@ -211,18 +211,21 @@ def _chunks(n: int, step: int):
     yield start, n
 
 
-def lazy_prefill(model: nn.Module, prompt: mx.array, cache: LazyCache, step_size: int = 512) -> mx.array:
+def lazy_prefill(model: nn.Module, prompt: mx.array, cache: LazyCache, step_size: int = 512,
+                 pruned_step_size: Optional[int] = None) -> mx.array:
     """Fill ``cache`` from ``prompt`` (1-D ids) with progressive pruning; the last position's
     logits (1, V).
 
     The layers between two pruning layers form a stage with a fixed active set; a stage runs its
-    active rows through its layers in chunks of ``step_size`` (as the plain prefill does), and its
+    active rows through its layers in chunks of ``step_size`` (as the plain prefill does; once
+    rows have been pruned, in chunks of ``pruned_step_size``, by default ``step_size``), and its
     last chunk (the last token alone) yields the importance that prunes the next stage's input."""
     N = int(prompt.size)
     t = model.transformer
     L = len(t.layers)
-    if step_size < 1:
-        raise ValueError(f"step_size must be at least 1, got {step_size}")
+    pruned_step_size = step_size if pruned_step_size is None else pruned_step_size
+    if step_size < 1 or pruned_step_size < 1:
+        raise ValueError(f"step sizes must be at least 1, got {step_size} and {pruned_step_size}")
     if cache.prompt_tokens or cache[0].offset:
         raise MlxeffError("LazyLLM prefill needs a fresh cache (use LazyPrefill.make_cache)")
     for c in cache:
@@ -252,7 +255,7 @@ def lazy_prefill(model: nn.Module, prompt: mx.array, cache: LazyCache, step_size
         wants = hi < L and max(keep_count(stages[hi], N), recent) < n
         outs = []
         pending = 0  # token-layers built since the last evaluation
-        for c0, c1 in _chunks(n, step_size):
+        for c0, c1 in _chunks(n, step_size if contiguous else pruned_step_size):
             if wants and c1 == n:
                 cache[hi - 1].want_scores = True
             if contiguous:
@@ -376,6 +379,7 @@ class LazyPrefill(PrefillStrategy):
 
     schedule: LazySchedule = LazySchedule()
     step_size: int = 512
+    pruned_step_size: Optional[int] = None  # chunks once rows are pruned (None: step_size)
 
     def make_cache(self, model: nn.Module) -> LazyCache:
         return make_cache(len(model.layers), self.schedule)
@@ -385,7 +389,7 @@ class LazyPrefill(PrefillStrategy):
             raise MlxeffError("LazyPrefill needs the cache from its make_cache (a LazyCache)")
         if not isinstance(cache, LazyCache):
             cache = LazyCache(cache)
-        return lazy_prefill(model, prompt, cache, self.step_size)
+        return lazy_prefill(model, prompt, cache, self.step_size, self.pruned_step_size)
 
 
 class LazyDecode(DecodeStrategy):
