@@ -122,7 +122,8 @@ def bench(
                                              "first token and tokens per second per combination, "
                                              "and the numbers it shows as JSON beside it (same "
                                              "name, .json)."),
-    prefill_step_size: int = typer.Option(512, "--prefill-step-size", help="Prompt chunk length."),
+    prefill_step_size: Optional[int] = typer.Option(
+        None, "--prefill-step-size", help="Prompt chunk length (default: 2048 on a GPU, 512 on the CPU)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompts (the same for every "
                              "combination)."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
@@ -141,7 +142,7 @@ def bench(
         fail(f"-o/--output must be md, json or csv, got {output!r}", code=2)
     if reps < 1:
         fail(f"-r/--repetitions must be at least 1, got {reps}", code=2)
-    if prefill_step_size < 1:
+    if prefill_step_size is not None and prefill_step_size < 1:
         fail(f"--prefill-step-size must be at least 1, got {prefill_step_size}", code=2)
     pp, tg = parse_sizes(prompt_sizes, "-p"), parse_sizes(gen_sizes, "-n")
     if not pp and not tg:

@@ -63,7 +63,8 @@ def chat(
     max_kv_size: Optional[int] = typer.Option(
         None, "--max-kv-size", help="Bound the KV cache to this many tokens: the first 4 and the "
         "most recent ones (mlx-lm's rotating window). Not with LazyLLM or KV Prediction."),
-    prefill_step_size: int = typer.Option(512, "--prefill-step-size", help="Prompt chunk length."),
+    prefill_step_size: Optional[int] = typer.Option(
+        None, "--prefill-step-size", help="Prompt chunk length (default: 2048 on a GPU, 512 on the CPU)."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     stats: bool = typer.Option(False, "--stats", help="After each reply print its statistics "
                                "(tokens processed and reused from the cache, speed, TTFT)."),
@@ -77,7 +78,7 @@ def chat(
     from mlxeff.server.options import GenerationOptions, RequestError
     from mlxeff.server.runner import Delta
 
-    if prefill_step_size < 1:
+    if prefill_step_size is not None and prefill_step_size < 1:
         fail(f"--prefill-step-size must be at least 1, got {prefill_step_size}", code=2)
     check_max_kv_size(max_kv_size)
     try:

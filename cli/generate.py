@@ -51,7 +51,8 @@ def generate(
     min_p: float = typer.Option(0.0, "--min-p", help="Minimum probability relative to the top "
                                 "token, in [0, 1] (0 = off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
-    prefill_step_size: int = typer.Option(512, "--prefill-step-size", help="Prompt chunk length."),
+    prefill_step_size: Optional[int] = typer.Option(
+        None, "--prefill-step-size", help="Prompt chunk length (default: 2048 on a GPU, 512 on the CPU)."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
     techniques: dict = None,
@@ -64,7 +65,7 @@ def generate(
 
     if max_tokens < 1:
         fail(f"--max-tokens must be at least 1, got {max_tokens}", code=2)
-    if prefill_step_size < 1:
+    if prefill_step_size is not None and prefill_step_size < 1:
         fail(f"--prefill-step-size must be at least 1, got {prefill_step_size}", code=2)
     try:
         SamplingConfig(temp, top_p, top_k, min_p)

@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     app.command("serve")(with_techniques(serve))
 
 
-def check_techniques(net, path, techniques: dict, max_kv_size: Optional[int], step_size: int) -> None:
+def check_techniques(net, path, techniques: dict, max_kv_size: Optional[int], step_size: Optional[int]) -> None:
     """Build the techniques once so that a bad option or a missing file fails at start."""
     from mlxeff.errors import MlxeffError
     from mlxeff.server.runner import cache_owner, technique_hooks
@@ -30,7 +30,7 @@ def check_techniques(net, path, techniques: dict, max_kv_size: Optional[int], st
 
 
 def load_for_chat(model: Optional[Path], dtype: str, techniques: dict, max_kv_size: Optional[int],
-                  step_size: int, chat_template: Optional[str]):
+                  step_size: Optional[int], chat_template: Optional[str]):
     """(path, model, tokenizer, chat format) for ``serve`` and ``chat``: loaded, the techniques
     checked, the chat template found; each problem ends in one line."""
     from mlxeff.chat import chat_format
@@ -77,7 +77,8 @@ def serve(
     max_kv_size: Optional[int] = typer.Option(
         None, "--max-kv-size", help="Bound each request's KV cache to this many tokens: the first 4 "
         "and the most recent ones (mlx-lm's rotating window). Not with LazyLLM or KV Prediction."),
-    prefill_step_size: int = typer.Option(512, "--prefill-step-size", help="Prompt chunk length."),
+    prefill_step_size: Optional[int] = typer.Option(
+        None, "--prefill-step-size", help="Prompt chunk length (default: 2048 on a GPU, 512 on the CPU)."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: critical, "
                                   "error, warning, info, debug or trace."),
@@ -93,7 +94,7 @@ def serve(
 
     if max_tokens < 1:
         fail(f"--max-tokens must be at least 1, got {max_tokens}", code=2)
-    if prefill_step_size < 1:
+    if prefill_step_size is not None and prefill_step_size < 1:
         fail(f"--prefill-step-size must be at least 1, got {prefill_step_size}", code=2)
     if max_context is not None and max_context < 0:
         fail(f"--max-context must be at least 0 (0 = no limit), got {max_context}", code=2)

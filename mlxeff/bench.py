@@ -177,9 +177,13 @@ def timed_run(combo: Combination, prompt: mx.array, max_tokens: int, step_size: 
 
 
 def run_bench(combos: Sequence[Combination], prompt_sizes: Sequence[int], gen_sizes: Sequence[int],
-              reps: int = 5, step_size: int = 512, seed: int = 0,
+              reps: int = 5, step_size: Optional[int] = None, seed: int = 0,
               say: Callable[[str], None] = lambda s: None) -> BenchResult:
-    """Every test of every combination: a warm-up run, then ``reps`` timed runs."""
+    """Every test of every combination: a warm-up run, then ``reps`` timed runs (``step_size``:
+    the prompt chunk length, None for the device's default)."""
+    from .engine import prefill_step_size
+
+    step_size = prefill_step_size(step_size)
     if reps < 1:
         raise MlxeffError(f"-r/--repetitions must be at least 1, got {reps}")
     if any(n < 1 for n in prompt_sizes):

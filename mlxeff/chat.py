@@ -102,7 +102,7 @@ class ChatSession:
 
     def __init__(self, model, tokenizer, fmt: ChatFormat, options: GenerationOptions, *,
                  system_prompt: Optional[str] = None, max_kv_size: Optional[int] = None,
-                 prefill_step_size: int = 512, model_dir=None):
+                 prefill_step_size: Optional[int] = None, model_dir=None):
         self.model, self.tokenizer, self.fmt = model, tokenizer, fmt
         self.options = replace(options, stop=tuple(options.stop) + tuple(
             s for s in fmt.stops if s not in options.stop))

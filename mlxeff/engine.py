@@ -40,6 +40,23 @@ class PrefillStrategy:
         raise NotImplementedError
 
 
+# Prompt chunk length when none is given: 2048 on a GPU, as mlx-lm's default, 512 on the CPU. On
+# the GPU a prefill of this size is bound by launches and host work per chunk, not arithmetic: on
+# an H100 (CUDA, the default model, float16) 2,048-token chunks prefilled 2,048 tokens in 9.4 ms
+# against 23.5 ms for 512-token chunks, and 4,096 tokens in 21.7 ms against 61.0 ms
+# (benchmarks/RESULTS.md, "Prefill chunk length on the GPU"). On the CPU the arithmetic dominates
+# and every CPU figure in RESULTS.md was measured with 512.
+GPU_PREFILL_STEP = 2048
+CPU_PREFILL_STEP = 512
+
+
+def prefill_step_size(step_size: Optional[int] = None) -> int:
+    """``step_size``, or the default chunk length for the default device when it is None."""
+    if step_size is not None:
+        return step_size
+    return CPU_PREFILL_STEP if mx.default_device() == mx.cpu else GPU_PREFILL_STEP
+
+
 @dataclass
 class ChunkedPrefill(PrefillStrategy):
     """The baseline: all but the last prompt token in chunks of ``step_size`` tokens, evaluated
@@ -47,13 +64,14 @@ class ChunkedPrefill(PrefillStrategy):
     output head runs for one position (as mlx-lm's ``generate_step`` does). A prompt of more than
     one chunk shows a progress bar (on a terminal)."""
 
-    step_size: int = 512
+    step_size: Optional[int] = None  # None: ``prefill_step_size()``, by device
 
     def __call__(self, model, prompt, cache):
-        with bar(prompt.size, "prompt", "tok", show=None if prompt.size > self.step_size else False,
+        step = prefill_step_size(self.step_size)
+        with bar(prompt.size, "prompt", "tok", show=None if prompt.size > step else False,
                  leave=False) as progress:
             while prompt.size > 1:
-                n = min(self.step_size, prompt.size - 1)
+                n = min(step, prompt.size - 1)
                 model(prompt[:n][None], cache=cache)
                 mx.eval([c.state for c in cache])
                 prompt = prompt[n:]

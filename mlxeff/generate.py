@@ -64,7 +64,7 @@ def stream_generate(
     seed: Optional[int] = None,
     techniques: Optional[Dict[str, dict]] = None,
     model_dir=None,
-    prefill_step_size: int = 512,
+    prefill_step_size: Optional[int] = None,
     attention: Optional[Callable] = None,
     **hooks,
 ) -> Generator[GenerationResponse, None, None]:

@@ -322,3 +322,29 @@ def test_no_module_outside_models_computes_attention_rope_or_a_block():
             text = path.read_text()
             offenders += [f"{rel}: {p}" for p in patterns if re.search(p, text)]
     assert offenders == []
+
+
+def test_prefill_chunk_length_follows_the_device(monkeypatch):
+    """No chunk length given: 512 on the CPU, 2048 on a GPU (engine.prefill_step_size); a given
+    one wins; ChunkedPrefill and the technique context resolve it the same way."""
+    import mlxeff.engine as engine
+
+    class Counting(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.inner, self.rows = model, []
+
+        def __call__(self, ids, cache=None):
+            self.rows.append(ids.shape[1])
+            return self.inner(ids, cache=cache)
+
+    model = Counting(make_model())
+    prompt = mx.array(np.arange(600) % 90 + 3, dtype=mx.int32)
+    assert engine.prefill_step_size(7) == 7
+    for device, step, rows in ((mx.cpu, 512, [512, 87, 1]), (mx.gpu, 2048, [599, 1])):
+        monkeypatch.setattr(engine.mx, "default_device", lambda d=device: d)
+        assert engine.prefill_step_size() == step
+        assert build_hooks(model.inner, {"lazy": {}})["prefill"].step_size == step
+        model.rows = []
+        engine.ChunkedPrefill()(model, prompt, model.inner.make_cache())
+        assert model.rows == rows

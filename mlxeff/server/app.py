@@ -56,7 +56,7 @@ class ServedModel:
     chat_format: Any = None  # mlxeff.chat.ChatFormat
     max_context: Optional[int] = None  # prompt + generated tokens; None: no limit
     max_kv_size: Optional[int] = None
-    prefill_step_size: int = 512
+    prefill_step_size: Optional[int] = None  # None: by device (engine.prefill_step_size)
 
     def prompt_ids(self, prompt: Union[str, List[int]]) -> List[int]:
         if isinstance(prompt, str):

@@ -49,7 +49,7 @@ class Finish:
     logprobs: List[TokenLogprob] = field(default_factory=list)
 
 
-def technique_hooks(model, specs: Dict[str, dict], *, model_dir=None, step_size: int = 512) -> dict:
+def technique_hooks(model, specs: Dict[str, dict], *, model_dir=None, step_size: Optional[int] = None) -> dict:
     """The engine hooks for ``specs`` (empty for none)."""
     if not specs:
         return {}
@@ -95,7 +95,7 @@ def _logprob_entry(tokenizer, token: int, row: mx.array, top_n: int, offset: int
 
 
 def run(model, tokenizer, prompt: Sequence[int], options: GenerationOptions, *, model_dir=None,
-        prefill_step_size: int = 512, max_kv_size: Optional[int] = None,
+        prefill_step_size: Optional[int] = None, max_kv_size: Optional[int] = None,
         prompt_cache: Optional[list] = None,
         cancelled: Callable[[], bool] = lambda: False) -> Iterator:
     """Yield ``Delta``s and, last, a ``Finish`` (see the module docstring). ``prompt_cache``

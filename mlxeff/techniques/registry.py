@@ -84,7 +84,7 @@ class BuildContext:
 
     model: nn.Module
     model_dir: Optional[Path] = None
-    step_size: int = 512
+    step_size: int = 512  # build_hooks passes the resolved length (``engine.prefill_step_size``)
     hooks: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -190,10 +190,14 @@ def check_composition(names: Iterable[str]) -> None:
 
 
 def build_hooks(model: nn.Module, specs: Dict[str, Any], *, model_dir=None,
-                step_size: int = 512) -> Dict[str, Any]:
-    """The engine's hooks for ``specs``; techniques that wrap others are built after them."""
+                step_size: Optional[int] = None) -> Dict[str, Any]:
+    """The engine's hooks for ``specs``; techniques that wrap others are built after them.
+    ``step_size``: the prompt chunk length (None: the device's default, ``engine.prefill_step_size``)."""
+    from ..engine import prefill_step_size
+
     values = resolve(specs)
-    ctx = BuildContext(model, Path(model_dir) if model_dir is not None else None, step_size)
+    ctx = BuildContext(model, Path(model_dir) if model_dir is not None else None,
+                       prefill_step_size(step_size))
     order = sorted(values, key=lambda n: bool(get(n).wraps))
     for name in order:
         ctx.hooks.update(get(name).build(ctx, values[name]))
