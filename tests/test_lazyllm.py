@@ -397,3 +397,29 @@ def test_layer_cache_in_place_view_equals_its_slices():
     copy.update_and_fetch(k[:, :, :1], v[:, :, :1], positions=mx.array([400]))
     assert cache.offset == 274 and int(cache.slot_position_array()[274]) == UNFILLED
     assert int(copy.slot_position_array()[274]) == 400
+
+
+def test_prefill_chunks_benchmark_variants_compute_the_same_prefills():
+    """benchmarks/prefill_chunks.py: keep 1.0 is the plain prefill; chunk lengths and asynchronous
+    evaluations change the schedule of the work, not its result."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prefill_chunks.py"
+    spec = importlib.util.spec_from_file_location("prefill_chunks_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = make_model(layerwise_config(10, 64, 16, vocab_size=96, ffn_dim_divisor=32))
+    prompt = mx.array(np.random.default_rng(1).integers(3, 90, 700).astype(np.int32))
+    out = {k: fn() for k, fn in bench.cases(model, prompt).items()}
+    import mlxeff.engine as engine
+
+    mx.eval(list(out.values()))
+    assert lz.mx is mx and engine.mx is mx  # the asynchronous variants put mx.eval back
+    assert mx.array_equal(out["lazy keep 1.0"], out["plain 512"])
+    assert mx.array_equal(out["plain 512 async"], out["plain 512"])
+    assert mx.allclose(out["plain 2048"], out["plain 512"], atol=1e-4)
+    assert mx.array_equal(out["lazy 1->0.9 async"], out["lazy 1->0.9"])
+    for k in ("lazy 1->0.9 p2048", "lazy 1->0.9 p4096", "lazy 1->0.9 p4096 async"):
+        assert mx.allclose(out[k], out["lazy 1->0.9"], atol=1e-4), k
+    assert mx.allclose(out["lazy 0.8->0.5 p4096"], out["lazy 0.8->0.5"], atol=1e-4)
