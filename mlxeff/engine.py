@@ -42,10 +42,11 @@ class PrefillStrategy:
 
 # Prompt chunk length when none is given: 2048 on a GPU, as mlx-lm's default, 512 on the CPU. On
 # the GPU a prefill of this size is bound by launches and host work per chunk, not arithmetic: on
-# an H100 (CUDA, the default model, float16) 2,048-token chunks prefilled 2,048 tokens in 9.4 ms
-# against 23.5 ms for 512-token chunks, and 4,096 tokens in 21.7 ms against 61.0 ms
-# (benchmarks/RESULTS.md, "Prefill chunk length on the GPU"). On the CPU the arithmetic dominates
-# and every CPU figure in RESULTS.md was measured with 512.
+# an H100 (CUDA, the default model's shapes, float16) 2,048-token chunks prefilled 2,048 tokens in
+# 9.4 ms against 23.5 ms for 512-token chunks, and 4,096 tokens in 21.7 ms against 61.0 ms
+# (benchmarks/RESULTS.md, "Prefill chunk length on the GPU, and LazyLLM's pruned stages"). On
+# the CPU the arithmetic dominates and every CPU figure in RESULTS.md was measured with 512. On
+# Metal 2048 is mlx-lm's choice, not measured here.
 GPU_PREFILL_STEP = 2048
 CPU_PREFILL_STEP = 512
 
