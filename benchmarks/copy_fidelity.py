@@ -48,7 +48,8 @@ def fidelity(model, tokenizer, item) -> dict:
     forced = mx.mean(mx.argmax(logits, axis=-1) == ref).item()
     _, out, _ = generate_line(model, tokenizer, item.prompt, item.max_tokens)
     miss = next((i for i, (g, r) in enumerate(zip(out, reference)) if g != r), None)
-    rec = {"prompt_tokens": int(prompt.size), "reference_tokens": len(reference), "generated_tokens": len(out),
+    rec = {"prompt_tokens": int(prompt.size), "reference_tokens": len(reference),
+           "generated_tokens": len(out),
            "teacher_forced_accuracy": forced, "generated_accuracy": token_accuracy(out, reference),
            "first_miss": miss}
     if miss is not None:

@@ -64,7 +64,8 @@ def cases(model, prompt) -> dict:
         return lambda: lz.lazy_prefill(model, prompt, lz.make_cache(layers, schedule), 512, pruned)
 
     s1, s2 = lz.LazySchedule(1.0, 0.9), lz.LazySchedule(0.8, 0.5)
-    return {"plain 512": plain(), "plain 2048": plain(2048), "plain 512 async": with_async_eval(engine, plain()),
+    return {"plain 512": plain(), "plain 2048": plain(2048),
+            "plain 512 async": with_async_eval(engine, plain()),
             "lazy keep 1.0": lazy(lz.LazySchedule.full()),
             "lazy 1->0.9": lazy(s1), "lazy 1->0.9 p2048": lazy(s1, 2048), "lazy 1->0.9 p4096": lazy(s1, 4096),
             "lazy 1->0.9 async": with_async_eval(lz, lazy(s1)),

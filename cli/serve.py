@@ -15,7 +15,8 @@ def register(app: typer.Typer) -> None:
     app.command("serve")(with_techniques(serve))
 
 
-def check_techniques(net, path, techniques: dict, max_kv_size: Optional[int], step_size: Optional[int]) -> None:
+def check_techniques(net, path, techniques: dict, max_kv_size: Optional[int],
+                     step_size: Optional[int]) -> None:
     """Build the techniques once so that a bad option or a missing file fails at start."""
     from mlxeff.errors import MlxeffError
     from mlxeff.server.runner import cache_owner, technique_hooks

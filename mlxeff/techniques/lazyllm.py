@@ -52,7 +52,11 @@ Deviations and resolved choices:
 - The prompt is processed stage by stage (the layers between two pruning layers), each stage in
   chunks of ``step_size`` active rows exactly as the plain prefill cuts the prompt (all but the last
   token in chunks, then the last token alone), so keep ratio 1.0 is the plain computation and the
-  importance row comes from the last token's own chunk. Batch size 1, as the generation engine.
+  importance row comes from the last token's own chunk. Once rows are pruned the computation is no
+  longer the plain one, and the pruned stages may use another chunk length (``pruned_step_size``,
+  by default ``step_size``): on an H100 this model's pruned stages in one chunk of up to 4,096 rows
+  ran 1.15-1.65x faster than in chunks of 512 (benchmarks/prefill_chunks.py, RESULTS.md). Batch
+  size 1, as the generation engine.
 - Selecting at a decode step needs the scores on the host: one synchronisation per pruning layer and
   step (skipped for stages that keep everything).
 - Several tokens at once (a drafter's proposal verified in one call): the revival rule decides per
