@@ -117,10 +117,10 @@ def parse_schedules(spec: str):
     return out
 
 
-def make_variants(schedules, step):
+def make_variants(schedules, step, pruned_step=None):
     v = {"plain": (ChunkedPrefill(step), DecodeStrategy())}
     for name, sched in schedules.items():
-        v[name] = (LazyPrefill(sched, step), LazyDecode())
+        v[name] = (LazyPrefill(sched, step, pruned_step), LazyDecode())
     return v
 
 
@@ -298,6 +298,8 @@ def main(argv=None):
     ap.add_argument("--greedy", type=int, default=32, help="greedy tokens compared")
     ap.add_argument("--continuation", type=int, default=64, help="continuation tokens scored")
     ap.add_argument("--step", type=int, default=512, help="prefill chunk size (plain and lazy)")
+    ap.add_argument("--pruned-step", type=int, default=None,
+                    help="LazyLLM's chunk size once rows are pruned (default: --step)")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                     help="compute dtype (default: float32 on the CPU, the model's own on a GPU)")
     ap.add_argument("--warmup", type=int, default=1)
@@ -317,7 +319,7 @@ def main(argv=None):
             sched.stages_for(L)
         except ValueError as e:
             raise SystemExit(f"error: --schedules: {name}: {e}")
-    variants = make_variants(schedules, args.step)
+    variants = make_variants(schedules, args.step, args.pruned_step)
     rng = np.random.default_rng(0)
     lengths = [int(x) for x in args.lengths.split(",") if x]
     qlengths = ([int(x) for x in args.quality_lengths.split(",") if x] if args.quality_lengths
@@ -327,8 +329,8 @@ def main(argv=None):
     result = dict(model=desc, layers=L, max_context_length=ctx, device=str(mx.default_device()),
                   dtype=str(model.transformer.norm.weight.dtype),
                   mlx=mx.__version__, blas=blas if mx.default_device() == mx.cpu else None,
-                  step=args.step, schedules={n: dict(vars(s), pruning_layers=s.stages_for(L))
-                                             for n, s in schedules.items()},
+                  step=args.step, pruned_step=args.pruned_step,
+                  schedules={n: dict(vars(s), pruning_layers=s.stages_for(L)) for n, s in schedules.items()},
                   ttft={}, quality={})
     log = (lambda *a: None) if args.json else print
     log(f"{desc}: {L} layers, trained context {ctx}; {result['device']} (BLAS {blas})")
