@@ -30,22 +30,24 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BASE=${BASE:-$REPO/mlxeff/assets/default}
 STEPS=${STEPS:-6000} BATCH=${BATCH:-16} SEQ=${SEQ:-2048} DTYPE=${DTYPE:-bfloat16}
 TASK_TOKENS=${TASK_TOKENS:-24000000} EVAL_TOKENS=${EVAL_TOKENS:-262144}
+# the settings a later recipe changes (benchmarks/default_model_v2_2.sh)
+SEED=${SEED:-1} LR=${LR:-8e-4} MIN_LR=${MIN_LR:-4e-5} SAVE_EVERY=${SAVE_EVERY:-1000}
+WEIGHTS=${WEIGHTS:-"multidoc-qa=2,kv-retrieval=0.5,copy=1.5,repeat=1.5"}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 MLXEFF=${MLXEFF:-"python -m mlxeff.cli.main"}
 
 mkdir -p "$DEST/tasks"
 if [[ ! -f "$DEST/tasks/tasks.txt.gz" ]]; then
   python -m mlxeff.tasks.mixture --data "$DATA" --tokenizer "$BASE" --out "$DEST/tasks/tasks.txt.gz" \
-    --tokens "$TASK_TOKENS" --seq-len "$SEQ" --seed 1 --workers "$(nproc)" \
-    --weights "multidoc-qa=2,kv-retrieval=0.5,copy=1.5,repeat=1.5"
+    --tokens "$TASK_TOKENS" --seq-len "$SEQ" --seed "$SEED" --workers "$(nproc)" --weights "$WEIGHTS"
 fi
 resume=(); [[ -d "$DEST/run/checkpoints" ]] && resume=(--resume)
 # --train: the mixture FIRST (its layout assumes its tokens start the stream), then the books.
 $MLXEFF train --init "$BASE" --train "$DEST/tasks/tasks.txt.gz" --train "$DATA/train-*.txt.gz" \
   --valid "$DATA/valid.txt.gz" --eval-tokens "$EVAL_TOKENS" --eval-every $(( STEPS / 3 > 0 ? STEPS / 3 : 1 )) \
-  --steps "$STEPS" --batch-size "$BATCH" --seq-len "$SEQ" --lr 8e-4 --min-lr 4e-5 --warmup 200 \
-  --weight-decay 0.1 --clip 1.0 --z-loss 1e-4 --dtype "$DTYPE" --save-dtype float16 --seed 1 \
-  --save-every 1000 --log-every 100 --cache-dir "$DEST/cache" --out "$DEST/run" \
+  --steps "$STEPS" --batch-size "$BATCH" --seq-len "$SEQ" --lr "$LR" --min-lr "$MIN_LR" --warmup 200 \
+  --weight-decay 0.1 --clip 1.0 --z-loss 1e-4 --dtype "$DTYPE" --save-dtype float16 --seed "$SEED" \
+  --save-every "$SAVE_EVERY" --log-every 100 --cache-dir "$DEST/cache" --out "$DEST/run" \
   ${resume[@]+"${resume[@]}"} --json > "$DEST/summary.stdout.json"
 $MLXEFF convert "$DEST/run/model" -o "$DEST/affine4" --quantize affine --bits 4 --group-size 32 \
   --embedding-bits 8 --force

@@ -12,7 +12,7 @@
 # (the mixture, built first unless present: about 9 minutes on the 2-core CPU box with
 # --workers 2, so build it there and copy it over), run/ (the mlxeff train run: model/ is the
 # float16 model), summary.stdout.json and affine4/ (the shipped form).
-# CPU smoke run of every step:
+# CPU smoke run of every step (3 min on the CPU box):
 #   STEPS=2 BATCH=1 SEQ=256 DTYPE=float32 TASK_TOKENS=3000 EVAL_TOKENS=512 bash ... DATA BASE /tmp/out
 #
 # Choices (the reasons are measured in benchmarks/RESULTS.md, "Default model v2.2"):
@@ -24,31 +24,12 @@
 #   multidoc-qa 3, kv-retrieval 0.3 (v2.1 retrieves 40/40), copy 2.5, repeat 3.
 # - 5,600 steps of 16 x 2,048 tokens, AdamW as v2.1 with lr 6e-4 after 200 warm-up steps, cosine
 #   to 3e-5; seed 2.
+# The steps are v2.1's recipe (benchmarks/default_model_v2_1.sh) with these settings.
 set -euo pipefail
 
 DATA=${1:?usage: bash benchmarks/default_model_v2_2.sh DATA BASE [DEST]}
 BASE=${2:?usage: bash benchmarks/default_model_v2_2.sh DATA BASE [DEST] (BASE: the v2.1 model directory)}
 DEST=${3:-runs/default-model-v2.2}
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-STEPS=${STEPS:-5600} BATCH=${BATCH:-16} SEQ=${SEQ:-2048} DTYPE=${DTYPE:-bfloat16}
-TASK_TOKENS=${TASK_TOKENS:-32000000} EVAL_TOKENS=${EVAL_TOKENS:-262144}
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-MLXEFF=${MLXEFF:-"python -m mlxeff.cli.main"}
-
-mkdir -p "$DEST/tasks"
-if [[ ! -f "$DEST/tasks/tasks.txt.gz" ]]; then
-  python -m mlxeff.tasks.mixture --data "$DATA" --tokenizer "$BASE" --out "$DEST/tasks/tasks.txt.gz" \
-    --tokens "$TASK_TOKENS" --seq-len "$SEQ" --seed 2 --workers "$(nproc)" \
-    --weights "multidoc-qa=3,kv-retrieval=0.3,copy=2.5,repeat=3"
-fi
-resume=(); [[ -d "$DEST/run/checkpoints" ]] && resume=(--resume)
-# --train: the mixture FIRST (its layout assumes its tokens start the stream), then the books.
-$MLXEFF train --init "$BASE" --train "$DEST/tasks/tasks.txt.gz" --train "$DATA/train-*.txt.gz" \
-  --valid "$DATA/valid.txt.gz" --eval-tokens "$EVAL_TOKENS" --eval-every $(( STEPS / 3 > 0 ? STEPS / 3 : 1 )) \
-  --steps "$STEPS" --batch-size "$BATCH" --seq-len "$SEQ" --lr 6e-4 --min-lr 3e-5 --warmup 200 \
-  --weight-decay 0.1 --clip 1.0 --z-loss 1e-4 --dtype "$DTYPE" --save-dtype float16 --seed 2 \
-  --save-every 700 --log-every 100 --cache-dir "$DEST/cache" --out "$DEST/run" \
-  ${resume[@]+"${resume[@]}"} --json > "$DEST/summary.stdout.json"
-$MLXEFF convert "$DEST/run/model" -o "$DEST/affine4" --quantize affine --bits 4 --group-size 32 \
-  --embedding-bits 8 --force
-du -sb "$DEST/affine4"
+export BASE STEPS=${STEPS:-5600} TASK_TOKENS=${TASK_TOKENS:-32000000} SEED=2 LR=6e-4 MIN_LR=3e-5 SAVE_EVERY=700 \
+  WEIGHTS="multidoc-qa=3,kv-retrieval=0.3,copy=2.5,repeat=3"
+exec bash "$(dirname "${BASH_SOURCE[0]}")/default_model_v2_1.sh" "$DATA" "$DEST"
