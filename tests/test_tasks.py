@@ -488,3 +488,28 @@ def test_copy_fidelity_separates_teacher_forcing_from_generation(tok, corpus_dir
         assert rec["first_miss"] == next(i for i, (g, t) in enumerate(zip(out, ref)) if g != t)
         assert rec["full_forward_agrees"] is True
     assert r["exact_copies"] == 0 and r["misses_the_full_forward_agrees_with"] == 2
+
+
+def test_lazyllm_kept_benchmark_finds_the_gold_tokens(tok, corpus_dir):
+    """benchmarks/lazyllm_kept.py: with nothing pruned every token is kept and LazyLLM predicts
+    what the plain prefill predicts; the located tokens are the phrase's and the answer's."""
+    import importlib.util
+
+    from conftest import make_model, tiny_args
+
+    from mlxeff.techniques.lazyllm import LazySchedule
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lazyllm_kept.py"
+    spec = importlib.util.spec_from_file_location("lazyllm_kept_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = make_model(tiny_args(vocab_size=8192))
+    item = runner.build_items("multidoc-qa", tok, data=corpus_dir, docs=3, context_tokens=300, limit=1)[0]
+    rec = bench.inspect_item(model, tok, item, LazySchedule(1.0, 1.0, stages=2))
+    assert rec["phrase_kept"] and rec["answer_kept"] and rec["kept_fraction"] == 1.0
+    assert rec["lazy_first_token_right"] == rec["plain_first_token_right"]
+    offsets = tok._tokenizer(item.prompt, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+    gold = item.meta["passages"][item.meta["gold_position"]]
+    start = item.prompt.index(gold) + gold.index(item.meta["phrase"])
+    a, b = offsets[bench.token_at(offsets, start + len(item.meta["phrase"]) + 1, 0)]
+    assert item.prompt[a:b].strip() == tok.decode(tok.encode(item.target, add_special_tokens=False)[:1]).strip()
