@@ -45,7 +45,8 @@ def fidelity(model, tokenizer, item) -> dict:
     reference = list(tokenizer.encode(item.target, add_special_tokens=False))
     ref = mx.array(reference, dtype=prompt.dtype)
     logits = model(mx.concatenate([prompt, ref[:-1]])[None])[0, prompt.size - 1:]
-    forced = mx.mean(mx.argmax(logits, axis=-1) == ref).item()
+    predicted = mx.argmax(logits, axis=-1)  # row i: the full forward's choice after ref[:i]
+    forced = mx.mean(predicted == ref).item()
     _, out, _ = generate_line(model, tokenizer, item.prompt, item.max_tokens)
     miss = next((i for i, (g, r) in enumerate(zip(out, reference)) if g != r), None)
     rec = {"prompt_tokens": int(prompt.size), "reference_tokens": len(reference),
@@ -53,9 +54,8 @@ def fidelity(model, tokenizer, item) -> dict:
            "teacher_forced_accuracy": forced, "generated_accuracy": token_accuracy(out, reference),
            "first_miss": miss}
     if miss is not None:
-        at = model(mx.concatenate([prompt, ref[:miss]])[None])[0, -1]
         rec.update(generated=tokenizer.decode([out[miss]]), reference=tokenizer.decode([reference[miss]]),
-                   full_forward_agrees=int(mx.argmax(at).item()) == out[miss])
+                   full_forward_agrees=int(predicted[miss].item()) == out[miss])
     return rec
 
 
@@ -87,13 +87,11 @@ def main(argv=None) -> None:
     from mlxeff.cli.blas import relaunch_benchmark
 
     relaunch_benchmark()
-    import mlxeff
+    from mlxeff.cli.common import load_for_generation
     from mlxeff.errors import MlxeffError
-    from mlxeff.precision import apply_compute_dtype
 
     try:
-        model, tokenizer = mlxeff.load(args.model)
-        apply_compute_dtype(model)
+        _, model, tokenizer = load_for_generation(args.model, "auto")
         tasks = [run_task(model, tokenizer, name, n, ctx, args.data)
                  for name, n, ctx in (("copy", args.copy_items, args.copy_tokens),
                                       ("repeat", args.repeat_items, args.repeat_tokens)) if n > 0]

@@ -71,15 +71,13 @@ def main(argv=None) -> None:
     from mlxeff.cli.blas import relaunch_benchmark
 
     relaunch_benchmark()
-    import mlxeff
+    from mlxeff.cli.common import load_for_generation
     from mlxeff.errors import MlxeffError
-    from mlxeff.precision import apply_compute_dtype
     from mlxeff.tasks.runner import build_items
     from mlxeff.techniques.lazyllm import LazySchedule
 
     try:
-        model, tokenizer = mlxeff.load(args.model)
-        apply_compute_dtype(model)
+        _, model, tokenizer = load_for_generation(args.model, "auto")
         items = build_items("multidoc-qa", tokenizer, data=args.data, docs=args.docs,
                             context_tokens=args.context_tokens, limit=args.items)
         schedule = LazySchedule(*args.keep)
