@@ -84,6 +84,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeat-tokens", type=int, default=1000)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    if min(args.copy_items, args.repeat_items) < 0 or args.copy_items + args.repeat_items == 0:
+        raise SystemExit("error: --copy-items and --repeat-items must be at least 0, and not both 0")
     from mlxeff.cli.blas import relaunch_benchmark
 
     relaunch_benchmark()

@@ -308,6 +308,8 @@ def main(argv=None):
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
+    if args.pruned_step is not None and args.pruned_step < 1:
+        raise SystemExit(f"error: --pruned-step must be at least 1, got {args.pruned_step}")
 
     model, tokenizer, desc = load_model(args)
     apply_compute_dtype(model, args.dtype)  # auto: float32 on the CPU, affine 4-bit dequantized

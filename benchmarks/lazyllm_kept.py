@@ -68,6 +68,8 @@ def main(argv=None) -> None:
     p.add_argument("--keep", type=float, nargs=2, default=(0.8, 0.5), metavar=("START", "END"))
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    if args.items < 1:
+        raise SystemExit(f"error: --items must be at least 1, got {args.items}")
     from mlxeff.cli.blas import relaunch_benchmark
 
     relaunch_benchmark()
