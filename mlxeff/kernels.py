@@ -103,6 +103,8 @@ class KernelSpec:
     header_file: Optional[str] = None
     atomic_outputs: bool = False
     defines: Tuple[Tuple[str, str], ...] = field(default_factory=tuple)
+    # CUDA only: bytes of dynamic shared memory (``extern __shared__``), for more than 48 KB
+    shared_memory: int = 0
 
 
 def gpu_backend() -> Optional[str]:
@@ -148,19 +150,53 @@ def read_source(filename: str) -> str:
         return (Path(__file__).resolve().parents[1] / "metal" / filename).read_text()
 
 
-def compact_source(text: str) -> str:
-    """``text`` without ``//`` comments, indentation and blank lines. MLX writes a custom kernel's
-    whole source into a new string on every call, so a shorter source is a cheaper call (measured
-    on CUDA: ~2 us per call for 12 kB). The kernel bodies use ``//`` only for comments."""
-    lines = (re.sub(r"//.*", "", line).strip() for line in text.splitlines())
+def compact_source(text: str, backend: Optional[str] = None) -> str:
+    """``text`` without ``//`` comments, indentation, runs of spaces and blank lines, and, for a
+    ``backend``, without the other backend's ``#if defined(__CUDACC__)`` branches. MLX writes a
+    custom kernel's whole source into a new string on every call and hashes it when the call is
+    evaluated, so a shorter source is a cheaper call (measured on CUDA: ~2 us per call for 12 kB).
+    The kernel bodies use ``//`` only for comments and hold no string literals."""
+    lines = [re.sub(r"[ \t]{2,}", " ", re.sub(r"//.*", "", line)).strip() for line in text.splitlines()]
+    if backend is not None:
+        lines = _drop_other_backend(lines, cuda=backend == "cuda")
     return "".join(line + "\n" for line in lines if line)
+
+
+def _drop_other_backend(lines, cuda: bool):
+    """Resolve ``#if defined(__CUDACC__)`` (and ``#if !defined(...)``) blocks, with their ``#else``,
+    for one backend; other conditionals, and lines continued with a backslash, stay as they are."""
+    out, stack = [], []  # stack: None (a block left as it is) or [keep this branch, resolved]
+    continued = False
+    for line in lines:
+        directive = None if continued else re.match(r"#\s*(if|ifdef|ifndef|elif|else|endif)\b(.*)", line)
+        continued = line.endswith("\\")
+        if directive:
+            kind, cond = directive.group(1), directive.group(2).strip()
+            if kind in ("if", "ifdef", "ifndef"):
+                if kind == "if" and cond in ("defined(__CUDACC__)", "!defined(__CUDACC__)"):
+                    stack.append([cuda == (cond == "defined(__CUDACC__)")])
+                    continue
+                stack.append(None)
+            elif stack and stack[-1] is not None:
+                if kind == "else":
+                    stack[-1][0] = not stack[-1][0]
+                    continue
+                if kind == "endif":
+                    stack.pop()
+                    continue
+                raise ValueError(f"#{kind} inside a backend branch is not resolved: {line}")
+            elif kind == "endif" and stack:
+                stack.pop()
+        if all(frame is None or frame[0] for frame in stack):
+            out.append(line)
+    return out
 
 
 def kernel_sources(spec: KernelSpec, backend: str) -> Tuple[str, str]:
     """The (header, body) that ``build`` passes to MLX for ``backend``."""
     defines = "".join(f"#define {k} {v}\n" for k, v in spec.defines)
-    header = compact_source(read_source(spec.header_file)) if spec.header_file else ""
-    body = compact_source(read_source(spec.source_file))
+    header = compact_source(read_source(spec.header_file), backend) if spec.header_file else ""
+    body = compact_source(read_source(spec.source_file), backend)
     if backend == "metal":
         return header, METAL_PRELUDE + defines + body
     if backend == "cuda":
@@ -182,7 +218,7 @@ def build(spec: KernelSpec, backend: Optional[str] = None):
         )
     return mx.fast.cuda_kernel(
         name=spec.name, input_names=list(spec.input_names), output_names=list(spec.output_names),
-        source=body, header=header,
+        source=body, header=header, shared_memory=spec.shared_memory,
     )
 
 

@@ -377,6 +377,22 @@ def mlx_cuda_source(plan, input_dtypes, name="k"):
     return src + "\n" + body + "\n}\n\n} // namespace mlx::core::cu\n"
 
 
+def test_compact_source_keeps_one_backend_and_drops_spacing():
+    from mlxeff.kernels import compact_source
+
+    text = "\n".join([
+        "#define A(x)      (x)   \\", "  + 1   // a comment", "#if defined(__CUDACC__)", "#define B 1",
+        "#if SOMETHING", "#define C 2", "#else", "#define C 3", "#endif", "#else", "#define B 2", "#endif",
+        "#if !defined(__CUDACC__)", "#define M 1", "#endif", "int   y = 0;", ""])
+    cuda = compact_source(text, "cuda").splitlines()
+    metal = compact_source(text, "metal").splitlines()
+    assert cuda == ["#define A(x) (x) \\", "+ 1", "#define B 1", "#if SOMETHING", "#define C 2", "#else",
+                    "#define C 3", "#endif", "int y = 0;"]
+    assert metal == ["#define A(x) (x) \\", "+ 1", "#define B 2", "#define M 1", "int y = 0;"]
+    # without a backend every branch stays
+    assert "#if defined(__CUDACC__)" in compact_source(text)
+
+
 def test_cuda_bodies_compile_with_nvcc(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
