@@ -275,48 +275,48 @@ def bench_sweep(n: int, args) -> list:
     return out
 
 
-# (warps, split, groups) tried by --sweep-bits for the bits basis' 4-bit matvec (None: the default):
-# the default, larger and smaller splits, and small threadgroups with the 16-entry tables (G=2),
-# which need no split (one graph node per call) and leave room for many groups per SM
-BITS_SWEEP = [(8, None, None), (8, 4, None), (8, 16, None), (4, None, 1), (8, None, 2),
-              (1, 1, 2), (2, 1, 2), (4, 1, 2), (2, None, 2), (2, 1, 1)]
+# (warps, rows per warp, groups, buffers, jump table per lane) tried by --sweep-bits for the bits
+# basis' 4-bit matvec (None: the default groups): the default, the shared jump table, more and
+# fewer rows per threadgroup, one table buffer, and the 16-entry tables (G=2) that Metal uses
+BITS_SWEEP = [(8, 8, None, 2, True), (8, 8, None, 2, False), (16, 4, None, 2, True), (16, 4, None, 2, False),
+              (8, 4, None, 2, True), (4, 8, None, 2, True), (16, 8, None, 2, True), (4, 16, None, 2, True),
+              (8, 8, None, 1, True), (8, 8, 2, 2, True)]
 
 
 def bench_bits_sweep(n: int, args) -> list:
-    """The bits basis' 4-bit matvec (one x row) at every launch of BITS_SWEEP, side by side: the
-    kernel alone (its float32 partial sums not added) and the whole call (partials added and cast
-    to float16), each checked against the reference on the first copy."""
+    """The bits basis' 4-bit matvec (one x row) at every launch of BITS_SWEEP, side by side, each
+    checked against the reference on the first copy."""
     C, P = CONFIGS["seedlm4-bits"]
     m, reps, xs, eb = sweep_inputs("seedlm4-bits", n, args)
 
-    def run(cfg, whole, xs=xs):
-        w, s, g = cfg
-        outs = [bk.matvec_kernel(x, *m.copies[i % len(m.copies)][:2], eb, C, P, n, warps=w, split=s, groups=g)
-                for i, x in enumerate(xs)]
-        return [y.sum(axis=0).astype(mx.float16) if whole and y.shape[0] > 1 else y for y in outs]
+    def run(cfg, xs=xs):
+        w, r, g, b, j = cfg
+        return [bk.matvec_kernel(x, *m.copies[i % len(m.copies)][:2], eb, C, P, n, warps=w, rows=r, groups=g,
+                                 buffers=b, jump_per_lane=j) for i, x in enumerate(xs)]
 
     W = reconstruct(*m.copies[0][:2], eb, C, P, n, basis="bits")
     want = xs[0].astype(mx.float32) @ W.T
     scale = mx.abs(want).max().item()
-    ways = [(cfg, whole) for cfg in BITS_SWEEP for whole in (False, True)]
     diffs = {}
     for cfg in BITS_SWEEP:
-        got = run(cfg, True, xs[:1])[0].astype(mx.float32)
+        got = run(cfg, xs[:1])[0].astype(mx.float32)
         diffs[cfg] = mx.abs(got - want).max().item() / scale
-    for way in ways:
-        timed(lambda: run(*way))
-        timed(lambda: run(*way))
-    times = {way: [] for way in ways}
+        timed(lambda: run(cfg))
+        timed(lambda: run(cfg))
+    times = {cfg: [] for cfg in BITS_SWEEP}
     for t in range(args.trials):
-        for way in ways[t % len(ways):] + ways[: t % len(ways)]:
-            times[way].append(timed(lambda: run(*way)) / reps)
+        for cfg in BITS_SWEEP[t % len(BITS_SWEEP):] + BITS_SWEEP[: t % len(BITS_SWEEP)]:
+            times[cfg].append(timed(lambda: run(cfg)) / reps)
     out = []
-    for (cfg, whole), v in times.items():
-        plan = bk.matvec_plan(n, n, C, P, mx.float16, warps=cfg[0], split=cfg[1], groups=cfg[2])
+    for cfg, v in times.items():
+        plan = bk.matvec_plan(n, n, C, P, mx.float16, warps=cfg[0], rows=cfg[1], groups=cfg[2], buffers=cfg[3],
+                              jump_per_lane=cfg[4])
+        ints = dict(plan["spec"].defines)
         med = statistics.median(v)
-        out.append({"n": n, "requested": list(cfg), "warps": cfg[0], "split": plan["out_shape"][0],
-                    "groups": int(plan["spec"].defines[[k for k, _ in plan["spec"].defines].index("SLB_G")][1]),
-                    "measure": "call" if whole else "kernel", "median_us": med * 1e6,
+        out.append({"n": n, "warps": cfg[0], "rows_per_warp": cfg[1], "groups": int(ints["SLB_G"]),
+                    "buffers": cfg[3], "jump_per_lane": cfg[4],
+                    "threadgroups": plan["grid"][0] // plan["threadgroup"][0],
+                    "median_us": med * 1e6, "min_us": min(v) * 1e6,
                     "gbps": (m.weight_bytes + 4 * n) / med / 1e9, "rel_err": diffs[cfg]})
     return out
 
@@ -366,7 +366,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=32, help="matvecs per timed call (at least one per copy)")
     ap.add_argument("--sweep", action="store_true", help="also sweep the 4-bit kernel's launch shape")
     ap.add_argument("--sweep-bits", action="store_true",
-                    help="also sweep the bits basis' 4-bit matvec launch (warps, split, tables)")
+                    help="also sweep the bits basis' 4-bit matvec launch (warps, rows per warp, tables, buffers, jump table)")
     ap.add_argument("--dequant-order", action="store_true",
                     help="also time the 4-bit dequantise kernels back to back and right after a host reference")
     ap.add_argument("--json", action="store_true")
@@ -420,10 +420,12 @@ def main(argv=None) -> None:
               + ", ".join(f"{n}: {t:.1f} us" for n, t in w["median_us"].items())
               + f"\n  -> MATVEC_DEFAULTS[1] = ({w['stage_x']}, {w['threads']}, {w['tile_rows']})")
     if "bits_sweep" in result:
-        print("\nsweep: bits basis, 4-bit matvec, 1 row of x (warps, split, tables per field)")
+        print("\nsweep: bits basis, 4-bit matvec, 1 row of x (warps, rows per warp, tables per field, buffers, jump table per lane)")
     for s in result.get("bits_sweep", []):
-        print(f"  n={s['n']:5d} warps={s['warps']} split={s['split']:3d} groups={s['groups']} "
-              f"{s['measure']:6s} {s['median_us']:8.1f} us  {s['gbps']:7.1f} GB/s  rel err {s['rel_err']:.1e}")
+        print(f"  n={s['n']:5d} warps={s['warps']:2d} rows={s['rows_per_warp']:2d} groups={s['groups']} "
+              f"buffers={s['buffers']} jump/lane={int(s['jump_per_lane'])} ({s['threadgroups']} groups) "
+              f"{s['median_us']:8.1f} us  "
+              f"{s['gbps']:7.1f} GB/s  rel err {s['rel_err']:.1e}")
     if "floor_us" in result:
         f = result["floor_us"]
         print(f"\nper-call floor ({f['n']}x{f['n']} weight, 1 row): "

@@ -126,6 +126,24 @@ def _gpu_kind() -> Optional[str]:
     return None
 
 
+# Shared memory one CUDA thread block may opt into, by compute capability (CUDA C++ Programming
+# Guide, "Technical Specifications per Compute Capability"); 48 KB (the static limit) elsewhere.
+_CUDA_SHARED_OPTIN_KB = {(7, 0): 96, (7, 2): 96, (7, 5): 64, (8, 0): 163, (8, 6): 99, (8, 7): 163, (8, 9): 99,
+                         (9, 0): 227, (10, 0): 227, (10, 3): 227, (12, 0): 99, (12, 1): 99}
+
+
+@lru_cache(maxsize=None)
+def cuda_shared_memory_limit() -> int:
+    """Bytes of shared memory a thread block may use on this process's CUDA GPU (static and
+    dynamic together): the opt-in limit of its compute capability, 48 KB when unknown."""
+    try:
+        info = mx.device_info()
+        cc = (int(info["compute_capability_major"]), int(info["compute_capability_minor"]))
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError):
+        return 48 * 1024
+    return _CUDA_SHARED_OPTIN_KB.get(cc, 48) * 1024
+
+
 _TYPE_NAMES = {
     "cuda": {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16"},
     "metal": {mx.float32: "float", mx.float16: "half", mx.bfloat16: "bfloat16_t"},

@@ -126,10 +126,13 @@ def metal_check():
 @pytest.mark.parametrize("C,P,out,inf,kw", [
     (8, 3, 70, 300, {}),                              # Metal layout (2 tables of 4 bits), tail tile
     (8, 3, 40, 256, {"groups": 1, "warps": 2}),       # the CUDA layout (one 8-bit table)
-    (8, 3, 300, 2000, {"warps": 2, "split": 3}),      # splits into float32 partial sums
+    (8, 3, 300, 2000, {"warps": 2, "rows": 3}),       # many chunks, both table buffers in turn
+    (8, 3, 100, 1100, {"warps": 3, "buffers": 1}),    # one table buffer, two barriers a chunk
+    (8, 3, 70, 600, {"groups": 1, "jump_per_lane": True}),  # the CUDA jump table, one per lane
+    (12, 4, 40, 100, {"jump_per_lane": True, "rows": 5}),
     (12, 4, 40, 100, {}),                             # 3-bit: fields straddle words
     (5, 2, 33, 23, {}),                               # odd code bytes, a partial block
-    (9, 7, 5, 40, {"warps": 1}),                      # P = 7, one warp
+    (9, 7, 5, 40, {"warps": 1, "rows": 40}),          # P = 7, one warp, more rows than lanes
 ])
 def test_metal_matvec_body_equals_reference(metal_check, monkeypatch, C, P, out, inf, kw):
     monkeypatch.setitem(BK.TABLE_BYTES, "metal", 40 * 1024)  # metal-check has no 32 KiB limit
@@ -158,36 +161,61 @@ def test_metal_dequant_body_is_the_reference_bit_for_bit(metal_check, C, P, out,
 
 
 def test_metal_tables_fit_threadgroup_memory():
-    # 32 KiB in all on Metal, with the 2 KiB jump table
+    # 32 KiB in all on Metal: two table buffers and the 2 KiB jump table
     for C in (8, 12, 5, 9):
         G = BK.table_groups(C, "metal")
-        assert 4 * 32 * G * (1 << (C // G)) + 2048 <= 32 * 1024
+        spec = BK.matvec_plan(64, 64 * C, C, 3, backend="metal")["spec"]
+        defines = dict(spec.defines)
+        assert defines["SLB_NBUF"] == "2" and defines["SLB_JREP"] == "0" and spec.shared_memory == 0
+        assert 2 * 4 * 32 * G * (1 << (C // G)) + 2048 <= 32 * 1024
+
+
+@pytest.mark.parametrize("limit_kb,buffers,dynamic", [(227, 2, 64 * 1024), (99, 2, 64 * 1024), (64, 1, 0),
+                                                      (48, 1, 0)])
+def test_cuda_launch_fits_the_gpus_shared_memory(monkeypatch, limit_kb, buffers, dynamic):
+    # H100 (227 KiB a block), RTX 30/40 (99), T4 (64), unknown (48): two 32 KiB table buffers in
+    # dynamic shared memory where they fit with the jump table, else one static buffer
+    monkeypatch.setattr(BK, "cuda_shared_memory_limit", lambda: limit_kb * 1024)
+    BK.matvec_plan.cache_clear()
+    try:
+        spec = BK.matvec_plan(4096, 4096, 8, 3, mx.float16, backend="cuda")["spec"]
+        assert dict(spec.defines)["SLB_NBUF"] == str(buffers) and spec.shared_memory == dynamic
+        if limit_kb < 64 + 64:
+            with pytest.raises(ValueError, match="shared memory"):
+                BK.matvec_plan(4096, 4096, 8, 3, mx.float16, backend="cuda", buffers=2, jump_per_lane=True)
+        else:
+            jrep = BK.matvec_plan(4096, 4096, 8, 3, mx.float16, backend="cuda", jump_per_lane=True)["spec"]
+            assert jrep.shared_memory == 2 * 32 * 1024 + 32 * 2048
+    finally:
+        BK.matvec_plan.cache_clear()
 
 
 def test_one_kernel_per_configuration_not_per_shape():
     specs = {BK.matvec_plan(o, i, 8, 3, mx.float16, backend="cuda")["spec"]
              for o, i in ((2048, 2048), (6144, 2048), (2048, 8192), (16384, 256), (9000, 200))}
-    partial = {s for s in specs if ("SLB_PARTIAL", "1") in s.defines}
-    assert len(specs) == 2 and len(partial) == 1  # one spec per output kind, whatever the shape
+    assert len(specs) == 1  # one build, whatever the shape: no split, no partial-sum variant
     dq = {BK.dequant_plan(o, i, 8, 3, mx.float16, backend="cuda")["spec"] for o, i in ((64, 48), (96, 40))}
     assert len(dq) == 1
 
 
 # ---- the CUDA twins --------------------------------------------------------------------------
 
-def test_cuda_bodies_compile_with_nvcc(tmp_path):
+def test_cuda_bodies_compile_with_nvcc(tmp_path, monkeypatch):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not installed (the CUDA twins are compile-checked where it is)")
+    monkeypatch.setattr(BK, "cuda_shared_memory_limit", lambda: 227 * 1024)  # an H100's
     mv = lambda xd: [xd, mx.uint16, mx.uint8, mx.int32, mx.uint32, mx.int32]  # noqa: E731
+    plan = BK.matvec_plan.__wrapped__
     units = [
-        mlx_cuda_source(BK.matvec_plan(8192, 8192, 8, 3, mx.float16, backend="cuda"), mv(mx.float16)),
-        mlx_cuda_source(BK.matvec_plan(256, 8192, 8, 3, mx.float16, backend="cuda"), mv(mx.float16)),
+        mlx_cuda_source(plan(8192, 8192, 8, 3, mx.float16, backend="cuda"), mv(mx.float16)),
+        mlx_cuda_source(plan(8192, 8192, 8, 3, mx.float16, backend="cuda", jump_per_lane=True), mv(mx.float16)),
+        mlx_cuda_source(plan(256, 8192, 8, 3, mx.float16, backend="cuda", buffers=1), mv(mx.float16)),
         mlx_cuda_source(BK.matvec_plan(4096, 4096, 12, 4, mx.bfloat16, backend="cuda"), mv(mx.bfloat16)),
         mlx_cuda_source(BK.dequant_plan(4096, 4096, 8, 3, mx.float16, backend="cuda"),
                         [mx.uint16, mx.uint8, mx.int32, mx.uint32, mx.int32]),
     ]
-    compile_units(nvcc, units, tmp_path, no_spills=2)
+    compile_units(nvcc, units, tmp_path, no_spills=3)
 
 
 def _cuda():

@@ -17,19 +17,28 @@ against the plain-MLX reference (``seedlm_format.reconstruct`` with ``basis="bit
 through metal-check and on the GPU.
 
 Choices and limits:
-- Generic over layer shape: the shape goes in as a small int32 array (``dims``, one cached array per
-  shape), so a model builds one matvec per (C, P, x dtype, launch shape) and one dequantise per
-  (C, P, dtype) -- not one per layer shape.
 - One row of x (``MAX_ROWS``; a decode step at batch 1). More rows take the dequantise kernel and
   a matmul (prefill), as the layer does for the states basis beyond 8 rows. The tables are per row
   of x; a batched kernel would hold one set per row.
+- Generic over layer shape: the shape goes in as a small int32 array (``dims``, one cached array per
+  shape), so a model builds one matvec per (C, P, x dtype) and one dequantise per (C, P, dtype):
+  two builds before a SeedLM model's first token, whatever its layer shapes.
 - Table size: 2^C patterns per block would be 32 KiB per threadgroup at C=8; where that does not fit
-  the backend's threadgroup memory (Metal: 32 KiB in all, with the 2 KiB jump table) the C-bit
-  field is cut into ``G`` fields of C/G bits with one table each (S is then the sum of G lookups).
-  CUDA takes G=1 at C=8 (32 KiB of its 48 KiB), Metal G=2 (4 KiB); C=12 takes G=2 (16 KiB).
-- Rows of a threadgroup: 32 per warp, ``WARPS`` warps. Long rows are cut into ``split``s of whole
-  32-block chunks (float32 partial sums, added by MLX) when there would otherwise be fewer
-  threadgroups than ``TARGET_GROUPS``.
+  the backend's threadgroup memory (Metal: 32 KiB in all, for two buffers and the 2 KiB jump
+  table) the C-bit field is cut into ``G`` fields of C/G bits with one table each (S is then the
+  sum of G lookups). CUDA takes G=1 at C=8 (two 32 KiB buffers in dynamic shared memory where the
+  GPU lets a block have 66 KiB, one static buffer otherwise), Metal G=2 (4 KiB a buffer); C=12
+  takes G=2 on CUDA (16 KiB) and G=3 on Metal (6 KiB).
+- Rows: a threadgroup owns ``ROWS_PER_WARP`` whole rows per warp, ``WARPS`` warps (64 rows: 128
+  threadgroups for 8192 rows, about one per H100 SM). Rows are never split over threadgroups: the
+  float32 partial sums of a split and their reduction were two more graph nodes per call, which
+  cost more than the kernel at 8192x8192 on an H100 (RESULTS.md, "Kernels v2"). Two table
+  buffers: one barrier per 32-block chunk instead of two. The next chunk's packed words and x are
+  loaded while a chunk is computed.
+- Not yet timed on a GPU: RESULTS.md's "Kernels v2" timings are of the split kernel this whole-row
+  one replaced; ``benchmarks/seedlm_kernels.py --sweep-bits`` times its launch options (warps,
+  rows per warp, table buffers, the jump table per lane) and ``benchmarks/seedlm_decode.py`` the
+  decode end to end.
 - Float32 accumulation; the sum runs in another order than the reference's float32 ``x @ W.T``,
   so the two differ by float32 rounding of the terms (tested). The dequantised weights equal the
   reference bit for bit (the same products, exact, summed in the same order).
@@ -44,16 +53,22 @@ from typing import Dict, Optional
 import mlx.core as mx
 import numpy as np
 
-from ..kernels import build, metal_check_run, run_plan
+from ..kernels import build, cuda_shared_memory_limit, metal_check_run, run_plan
 from .seedlm_format import check_packed, num_blocks, reconstruct
 from .seedlm_kernels import _FLOATS, _backend, _dims, _row_layout, _spec, packed_inputs, packed_inputs_np
 
 MAX_ROWS = 1
-# threadgroup memory for the tables (the jump table takes 2 KiB more)
-TABLE_BYTES = {"metal": 30 * 1024, "cuda": 40 * 1024}
+# threadgroup memory for one buffer of tables (the jump table takes 2 KiB more). Metal has 32 KiB
+# in all, for two buffers; CUDA puts more than 46 KiB in dynamic shared memory, up to what the
+# GPU lets a thread block opt into (``kernels.cuda_shared_memory_limit``).
+TABLE_BYTES = {"metal": 15 * 1024, "cuda": 40 * 1024}
+CUDA_STATIC_SHARED = 46 * 1024
+JUMP_BYTES = 512 * 4
 WARPS = 8
-# at least this many threadgroups per matvec before rows are split (an H100 has 132 SMs)
-TARGET_GROUPS = 264
+ROWS_PER_WARP = 8
+# The jump table once per lane is an option for the benchmarks until it has been timed against the
+# shared one (it costs 64 KiB of shared memory).
+JUMP_PER_LANE = False
 
 
 def config_supported(C: int, P: int) -> bool:
@@ -77,32 +92,45 @@ def table_groups(C: int, backend: str) -> int:
 
 @lru_cache(maxsize=256)
 def matvec_plan(out_features: int, in_features: int, C: int, P: int, x_dtype=mx.float16,
-                backend: Optional[str] = None, warps: int = WARPS, split: Optional[int] = None,
-                groups: Optional[int] = None) -> dict:
+                backend: Optional[str] = None, warps: int = WARPS, rows: int = ROWS_PER_WARP,
+                groups: Optional[int] = None, buffers: Optional[int] = None,
+                jump_per_lane: Optional[bool] = None) -> dict:
     """Launch configuration of the matvec (cached; read-only): spec, grid, threadgroup, template,
     output shape and dtype, and ``dims`` (in_features, blocks per row, out_features, bits per codes
-    row, 32-block chunks per split). ``split``: chunks of 32 blocks per row are shared
-    among this many threadgroups (default: enough for ``TARGET_GROUPS``); ``groups``: tables per
-    C-bit field (default ``table_groups``)."""
+    row, 0). A threadgroup owns ``warps * rows`` output rows whole (no split, one build per
+    configuration whatever the layer shape); ``groups``: tables per C-bit field (default
+    ``table_groups``); ``buffers``: 1 or 2 table buffers (default 2 where they fit the device's
+    shared memory); ``jump_per_lane`` (default ``JUMP_PER_LANE`` where it fits, on CUDA): the jump
+    table held once per lane, so that its lookups meet no bank conflicts (64 KiB more)."""
     backend = backend or _backend() or "cuda"
+    if buffers not in (None, 1, 2) or warps < 1 or rows < 1:
+        raise ValueError(f"bad launch: warps={warps}, rows={rows}, buffers={buffers}")
     nb = num_blocks(in_features, C)
-    nchunk = -(-nb // 32)
-    tiles = -(-out_features // (32 * warps))
-    if split is None:
-        split = max(1, min(nchunk, -(-TARGET_GROUPS // tiles)))
-    cps = -(-nchunk // int(split))
-    split = -(-nchunk // cps)
-    partial = split > 1
-    out_dtype = mx.float32 if partial else x_dtype
     G = int(groups or table_groups(C, backend))
-    if C % G or 4 * 32 * G * (1 << (C // G)) > TABLE_BYTES[backend]:
-        raise ValueError(f"{G} tables of {C // G} bits do not fit {backend} threadgroup memory at C={C}")
-    ints = dict(SLB_C=C, SLB_P=P, SLB_G=G, SLB_W=warps, SLB_PARTIAL=int(partial))
+    if C % G or C // G > 8:
+        raise ValueError(f"{G} tables per field do not divide C={C} into fields of at most 8 bits")
+    one = 4 * 32 * G * (1 << (C // G))
+    # what a threadgroup may hold (Metal: 32 KiB; the CPU emulator of the tests has no limit)
+    limit = 32 * 1024 if backend == "metal" else cuda_shared_memory_limit()
+    if buffers is None:
+        buffers = 2 if 2 * one + JUMP_BYTES <= limit else 1
+    if jump_per_lane is None:
+        jump_per_lane = backend == "cuda" and JUMP_PER_LANE and buffers * one + 32 * JUMP_BYTES <= limit
+    table_bytes = buffers * one
+    shared = table_bytes + (32 if jump_per_lane else 1) * JUMP_BYTES
+    if backend == "cuda" and shared > max(limit, CUDA_STATIC_SHARED + JUMP_BYTES):
+        raise ValueError(f"{buffers} x {G} tables of {C // G} bits need {shared} bytes of shared memory; "
+                         f"this GPU allows {limit}")
+    dynamic = backend == "cuda" and (jump_per_lane or table_bytes > CUDA_STATIC_SHARED)
+    ints = dict(SLB_C=C, SLB_P=P, SLB_G=G, SLB_W=warps, SLB_R=rows, SLB_NBUF=buffers, SLB_DYN=int(dynamic),
+                SLB_JREP=int(jump_per_lane))
+    dyn_bytes = table_bytes + (32 * JUMP_BYTES if jump_per_lane else 0)
     spec = _spec("bits_matvec", "seedlm_bits_matvec.inc", ("x", "seeds", "codes", "exp_base", "tables", "dims"),
-                 ("y",), ints, f"{backend}:{x_dtype}:{out_dtype}")
-    return dict(spec=spec, grid=(32 * warps * split, tiles, 1), threadgroup=(32 * warps, 1, 1),
-                template=[("OT", out_dtype)], out_dtype=out_dtype, out_shape=(split, out_features),
-                dims=(in_features, nb, out_features, _row_layout(nb, P)[0], cps))
+                 ("y",), ints, f"{backend}:{x_dtype}", shared_memory=dyn_bytes if dynamic else 0)
+    groups_n = -(-out_features // (warps * rows))
+    return dict(spec=spec, grid=(32 * warps * groups_n, 1, 1), threadgroup=(32 * warps, 1, 1),
+                template=[("OT", x_dtype)], out_dtype=x_dtype, out_shape=(out_features,),
+                dims=(in_features, nb, out_features, _row_layout(nb, P)[0], 0))
 
 
 @lru_cache(maxsize=256)
@@ -141,8 +169,6 @@ def seedlm_matvec(x: mx.array, seeds: mx.array, codes: mx.array, exp_base, C: in
         plan = matvec_plan(*key)
         hit = _LAUNCH[key] = (plan, build(plan["spec"], backend), _dims(*plan["dims"]))
     y = _launch(x.reshape(-1), seeds, codes, exp_base, backend, *hit)
-    if y.shape[0] > 1:
-        y = y.sum(axis=0).astype(x.dtype)
     return y.reshape(*shape[:-1], out)
 
 
@@ -152,8 +178,8 @@ def _launch(x, seeds, codes, exp_base, backend, plan, kernel, dims) -> mx.array:
 
 def matvec_kernel(x: mx.array, seeds: mx.array, codes: mx.array, exp_base, C: int, P: int, in_features: int,
                   **plan_kw) -> mx.array:
-    """The matvec kernel alone with a chosen launch (``matvec_plan``'s ``warps``, ``split``,
-    ``groups``) on one row of x: the (splits, out) output, partial sums not added (benchmarks)."""
+    """The matvec kernel with a chosen launch (``matvec_plan``'s ``warps``, ``rows``, ``groups``,
+    ``buffers``) on one row of x: the (out,) output (benchmarks, tests)."""
     backend = _backend()
     plan = matvec_plan(seeds.shape[0], in_features, C, P, x.dtype, backend, **plan_kw)
     return _launch(x.reshape(-1), seeds, codes, exp_base, backend, plan, build(plan["spec"], backend),
@@ -188,7 +214,7 @@ def matvec_metal_check(x, seeds, codes, exp_base, C: int, P: int, in_features: i
         [x.astype(_NP[xd]), *packed_inputs_np(seeds, codes, exp_base), np.array(plan["dims"], np.int32)],
         output_shapes=[plan["out_shape"]], output_dtypes=[_NP[plan["out_dtype"]]],
         grid=plan["grid"], threadgroup=plan["threadgroup"], template=[("OT", _NP[plan["out_dtype"]])])[0]
-    return y.sum(axis=0, dtype=np.float32).astype(_NP[xd]) if y.shape[0] > 1 else y[0]
+    return y
 
 
 def dequantize_metal_check(seeds, codes, exp_base, C: int, P: int, in_features: int,

@@ -266,12 +266,13 @@ def _dims(*values: int) -> mx.array:
 
 
 def _spec(kind: str, source: str, inputs: Sequence[str], outputs: Sequence[str],
-          ints: Dict[str, int], tag: str) -> KernelSpec:
+          ints: Dict[str, int], tag: str, shared_memory: int = 0) -> KernelSpec:
     defines = _defines_lfsr() + tuple((k, str(v)) for k, v in sorted(ints.items()))
     # A name per variant: MLX caches compiled kernels by name (and older CUDA builds by name only).
-    digest = hashlib.sha1(repr((defines, tag)).encode()).hexdigest()[:12]
+    digest = hashlib.sha1(repr((defines, tag, shared_memory)).encode()).hexdigest()[:12]
     return KernelSpec(name=f"seedlm_{kind}_{digest}", source_file=source, input_names=tuple(inputs),
-                      output_names=tuple(outputs), header_file=HEADER, defines=defines)
+                      output_names=tuple(outputs), header_file=HEADER, defines=defines,
+                      shared_memory=shared_memory)
 
 
 @lru_cache(maxsize=None)
