@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 
 import typer
 
-from .common import DTYPE_HELP, apply_compute_dtype, fail
+from .common import DTYPE_HELP, PREFILL_STEP_HELP, check_prefill_step_size, apply_compute_dtype, fail
 from .techniques import with_techniques
 
 FORMATS = ("md", "json", "csv")
@@ -123,7 +123,7 @@ def bench(
                                              "and the numbers it shows as JSON beside it (same "
                                              "name, .json)."),
     prefill_step_size: Optional[int] = typer.Option(
-        None, "--prefill-step-size", help="Prompt chunk length (default: 2048 on a GPU, 512 on the CPU)."),
+        None, "--prefill-step-size", help=PREFILL_STEP_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompts (the same for every "
                              "combination)."),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
@@ -142,8 +142,7 @@ def bench(
         fail(f"-o/--output must be md, json or csv, got {output!r}", code=2)
     if reps < 1:
         fail(f"-r/--repetitions must be at least 1, got {reps}", code=2)
-    if prefill_step_size is not None and prefill_step_size < 1:
-        fail(f"--prefill-step-size must be at least 1, got {prefill_step_size}", code=2)
+    check_prefill_step_size(prefill_step_size)
     pp, tg = parse_sizes(prompt_sizes, "-p"), parse_sizes(gen_sizes, "-n")
     if not pp and not tg:
         fail("nothing to run: -p and -n are both 0", code=2)

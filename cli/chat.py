@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import DTYPE_HELP, fail
+from .common import DTYPE_HELP, PREFILL_STEP_HELP, check_prefill_step_size, fail
 from .serve import check_max_kv_size, load_for_chat
 from .techniques import with_techniques
 
@@ -64,7 +64,7 @@ def chat(
         None, "--max-kv-size", help="Bound the KV cache to this many tokens: the first 4 and the "
         "most recent ones (mlx-lm's rotating window). Not with LazyLLM or KV Prediction."),
     prefill_step_size: Optional[int] = typer.Option(
-        None, "--prefill-step-size", help="Prompt chunk length (default: 2048 on a GPU, 512 on the CPU)."),
+        None, "--prefill-step-size", help=PREFILL_STEP_HELP),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     stats: bool = typer.Option(False, "--stats", help="After each reply print its statistics "
                                "(tokens processed and reused from the cache, speed, TTFT)."),
@@ -78,8 +78,7 @@ def chat(
     from mlxeff.server.options import GenerationOptions, RequestError
     from mlxeff.server.runner import Delta
 
-    if prefill_step_size is not None and prefill_step_size < 1:
-        fail(f"--prefill-step-size must be at least 1, got {prefill_step_size}", code=2)
+    check_prefill_step_size(prefill_step_size)
     check_max_kv_size(max_kv_size)
     try:
         options = GenerationOptions(

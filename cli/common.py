@@ -41,6 +41,16 @@ DTYPE_HELP = ("Compute precision: auto (float32 on the CPU, where float16/bfloat
               "4-bit layers always compute from their dequantized weights.")
 
 
+PREFILL_STEP_HELP = "Prompt chunk length (default: 2048 on a GPU, 512 on the CPU)."
+
+
+def check_prefill_step_size(value) -> None:
+    """``--prefill-step-size``: None (the device's default, ``engine.prefill_step_size``) or at
+    least 1; otherwise one line and exit 2."""
+    if value is not None and value < 1:
+        fail(f"--prefill-step-size must be at least 1, got {value}", code=2)
+
+
 def apply_compute_dtype(net, dtype: str) -> None:
     """Cast the model's floating-point parameters for computing (``mlxeff.precision``: ``auto``
     is float32 on the CPU; affine 4-bit layers are dequantized there whatever the dtype)."""

@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from .common import DTYPE_HELP, fail, load_for_generation, print_json
+from .common import (DTYPE_HELP, PREFILL_STEP_HELP, check_prefill_step_size, fail, load_for_generation,
+                     print_json)
 from .techniques import with_techniques
 
 
@@ -52,7 +53,7 @@ def generate(
                                 "token, in [0, 1] (0 = off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
     prefill_step_size: Optional[int] = typer.Option(
-        None, "--prefill-step-size", help="Prompt chunk length (default: 2048 on a GPU, 512 on the CPU)."),
+        None, "--prefill-step-size", help=PREFILL_STEP_HELP),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
     techniques: dict = None,
@@ -65,8 +66,7 @@ def generate(
 
     if max_tokens < 1:
         fail(f"--max-tokens must be at least 1, got {max_tokens}", code=2)
-    if prefill_step_size is not None and prefill_step_size < 1:
-        fail(f"--prefill-step-size must be at least 1, got {prefill_step_size}", code=2)
+    check_prefill_step_size(prefill_step_size)
     try:
         SamplingConfig(temp, top_p, top_k, min_p)
     except SamplingError as e:

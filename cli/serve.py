@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import DTYPE_HELP, fail, load_for_generation
+from .common import DTYPE_HELP, PREFILL_STEP_HELP, check_prefill_step_size, fail, load_for_generation
 from .techniques import with_techniques
 
 
@@ -79,7 +79,7 @@ def serve(
         None, "--max-kv-size", help="Bound each request's KV cache to this many tokens: the first 4 "
         "and the most recent ones (mlx-lm's rotating window). Not with LazyLLM or KV Prediction."),
     prefill_step_size: Optional[int] = typer.Option(
-        None, "--prefill-step-size", help="Prompt chunk length (default: 2048 on a GPU, 512 on the CPU)."),
+        None, "--prefill-step-size", help=PREFILL_STEP_HELP),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's log level: critical, "
                                   "error, warning, info, debug or trace."),
@@ -95,8 +95,7 @@ def serve(
 
     if max_tokens < 1:
         fail(f"--max-tokens must be at least 1, got {max_tokens}", code=2)
-    if prefill_step_size is not None and prefill_step_size < 1:
-        fail(f"--prefill-step-size must be at least 1, got {prefill_step_size}", code=2)
+    check_prefill_step_size(prefill_step_size)
     if max_context is not None and max_context < 0:
         fail(f"--max-context must be at least 0 (0 = no limit), got {max_context}", code=2)
     if not 0 <= port <= 65535:
