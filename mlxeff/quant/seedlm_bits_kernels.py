@@ -118,7 +118,7 @@ def matvec_plan(out_features: int, in_features: int, C: int, P: int, x_dtype=mx.
         jump_per_lane = backend == "cuda" and JUMP_PER_LANE and buffers * one + 32 * JUMP_BYTES <= limit
     table_bytes = buffers * one
     shared = table_bytes + (32 if jump_per_lane else 1) * JUMP_BYTES
-    if backend == "cuda" and shared > max(limit, CUDA_STATIC_SHARED + JUMP_BYTES):
+    if backend == "cuda" and shared > limit:
         raise ValueError(f"{buffers} x {G} tables of {C // G} bits need {shared} bytes of shared memory; "
                          f"this GPU allows {limit}")
     dynamic = backend == "cuda" and (jump_per_lane or table_bytes > CUDA_STATIC_SHARED)
