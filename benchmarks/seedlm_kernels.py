@@ -276,11 +276,27 @@ def bench_sweep(n: int, args) -> list:
 
 
 # (warps, rows per warp, groups, buffers, jump table per lane) tried by --sweep-bits for the bits
-# basis' 4-bit matvec (None: the default groups): the default, the shared jump table, more and
-# fewer rows per threadgroup, one table buffer, and the 16-entry tables (G=2) that Metal uses
-BITS_SWEEP = [(8, 8, None, 2, True), (8, 8, None, 2, False), (16, 4, None, 2, True), (16, 4, None, 2, False),
-              (8, 4, None, 2, True), (4, 8, None, 2, True), (16, 8, None, 2, True), (4, 16, None, 2, True),
-              (8, 8, None, 1, True), (8, 8, 2, 2, True)]
+# basis' 4-bit matvec (None: the default groups). The first H100 sweep of the whole-row kernel found
+# the per-lane jump table slower in every pair (85.5 against 59.5 us at 8x8) and the time nearly
+# independent of the rows per threadgroup at one threadgroup per SM: so this list asks how the time
+# moves with threadgroups per SM (fewer rows each, the 16-entry G=2 tables that leave room for more)
+BITS_SWEEP = [(8, 8, None, 2, False), (8, 8, None, 2, True), (8, 4, None, 2, False), (4, 8, None, 2, False),
+              (4, 4, None, 2, False), (8, 8, 2, 2, False), (8, 4, 2, 2, False), (4, 8, 2, 2, False),
+              (4, 4, 2, 2, False), (8, 2, 2, 2, False), (2, 8, 2, 2, False), (16, 4, 2, 2, False),
+              (8, 8, None, 1, False)]
+
+
+def parse_launches(text: str) -> list:
+    """``--bits-launches``: comma-separated W:R:G:B:J (warps, rows per warp, tables per field or 0
+    for the default, buffers, jump table per lane 0/1)."""
+    out = []
+    for item in filter(None, text.split(",")):
+        try:
+            w, r, g, b, j = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise SystemExit(f"error: --bits-launches: {item!r} is not W:R:G:B:J (five integers)")
+        out.append((w, r, g or None, b, bool(j)))
+    return out
 
 
 def bench_bits_sweep(n: int, args) -> list:
@@ -298,14 +314,15 @@ def bench_bits_sweep(n: int, args) -> list:
     want = xs[0].astype(mx.float32) @ W.T
     scale = mx.abs(want).max().item()
     diffs = {}
-    for cfg in BITS_SWEEP:
+    launches = args.bits_launches or BITS_SWEEP
+    for cfg in launches:
         got = run(cfg, xs[:1])[0].astype(mx.float32)
         diffs[cfg] = mx.abs(got - want).max().item() / scale
         timed(lambda: run(cfg))
         timed(lambda: run(cfg))
-    times = {cfg: [] for cfg in BITS_SWEEP}
+    times = {cfg: [] for cfg in launches}
     for t in range(args.trials):
-        for cfg in BITS_SWEEP[t % len(BITS_SWEEP):] + BITS_SWEEP[: t % len(BITS_SWEEP)]:
+        for cfg in launches[t % len(launches):] + launches[: t % len(launches)]:
             times[cfg].append(timed(lambda: run(cfg)) / reps)
     out = []
     for cfg, v in times.items():
@@ -367,6 +384,9 @@ def main(argv=None) -> None:
     ap.add_argument("--sweep", action="store_true", help="also sweep the 4-bit kernel's launch shape")
     ap.add_argument("--sweep-bits", action="store_true",
                     help="also sweep the bits basis' 4-bit matvec launch (warps, rows per warp, tables, buffers, jump table)")
+    ap.add_argument("--bits-launches", type=parse_launches, default=None, metavar="W:R:G:B:J,...",
+                    help="launches for --sweep-bits instead of the built-in list (warps, rows per warp, "
+                         "tables per field or 0 for the default, buffers, jump table per lane 0/1)")
     ap.add_argument("--dequant-order", action="store_true",
                     help="also time the 4-bit dequantise kernels back to back and right after a host reference")
     ap.add_argument("--json", action="store_true")

@@ -35,10 +35,11 @@ Choices and limits:
   cost more than the kernel at 8192x8192 on an H100 (RESULTS.md, "Kernels v2"). Two table
   buffers: one barrier per 32-block chunk instead of two. The next chunk's packed words and x are
   loaded while a chunk is computed.
-- Not yet timed on a GPU: RESULTS.md's "Kernels v2" timings are of the split kernel this whole-row
-  one replaced; ``benchmarks/seedlm_kernels.py --sweep-bits`` times its launch options (warps,
-  rows per warp, table buffers, the jump table per lane) and ``benchmarks/seedlm_decode.py`` the
-  decode end to end.
+- Timed on an H100 (RESULTS.md, "Whole-row bits matvec on the H100"): 59.5 us at 8192x8192 with
+  the defaults, against 80.1 us for the split kernel's whole call before; still 0.84x float16.
+  The launch defaults are the fastest of that sweep (ties within 1 us); the per-lane jump table
+  was 20-26 us slower in every pair and stays off. ``benchmarks/seedlm_kernels.py --sweep-bits``
+  (``--bits-launches`` for other launches) times them on another GPU.
 - Float32 accumulation; the sum runs in another order than the reference's float32 ``x @ W.T``,
   so the two differ by float32 rounding of the terms (tested). The dequantised weights equal the
   reference bit for bit (the same products, exact, summed in the same order).
@@ -66,8 +67,8 @@ CUDA_STATIC_SHARED = 46 * 1024
 JUMP_BYTES = 512 * 4
 WARPS = 8
 ROWS_PER_WARP = 8
-# The jump table once per lane is an option for the benchmarks until it has been timed against the
-# shared one (it costs 64 KiB of shared memory).
+# The jump table once per lane (64 KiB more shared memory) stays an option: on an H100 it made the
+# 8192x8192 matvec 20-26 us slower in every launch it was paired in (RESULTS.md).
 JUMP_PER_LANE = False
 
 
