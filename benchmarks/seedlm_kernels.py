@@ -275,27 +275,32 @@ def bench_sweep(n: int, args) -> list:
     return out
 
 
-# (warps, rows per warp, groups, buffers, jump table per lane) tried by --sweep-bits for the bits
-# basis' 4-bit matvec (None: the default groups). The first H100 sweep of the whole-row kernel found
-# the per-lane jump table slower in every pair (85.5 against 59.5 us at 8x8) and the time nearly
-# independent of the rows per threadgroup at one threadgroup per SM: so this list asks how the time
-# moves with threadgroups per SM (fewer rows each, the 16-entry G=2 tables that leave room for more)
-BITS_SWEEP = [(8, 8, None, 2, False), (8, 8, None, 2, True), (8, 4, None, 2, False), (4, 8, None, 2, False),
-              (4, 4, None, 2, False), (8, 8, 2, 2, False), (8, 4, 2, 2, False), (4, 8, 2, 2, False),
-              (4, 4, 2, 2, False), (8, 2, 2, 2, False), (2, 8, 2, 2, False), (16, 4, 2, 2, False),
-              (8, 8, None, 1, False)]
+# (warps, rows per warp, groups, buffers, jump table per lane, blocks per lane per chunk) tried by
+# --sweep-bits for the bits basis' 4-bit matvec (None: the default groups). The first H100 sweep of
+# the whole-row kernel found the per-lane jump table slower in every pair (85.5 against 59.5 us at
+# 8x8) and the time set per threadgroup and 32-block chunk, hardly by the rows a threadgroup owns:
+# so this list asks how the time moves with threadgroups per SM (fewer rows each, the 16-entry G=2
+# tables that leave room for more), with more rows per threadgroup, and with longer chunks.
+BITS_SWEEP = [(8, 8, None, 2, False, 1), (8, 8, None, 2, True, 1), (16, 8, None, 2, False, 1),
+              (32, 4, None, 2, False, 1), (8, 4, None, 2, False, 1), (4, 8, None, 2, False, 1),
+              (8, 8, 2, 2, False, 1), (8, 4, 2, 2, False, 1), (4, 4, 2, 2, False, 1),
+              (8, 8, None, 1, False, 2), (8, 8, None, 2, False, 2), (8, 4, 2, 2, False, 2),
+              (8, 4, 2, 2, False, 4), (16, 4, None, 2, False, 2)]
 
 
 def parse_launches(text: str) -> list:
-    """``--bits-launches``: comma-separated W:R:G:B:J (warps, rows per warp, tables per field or 0
-    for the default, buffers, jump table per lane 0/1)."""
+    """``--bits-launches``: comma-separated W:R:G:B:J[:L] (warps, rows per warp, tables per field or
+    0 for the default, buffers, jump table per lane 0/1, blocks per lane per chunk, default 1)."""
     out = []
     for item in filter(None, text.split(",")):
         try:
-            w, r, g, b, j = (int(v) for v in item.split(":"))
+            v = [int(t) for t in item.split(":")]
+            if len(v) not in (5, 6):
+                raise ValueError
         except ValueError:
-            raise SystemExit(f"error: --bits-launches: {item!r} is not W:R:G:B:J (five integers)")
-        out.append((w, r, g or None, b, bool(j)))
+            raise SystemExit(f"error: --bits-launches: {item!r} is not W:R:G:B:J[:L] (five or six integers)")
+        w, r, g, b, j = v[:5]
+        out.append((w, r, g or None, b, bool(j), v[5] if len(v) == 6 else 1))
     return out
 
 
@@ -306,9 +311,9 @@ def bench_bits_sweep(n: int, args) -> list:
     m, reps, xs, eb = sweep_inputs("seedlm4-bits", n, args)
 
     def run(cfg, xs=xs):
-        w, r, g, b, j = cfg
+        w, r, g, b, j, lb = cfg
         return [bk.matvec_kernel(x, *m.copies[i % len(m.copies)][:2], eb, C, P, n, warps=w, rows=r, groups=g,
-                                 buffers=b, jump_per_lane=j) for i, x in enumerate(xs)]
+                                 buffers=b, jump_per_lane=j, lane_blocks=lb) for i, x in enumerate(xs)]
 
     W = reconstruct(*m.copies[0][:2], eb, C, P, n, basis="bits")
     want = xs[0].astype(mx.float32) @ W.T
@@ -327,11 +332,11 @@ def bench_bits_sweep(n: int, args) -> list:
     out = []
     for cfg, v in times.items():
         plan = bk.matvec_plan(n, n, C, P, mx.float16, warps=cfg[0], rows=cfg[1], groups=cfg[2], buffers=cfg[3],
-                              jump_per_lane=cfg[4])
+                              jump_per_lane=cfg[4], lane_blocks=cfg[5])
         ints = dict(plan["spec"].defines)
         med = statistics.median(v)
         out.append({"n": n, "warps": cfg[0], "rows_per_warp": cfg[1], "groups": int(ints["SLB_G"]),
-                    "buffers": cfg[3], "jump_per_lane": cfg[4],
+                    "buffers": cfg[3], "jump_per_lane": cfg[4], "lane_blocks": cfg[5],
                     "threadgroups": plan["grid"][0] // plan["threadgroup"][0],
                     "median_us": med * 1e6, "min_us": min(v) * 1e6,
                     "gbps": (m.weight_bytes + 4 * n) / med / 1e9, "rel_err": diffs[cfg]})
@@ -384,9 +389,10 @@ def main(argv=None) -> None:
     ap.add_argument("--sweep", action="store_true", help="also sweep the 4-bit kernel's launch shape")
     ap.add_argument("--sweep-bits", action="store_true",
                     help="also sweep the bits basis' 4-bit matvec launch (warps, rows per warp, tables, buffers, jump table)")
-    ap.add_argument("--bits-launches", type=parse_launches, default=None, metavar="W:R:G:B:J,...",
+    ap.add_argument("--bits-launches", type=parse_launches, default=None, metavar="W:R:G:B:J[:L],...",
                     help="launches for --sweep-bits instead of the built-in list (warps, rows per warp, "
-                         "tables per field or 0 for the default, buffers, jump table per lane 0/1)")
+                         "tables per field or 0 for the default, buffers, jump table per lane 0/1, "
+                         "blocks per lane per chunk, default 1)")
     ap.add_argument("--dequant-order", action="store_true",
                     help="also time the 4-bit dequantise kernels back to back and right after a host reference")
     ap.add_argument("--json", action="store_true")
@@ -440,10 +446,11 @@ def main(argv=None) -> None:
               + ", ".join(f"{n}: {t:.1f} us" for n, t in w["median_us"].items())
               + f"\n  -> MATVEC_DEFAULTS[1] = ({w['stage_x']}, {w['threads']}, {w['tile_rows']})")
     if "bits_sweep" in result:
-        print("\nsweep: bits basis, 4-bit matvec, 1 row of x (warps, rows per warp, tables per field, buffers, jump table per lane)")
+        print("\nsweep: bits basis, 4-bit matvec, 1 row of x (warps, rows per warp, tables per field, buffers, jump table per lane, blocks per lane per chunk)")
     for s in result.get("bits_sweep", []):
         print(f"  n={s['n']:5d} warps={s['warps']:2d} rows={s['rows_per_warp']:2d} groups={s['groups']} "
-              f"buffers={s['buffers']} jump/lane={int(s['jump_per_lane'])} ({s['threadgroups']} groups) "
+              f"buffers={s['buffers']} jump/lane={int(s['jump_per_lane'])} lane blocks={s['lane_blocks']} "
+              f"({s['threadgroups']} groups) "
               f"{s['median_us']:8.1f} us  "
               f"{s['gbps']:7.1f} GB/s  rel err {s['rel_err']:.1e}")
     if "floor_us" in result:

@@ -38,8 +38,11 @@ Choices and limits:
 - Timed on an H100 (RESULTS.md, "Whole-row bits matvec on the H100"): 59.5 us at 8192x8192 with
   the defaults, against 80.1 us for the split kernel's whole call before; still 0.84x float16.
   The launch defaults are the fastest of that sweep (ties within 1 us); the per-lane jump table
-  was 20-26 us slower in every pair and stays off. ``benchmarks/seedlm_kernels.py --sweep-bits``
-  (``--bits-launches`` for other launches) times them on another GPU.
+  was 20-26 us slower in every pair and stays off. The sweep found the time set per threadgroup
+  and 32-block chunk rather than per row, so ``lane_blocks`` (blocks of a row per lane per chunk,
+  default 1) makes chunks longer: fewer barriers, loads issued together; not yet timed, so not the
+  default. ``benchmarks/seedlm_kernels.py --sweep-bits`` (``--bits-launches`` for other launches)
+  times the options on a GPU.
 - Float32 accumulation; the sum runs in another order than the reference's float32 ``x @ W.T``,
   so the two differ by float32 rounding of the terms (tested). The dequantised weights equal the
   reference bit for bit (the same products, exact, summed in the same order).
@@ -95,22 +98,24 @@ def table_groups(C: int, backend: str) -> int:
 def matvec_plan(out_features: int, in_features: int, C: int, P: int, x_dtype=mx.float16,
                 backend: Optional[str] = None, warps: int = WARPS, rows: int = ROWS_PER_WARP,
                 groups: Optional[int] = None, buffers: Optional[int] = None,
-                jump_per_lane: Optional[bool] = None) -> dict:
+                jump_per_lane: Optional[bool] = None, lane_blocks: int = 1) -> dict:
     """Launch configuration of the matvec (cached; read-only): spec, grid, threadgroup, template,
     output shape and dtype, and ``dims`` (in_features, blocks per row, out_features, bits per codes
     row, 0). A threadgroup owns ``warps * rows`` output rows whole (no split, one build per
     configuration whatever the layer shape); ``groups``: tables per C-bit field (default
     ``table_groups``); ``buffers``: 1 or 2 table buffers (default 2 where they fit the device's
     shared memory); ``jump_per_lane`` (default ``JUMP_PER_LANE`` where it fits, on CUDA): the jump
-    table held once per lane, so that its lookups meet no bank conflicts (64 KiB more)."""
+    table held once per lane, so that its lookups meet no bank conflicts (64 KiB more);
+    ``lane_blocks``: blocks of a row each lane takes per chunk (a chunk is 32 * lane_blocks blocks
+    between barriers; a buffer's tables grow as much)."""
     backend = backend or _backend() or "cuda"
-    if buffers not in (None, 1, 2) or warps < 1 or rows < 1:
-        raise ValueError(f"bad launch: warps={warps}, rows={rows}, buffers={buffers}")
+    if buffers not in (None, 1, 2) or warps < 1 or rows < 1 or lane_blocks < 1:
+        raise ValueError(f"bad launch: warps={warps}, rows={rows}, buffers={buffers}, lane_blocks={lane_blocks}")
     nb = num_blocks(in_features, C)
     G = int(groups or table_groups(C, backend))
     if C % G or C // G > 8:
         raise ValueError(f"{G} tables per field do not divide C={C} into fields of at most 8 bits")
-    one = 4 * 32 * G * (1 << (C // G))
+    one = 4 * 32 * G * (1 << (C // G)) * lane_blocks
     # what a threadgroup may hold (Metal: 32 KiB; the CPU emulator of the tests has no limit)
     limit = 32 * 1024 if backend == "metal" else cuda_shared_memory_limit()
     if buffers is None:
@@ -124,7 +129,7 @@ def matvec_plan(out_features: int, in_features: int, C: int, P: int, x_dtype=mx.
                          f"this GPU allows {limit}")
     dynamic = backend == "cuda" and (jump_per_lane or table_bytes > CUDA_STATIC_SHARED)
     ints = dict(SLB_C=C, SLB_P=P, SLB_G=G, SLB_W=warps, SLB_R=rows, SLB_NBUF=buffers, SLB_DYN=int(dynamic),
-                SLB_JREP=int(jump_per_lane))
+                SLB_JREP=int(jump_per_lane), SLB_LB=lane_blocks)
     dyn_bytes = table_bytes + (32 * JUMP_BYTES if jump_per_lane else 0)
     spec = _spec("bits_matvec", "seedlm_bits_matvec.inc", ("x", "seeds", "codes", "exp_base", "tables", "dims"),
                  ("y",), ints, f"{backend}:{x_dtype}", shared_memory=dyn_bytes if dynamic else 0)
