@@ -278,14 +278,15 @@ def bench_sweep(n: int, args) -> list:
 # (warps, rows per warp, groups, buffers, jump table per lane, blocks per lane per chunk) tried by
 # --sweep-bits for the bits basis' 4-bit matvec (None: the default groups). The first H100 sweep of
 # the whole-row kernel found the per-lane jump table slower in every pair (85.5 against 59.5 us at
-# 8x8) and the time set per threadgroup and 32-block chunk, hardly by the rows a threadgroup owns:
-# so this list asks how the time moves with threadgroups per SM (fewer rows each, the 16-entry G=2
-# tables that leave room for more), with more rows per threadgroup, and with longer chunks.
+# 8x8; every launch needing 128 KiB of shared memory was slow) and the time set per threadgroup and
+# 32-block chunk, hardly by the rows a threadgroup owns: so this list asks how the time moves with
+# threadgroups per SM (fewer rows each, the 16-entry G=2 tables that leave room for more), with more
+# rows per threadgroup, and with longer chunks, each under 128 KiB.
 BITS_SWEEP = [(8, 8, None, 2, False, 1), (8, 8, None, 2, True, 1), (16, 8, None, 2, False, 1),
               (32, 4, None, 2, False, 1), (8, 4, None, 2, False, 1), (4, 8, None, 2, False, 1),
               (8, 8, 2, 2, False, 1), (8, 4, 2, 2, False, 1), (4, 4, 2, 2, False, 1),
-              (8, 8, None, 1, False, 2), (8, 8, None, 2, False, 2), (8, 4, 2, 2, False, 2),
-              (8, 4, 2, 2, False, 4), (16, 4, None, 2, False, 2)]
+              (8, 8, None, 1, False, 2), (8, 8, 2, 2, False, 2), (8, 4, 2, 2, False, 2),
+              (8, 4, 2, 2, False, 4), (16, 4, 2, 2, False, 2)]
 
 
 def parse_launches(text: str) -> list:

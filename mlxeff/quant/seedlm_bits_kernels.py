@@ -38,7 +38,8 @@ Choices and limits:
 - Timed on an H100 (RESULTS.md, "Whole-row bits matvec on the H100"): 59.5 us at 8192x8192 with
   the defaults, against 80.1 us for the split kernel's whole call before; still 0.84x float16.
   The launch defaults are the fastest of that sweep (ties within 1 us); the per-lane jump table
-  was 20-26 us slower in every pair and stays off. The sweep found the time set per threadgroup
+  was 20-26 us slower in both pairs measured (where it brought a threadgroup to 128 KiB of shared
+  memory, which every slow launch of the sweep needed) and stays off. The sweep found the time set per threadgroup
   and 32-block chunk rather than per row, so ``lane_blocks`` (blocks of a row per lane per chunk,
   default 1) makes chunks longer: fewer barriers, loads issued together; not yet timed, so not the
   default. ``benchmarks/seedlm_kernels.py --sweep-bits`` (``--bits-launches`` for other launches)
@@ -71,7 +72,7 @@ JUMP_BYTES = 512 * 4
 WARPS = 8
 ROWS_PER_WARP = 8
 # The jump table once per lane (64 KiB more shared memory) stays an option: on an H100 it made the
-# 8192x8192 matvec 20-26 us slower in every launch it was paired in (RESULTS.md).
+# 8192x8192 matvec 20-26 us slower in both launches it was paired in (RESULTS.md).
 JUMP_PER_LANE = False
 
 
