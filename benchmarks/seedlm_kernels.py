@@ -277,11 +277,12 @@ def bench_sweep(n: int, args) -> list:
 
 # (warps, rows per warp, groups, buffers, jump table per lane, blocks per lane per chunk) tried by
 # --sweep-bits for the bits basis' 4-bit matvec (None: the default groups). The first H100 sweep of
-# the whole-row kernel found the per-lane jump table slower in every pair (85.5 against 59.5 us at
+# the whole-row kernel found the per-lane jump table slower in both pairs (85.5 against 59.5 us at
 # 8x8; every launch needing 128 KiB of shared memory was slow) and the time set per threadgroup and
 # 32-block chunk, hardly by the rows a threadgroup owns: so this list asks how the time moves with
 # threadgroups per SM (fewer rows each, the 16-entry G=2 tables that leave room for more), with more
-# rows per threadgroup, and with longer chunks, each under 128 KiB.
+# rows per threadgroup, and with longer chunks, each under 128 KiB (the second entry, the per-lane
+# table at 128 KiB, repeats the first sweep's slow case beside them).
 BITS_SWEEP = [(8, 8, None, 2, False, 1), (8, 8, None, 2, True, 1), (16, 8, None, 2, False, 1),
               (32, 4, None, 2, False, 1), (8, 4, None, 2, False, 1), (4, 8, None, 2, False, 1),
               (8, 8, 2, 2, False, 1), (8, 4, 2, 2, False, 1), (4, 4, 2, 2, False, 1),
@@ -301,8 +302,19 @@ def parse_launches(text: str) -> list:
         except ValueError:
             raise SystemExit(f"error: --bits-launches: {item!r} is not W:R:G:B:J[:L] (five or six integers)")
         w, r, g, b, j = v[:5]
+        if min(w, r, v[5] if len(v) == 6 else 1) < 1 or g < 0 or b not in (1, 2) or j not in (0, 1):
+            raise SystemExit(f"error: --bits-launches: {item!r}: warps, rows and lane blocks must be at "
+                             "least 1, tables at least 0, buffers 1 or 2, the jump table 0 or 1")
         out.append((w, r, g or None, b, bool(j), v[5] if len(v) == 6 else 1))
     return out
+
+
+def launch_plan(n: int, cfg: tuple) -> dict:
+    """The n x n 4-bit bits matvec's plan for a BITS_SWEEP entry (ValueError if it cannot run here)."""
+    C, P = CONFIGS["seedlm4-bits"]
+    w, r, g, b, j, lb = cfg
+    return bk.matvec_plan(n, n, C, P, mx.float16, warps=w, rows=r, groups=g, buffers=b, jump_per_lane=j,
+                          lane_blocks=lb)
 
 
 def bench_bits_sweep(n: int, args) -> list:
@@ -321,6 +333,11 @@ def bench_bits_sweep(n: int, args) -> list:
     scale = mx.abs(want).max().item()
     diffs = {}
     launches = args.bits_launches or BITS_SWEEP
+    for cfg in launches:  # every launch planned first: one that cannot run stops the sweep before it starts
+        try:
+            launch_plan(n, cfg)
+        except ValueError as e:
+            raise SystemExit(f"error: launch {cfg}: {e}")
     for cfg in launches:
         got = run(cfg, xs[:1])[0].astype(mx.float32)
         diffs[cfg] = mx.abs(got - want).max().item() / scale
@@ -332,8 +349,7 @@ def bench_bits_sweep(n: int, args) -> list:
             times[cfg].append(timed(lambda: run(cfg)) / reps)
     out = []
     for cfg, v in times.items():
-        plan = bk.matvec_plan(n, n, C, P, mx.float16, warps=cfg[0], rows=cfg[1], groups=cfg[2], buffers=cfg[3],
-                              jump_per_lane=cfg[4], lane_blocks=cfg[5])
+        plan = launch_plan(n, cfg)
         ints = dict(plan["spec"].defines)
         med = statistics.median(v)
         out.append({"n": n, "warps": cfg[0], "rows_per_warp": cfg[1], "groups": int(ints["SLB_G"]),
@@ -389,7 +405,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=32, help="matvecs per timed call (at least one per copy)")
     ap.add_argument("--sweep", action="store_true", help="also sweep the 4-bit kernel's launch shape")
     ap.add_argument("--sweep-bits", action="store_true",
-                    help="also sweep the bits basis' 4-bit matvec launch (warps, rows per warp, tables, buffers, jump table)")
+                    help="also sweep the bits basis' 4-bit matvec launch (warps, rows per warp, tables, buffers, jump "
+                         "table, blocks per lane per chunk)")
     ap.add_argument("--bits-launches", type=parse_launches, default=None, metavar="W:R:G:B:J[:L],...",
                     help="launches for --sweep-bits instead of the built-in list (warps, rows per warp, "
                          "tables per field or 0 for the default, buffers, jump table per lane 0/1, "

@@ -39,10 +39,10 @@ Choices and limits:
   the defaults, against 80.1 us for the split kernel's whole call before; still 0.84x float16.
   The launch defaults are the fastest of that sweep (ties within 1 us); the per-lane jump table
   was 20-26 us slower in both pairs measured (where it brought a threadgroup to 128 KiB of shared
-  memory, which every slow launch of the sweep needed) and stays off. The sweep found the time set per threadgroup
-  and 32-block chunk rather than per row, so ``lane_blocks`` (blocks of a row per lane per chunk,
-  default 1) makes chunks longer: fewer barriers, loads issued together; not yet timed, so not the
-  default. ``benchmarks/seedlm_kernels.py --sweep-bits`` (``--bits-launches`` for other launches)
+  memory, which every slow launch of the sweep needed) and stays off. The sweep found the time set
+  per threadgroup and 32-block chunk rather than per row, so ``lane_blocks`` (blocks of a row per
+  lane per chunk, default 1) makes chunks longer: fewer barriers, loads issued together; not yet
+  timed, so not the default. ``benchmarks/seedlm_kernels.py --sweep-bits`` (``--bits-launches`` for other launches)
   times the options on a GPU.
 - Float32 accumulation; the sum runs in another order than the reference's float32 ``x @ W.T``,
   so the two differ by float32 rounding of the terms (tested). The dequantised weights equal the
@@ -87,10 +87,16 @@ def kernel_available(C: Optional[int] = None, P: Optional[int] = None) -> bool:
     return C is None or P is None or config_supported(C, P)
 
 
+def buffer_bytes(C: int, G: int, lane_blocks: int = 1) -> int:
+    """Bytes of one table buffer: G float32 tables of 2^(C/G) patterns for each of a chunk's
+    32 * lane_blocks blocks."""
+    return 4 * 32 * lane_blocks * G * (1 << (C // G))
+
+
 def table_groups(C: int, backend: str) -> int:
     """G, the number of tables per C-bit field: the smallest divisor of C whose tables fit."""
     for G in range(1, C + 1):
-        if C % G == 0 and C // G <= 8 and 4 * 32 * G * (1 << (C // G)) <= TABLE_BYTES[backend]:
+        if C % G == 0 and C // G <= 8 and buffer_bytes(C, G) <= TABLE_BYTES[backend]:
             return G
     raise ValueError(f"no table split fits C={C}")
 
@@ -116,7 +122,7 @@ def matvec_plan(out_features: int, in_features: int, C: int, P: int, x_dtype=mx.
     G = int(groups or table_groups(C, backend))
     if C % G or C // G > 8:
         raise ValueError(f"{G} tables per field do not divide C={C} into fields of at most 8 bits")
-    one = 4 * 32 * G * (1 << (C // G)) * lane_blocks
+    one = buffer_bytes(C, G, lane_blocks)
     # what a threadgroup may hold (Metal: 32 KiB; the CPU emulator of the tests has no limit)
     limit = 32 * 1024 if backend == "metal" else cuda_shared_memory_limit()
     if buffers is None:
@@ -185,8 +191,9 @@ def _launch(x, seeds, codes, exp_base, backend, plan, kernel, dims) -> mx.array:
 
 def matvec_kernel(x: mx.array, seeds: mx.array, codes: mx.array, exp_base, C: int, P: int, in_features: int,
                   **plan_kw) -> mx.array:
-    """The matvec kernel with a chosen launch (``matvec_plan``'s ``warps``, ``rows``, ``groups``,
-    ``buffers``) on one row of x: the (out,) output (benchmarks, tests)."""
+    """The matvec kernel with a chosen launch (any of ``matvec_plan``'s launch options: ``warps``,
+    ``rows``, ``groups``, ``buffers``, ``jump_per_lane``, ``lane_blocks``) on one row of x: the
+    (out,) output (benchmarks, tests)."""
     backend = _backend()
     plan = matvec_plan(seeds.shape[0], in_features, C, P, x.dtype, backend, **plan_kw)
     return _launch(x.reshape(-1), seeds, codes, exp_base, backend, plan, build(plan["spec"], backend),
