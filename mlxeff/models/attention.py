@@ -72,18 +72,26 @@ def as_positions(positions) -> Optional[Positions]:
 
 
 def rope_at(x: mx.array, positions: mx.array, rope: nn.RoPE) -> mx.array:
-    """``rope`` applied to ``x`` (B, heads, T, D) with token (b, t) at ``positions[b, t]``.
+    """``rope`` applied to ``x`` (B, heads, T, D) with token (b, t) at ``positions[b, t]``
+    (``rope_tokens`` on the token-major view)."""
+    return rope_tokens(x.transpose(0, 2, 1, 3), positions, rope)
+
+
+def rope_tokens(x: mx.array, positions: mx.array, rope: nn.RoPE) -> mx.array:
+    """``rope`` applied to ``x`` in token-major layout (B, T, heads, D), token (b, t) at
+    ``positions[b, t]``; the result in the attention layout (B, heads, T, D).
 
     Integer positions: ``mx.fast.rope`` takes one offset per batch entry, so every token becomes
-    its own batch entry and rotates exactly as ``rope(x, offset=p)`` rotates a token at ``p``.
-    Real-valued positions go through ``rope_real``."""
-    B, H, T, D = x.shape
+    its own batch entry and rotates exactly as ``rope(x, offset=p)`` rotates a token at ``p``. A
+    projection's output is token-major, so a contiguous ``x`` becomes those entries without a copy
+    (from the attention layout it takes one per call). Real-valued positions go through
+    ``rope_real``."""
+    B, T, H, D = x.shape
     positions = positions.reshape(B, T)
     if mx.issubdtype(positions.dtype, mx.floating):
-        return rope_real(x, positions, rope)
-    y = x.transpose(0, 2, 1, 3).reshape(B * T, H, 1, D)
-    y = mx.fast.rope(y, rope.dims, traditional=rope.traditional, base=rope.base, scale=rope.scale,
-                     offset=positions.reshape(-1).astype(mx.int32))
+        return rope_real(x.transpose(0, 2, 1, 3), positions, rope)
+    y = mx.fast.rope(x.reshape(B * T, H, 1, D), rope.dims, traditional=rope.traditional, base=rope.base,
+                     scale=rope.scale, offset=positions.reshape(-1).astype(mx.int32))
     return y.reshape(B, T, H, D).transpose(0, 2, 1, 3)
 
 

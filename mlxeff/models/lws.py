@@ -23,7 +23,7 @@ from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import create_attention_mask
 
 from ..cache import PositionedKVCache
-from .attention import as_positions, attend, rope_at
+from .attention import as_positions, attend, rope_at, rope_tokens
 from .config import ModelArgs
 
 AttentionFn = Callable[..., mx.array]
@@ -48,10 +48,14 @@ class Attention(nn.Module):
 
     def project_raw(self, x: mx.array):
         """Queries, keys and values (B, heads, L, head_dim) straight from ``qkv_proj``."""
+        return [t.transpose(0, 2, 1, 3) for t in self.project_tokens(x)]
+
+    def project_tokens(self, x: mx.array):
+        """Queries, keys and values in the projection's own token-major layout (B, L, heads,
+        head_dim)."""
         B, L, _ = x.shape
         qkv = self.qkv_proj(x).reshape(B, L, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
-        qkv = qkv.transpose(0, 2, 1, 3)
-        return mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=1)
+        return mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=2)
 
     def project(self, x: mx.array):
         """Queries, keys and values (B, heads, L, head_dim) after qk-norm, before RoPE."""
@@ -75,20 +79,28 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, mask=None, cache: Optional[Any] = None,
                  positions: Optional[mx.array] = None) -> mx.array:
         B, L, _ = x.shape
-        q, k, v = self.project_raw(x)
         sink = getattr(cache, "raw_sink", None)
-        if sink is not None:
-            sink.append((k, v))
-        if self.normalize_qk:
-            q, k = self.q_norm(q), self.k_norm(k)
         if positions is None:
+            q, k, v = self.project_raw(x)
+            if sink is not None:
+                sink.append((k, v))
+            if self.normalize_qk:
+                q, k = self.q_norm(q), self.k_norm(k)
             offset = 0 if cache is None else getattr(cache, "next_position", cache.offset)
             q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
         else:
+            # token-major until RoPE: each token is its own RoPE batch entry there, so the
+            # projection's layout needs no transposed copy (``rope_tokens``)
+            q, k, v = self.project_tokens(x)
+            v = v.transpose(0, 2, 1, 3)
+            if sink is not None:
+                sink.append((k.transpose(0, 2, 1, 3), v))
+            if self.normalize_qk:
+                q, k = self.q_norm(q), self.k_norm(k)
             positions = as_positions(positions)
-            q, k = rope_at(q, positions.device, self.rope), rope_at(k, positions.device, self.rope)
+            q, k = rope_tokens(q, positions.device, self.rope), rope_tokens(k, positions.device, self.rope)
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v, positions=positions)
         if positions is None:  # an installed attention function need not know about positions
