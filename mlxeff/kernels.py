@@ -222,6 +222,29 @@ def kernel_sources(spec: KernelSpec, backend: str) -> Tuple[str, str]:
     raise KernelUnavailable(f"no kernel backend {backend!r}")
 
 
+_CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.uint8: "uint8_t",
+               mx.int32: "int32_t", mx.uint16: "uint16_t", mx.uint32: "uint32_t"}
+
+
+def cuda_translation_unit(plan: dict, input_dtypes, name: str = "k") -> str:
+    """The translation unit ``mx.fast.cuda_kernel`` compiles for a launch ``plan`` (a kernel
+    module's ``*_plan``: spec, template, output dtype) whose inputs have ``input_dtypes``, for
+    compiling it with nvcc apart from MLX (the tests' compile check, ``benchmarks/seedlm_sass.py``).
+    As MLX 0.32 assembles it (``mlx/backend/cuda/custom_kernel.cpp``): the header, then ``namespace
+    mlx::core::cu`` with a ``__global__`` function taking ``const T*`` inputs and ``T*`` outputs and
+    the template arguments as ``using``; standard includes stand in for MLX's device header."""
+    spec = plan["spec"]
+    header, body = kernel_sources(spec, "cuda")
+    src = ("#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
+           "#include <cooperative_groups.h>\n")
+    src += header + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
+    params = [f"    const {_CUDA_TYPES[d]}* {n}" for n, d in zip(spec.input_names, input_dtypes)]
+    params += [f"    {_CUDA_TYPES[plan['out_dtype']]}* {n}" for n in spec.output_names]
+    src += f"__global__ void {name}(\n" + ",\n".join(params) + ") {\n"
+    src += "".join(f"  using {n} = {_CUDA_TYPES[v]};\n" for n, v in plan["template"])
+    return src + "\n" + body + "\n}\n\n} // namespace mlx::core::cu\n"
+
+
 @lru_cache(maxsize=None)
 def build(spec: KernelSpec, backend: Optional[str] = None):
     """Compile ``spec`` for the current GPU backend (cached). Raises ``KernelUnavailable`` on CPU."""

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import use_metal_check
 
+from mlxeff.kernels import cuda_translation_unit as mlx_cuda_source
 from mlxeff.kernels import kernel_sources
 from mlxeff.quant import lfsr
 from mlxeff.quant import seedlm_kernels as sk
@@ -355,27 +356,6 @@ def test_metal_dequant_one_build_for_odd_shapes(metal_check):
 
 
 # ---- the CUDA twins ---------------------------------------------------------------------------
-
-_CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.uint8: "uint8_t",
-               mx.int32: "int32_t", mx.uint16: "uint16_t", mx.uint32: "uint32_t"}
-
-
-def mlx_cuda_source(plan, input_dtypes, name="k"):
-    """The translation unit mx.fast.cuda_kernel compiles (mlx/backend/cuda/custom_kernel.cpp:
-    default header, the given header, then ``namespace mlx::core::cu`` with a ``__global__``
-    function taking ``const T*`` inputs and ``T*`` outputs, template arguments as ``using``), with
-    standard includes standing in for MLX's device utils header."""
-    spec = plan["spec"]
-    header, body = kernel_sources(spec, "cuda")
-    src = ("#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
-           "#include <cooperative_groups.h>\n")
-    src += header + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
-    params = [f"    const {_CUDA_TYPES[d]}* {n}" for n, d in zip(spec.input_names, input_dtypes)]
-    params += [f"    {_CUDA_TYPES[plan['out_dtype']]}* {n}" for n in spec.output_names]
-    src += f"__global__ void {name}(\n" + ",\n".join(params) + ") {\n"
-    src += "".join(f"  using {n} = {_CUDA_TYPES[v]};\n" for n, v in plan["template"])
-    return src + "\n" + body + "\n}\n\n} // namespace mlx::core::cu\n"
-
 
 def test_compact_source_keeps_one_backend_and_drops_spacing():
     from mlxeff.kernels import compact_source
