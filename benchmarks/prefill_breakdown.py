@@ -14,7 +14,8 @@ interleaved trials, medians), for each prompt length:
 - ``stages``: the plain computation cut into the schedule's layer ranges, each range's rows then
   its last row, one evaluation per range;
 - ``stages+scores``: the same, with the last row's attention weights of each range's last layer
-  read back to the host (the importance LazyLLM sorts);
+  read back to the host (the importance LazyLLM sorts); ``stages+scores(device)``: those weights
+  computed but only evaluated on the device, not read back;
 - each ``--schedules`` entry: LazyLLM itself.
 
 Also the host time to build the plain prefill's graph (until its evaluation starts): when that is
@@ -68,10 +69,11 @@ def run_positions(model, prompt, step):
     return model.logits(t.norm(h[:, -1:]))[:, -1, :], cache
 
 
-def run_stages(model, prompt, bounds, scores: bool):
+def run_stages(model, prompt, bounds, scores: bool, host: bool = True):
     """The plain computation in the schedule's layer ranges (rows, then the last row, per range),
     one evaluation per range; with ``scores`` each range's last layer also leaves the last row's
-    attention weights, read back to the host as LazyLLM's importance is."""
+    attention weights, read back to the host as LazyLLM's importance is (``host``), or only
+    evaluated on the device."""
     t, cache = model.transformer, model.make_cache()
     h = t.token_embeddings(prompt[None])
     for lo, hi in zip(bounds[:-1], bounds[1:]):
@@ -83,7 +85,10 @@ def run_stages(model, prompt, bounds, scores: bool):
         if scores and hi < len(t.layers):
             importance = cache[hi - 1].scores.mean(axis=(0, 1))
             cache[hi - 1].want_scores, cache[hi - 1].scores = False, None
-            np.array(importance.astype(mx.float32))  # the host read: a synchronisation
+            if host:
+                np.array(importance.astype(mx.float32))  # the host read: a synchronisation
+            else:
+                mx.eval(h, importance)
         else:
             mx.eval(h)
     return model.logits(t.norm(h[:, -1:]))[:, -1, :], cache
@@ -141,6 +146,7 @@ def main(argv=None):
             "positions": lambda: run_positions(model, prompt, step),
             "stages": lambda: run_stages(model, prompt, bounds, False),
             "stages+scores": lambda: run_stages(model, prompt, bounds, True),
+            "stages+scores(device)": lambda: run_stages(model, prompt, bounds, True, host=False),
         }
         for name, sched in schedules.items():
             variants[name] = lambda s=sched: (lambda c: (LazyPrefill(s, step, step)(model, prompt, c), c))(
@@ -163,7 +169,7 @@ def main(argv=None):
         if not args.json:
             print(f"{n} tokens (step {step}, {L} layers, ranges {bounds}):")
             for name, v in times.items():
-                print(f"  {name:16s} {row[name]['ms']:9.2f} ms  (min {row[name]['min_ms']:.2f})  "
+                print(f"  {name:22s} {row[name]['ms']:9.2f} ms  (min {row[name]['min_ms']:.2f})  "
                       f"{row[name]['vs_plain']:.2f}x plain")
             print(f"  plain in one chunk: graph built in {row['plain_one_chunk_build_ms']:.2f} ms, "
                   f"then evaluated in {row['plain_one_chunk_eval_ms']:.2f} ms")
