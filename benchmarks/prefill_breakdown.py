@@ -94,6 +94,11 @@ def run_stages(model, prompt, bounds, scores: bool, host: bool = True):
     return model.logits(t.norm(h[:, -1:]))[:, -1, :], cache
 
 
+def run_lazy(model, prompt, prefill: LazyPrefill):
+    cache = prefill.make_cache(model)
+    return prefill(model, prompt, cache), cache
+
+
 def plain_build_seconds(model, prompt, step):
     """Host time to build the plain prefill's graph for the whole prompt in one chunk (nothing
     evaluated), and the time of its evaluation afterwards."""
@@ -149,8 +154,7 @@ def main(argv=None):
             "stages+scores(device)": lambda: run_stages(model, prompt, bounds, True, host=False),
         }
         for name, sched in schedules.items():
-            variants[name] = lambda s=sched: (lambda c: (LazyPrefill(s, step, step)(model, prompt, c), c))(
-                LazyPrefill(s, step, step).make_cache(model))
+            variants[name] = lambda s=sched: run_lazy(model, prompt, LazyPrefill(s, step, step))
         times = {k: [] for k in variants}
         for trial in range(args.warmup + args.trials):
             for name, fn in variants.items():
