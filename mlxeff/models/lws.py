@@ -46,16 +46,20 @@ class Attention(nn.Module):
         self.rope = nn.RoPE(hd, traditional=False, base=args.rope_freq_constant)
         self.attention_fn: AttentionFn = attend
 
+    def _qkv(self, x: mx.array) -> mx.array:
+        B, L, _ = x.shape
+        return self.qkv_proj(x).reshape(B, L, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+
     def project_raw(self, x: mx.array):
-        """Queries, keys and values (B, heads, L, head_dim) straight from ``qkv_proj``."""
-        return [t.transpose(0, 2, 1, 3) for t in self.project_tokens(x)]
+        """Queries, keys and values (B, heads, L, head_dim) straight from ``qkv_proj`` (one
+        transpose, then the split: mlx-lm's OpenELM graph, op for op)."""
+        qkv = self._qkv(x).transpose(0, 2, 1, 3)
+        return mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=1)
 
     def project_tokens(self, x: mx.array):
         """Queries, keys and values in the projection's own token-major layout (B, L, heads,
         head_dim)."""
-        B, L, _ = x.shape
-        qkv = self.qkv_proj(x).reshape(B, L, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
-        return mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=2)
+        return mx.split(self._qkv(x), [self.n_heads, self.n_heads + self.n_kv_heads], axis=2)
 
     def project(self, x: mx.array):
         """Queries, keys and values (B, heads, L, head_dim) after qk-norm, before RoPE."""
