@@ -282,7 +282,8 @@ def bench_sweep(n: int, args) -> list:
 # 32-block chunk, hardly by the rows a threadgroup owns: so this list asks how the time moves with
 # threadgroups per SM (fewer rows each, the 16-entry G=2 tables that leave room for more), with more
 # rows per threadgroup, and with longer chunks, each under 128 KiB (the second entry, the per-lane
-# table at 128 KiB, repeats the first sweep's slow case beside them).
+# table at 128 KiB, repeats the first sweep's slow case beside them). Timed on an H100 since: every
+# launch took 60-87 us, none faster than the default beyond the spread (RESULTS.md).
 BITS_SWEEP = [(8, 8, None, 2, False, 1), (8, 8, None, 2, True, 1), (16, 8, None, 2, False, 1),
               (32, 4, None, 2, False, 1), (8, 4, None, 2, False, 1), (4, 8, None, 2, False, 1),
               (8, 8, 2, 2, False, 1), (8, 4, 2, 2, False, 1), (4, 4, 2, 2, False, 1),

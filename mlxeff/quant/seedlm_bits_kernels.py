@@ -41,9 +41,12 @@ Choices and limits:
   was 20-26 us slower in both pairs measured (where it brought a threadgroup to 128 KiB of shared
   memory, which every slow launch of the sweep needed) and stays off. The sweep found the time set
   per threadgroup and 32-block chunk rather than per row, so ``lane_blocks`` (blocks of a row per
-  lane per chunk, default 1) makes chunks longer: fewer barriers, loads issued together; not yet
-  timed, so not the default. ``benchmarks/seedlm_kernels.py --sweep-bits`` (``--bits-launches`` for other launches)
-  times the options on a GPU.
+  lane per chunk, default 1) makes chunks longer: fewer barriers, loads issued together. A second
+  sweep on an H100 (two blocks per lane, more warps per SM, more rows per group) found no launch
+  faster than the default beyond the trials' spread, so the defaults stay; per launch, the
+  instruction counts and the issue and shared-memory bounds they imply are in RESULTS.md
+  (``benchmarks/seedlm_sass.py``). ``benchmarks/seedlm_kernels.py --sweep-bits``
+  (``--bits-launches`` for other launches) times the options on a GPU.
 - Float32 accumulation; the sum runs in another order than the reference's float32 ``x @ W.T``,
   so the two differ by float32 rounding of the terms (tested). The dequantised weights equal the
   reference bit for bit (the same products, exact, summed in the same order).
