@@ -99,7 +99,7 @@ def run_lazy(model, prompt, prefill: LazyPrefill):
     return prefill(model, prompt, cache), cache
 
 
-def plain_build_seconds(model, prompt, step):
+def plain_build_seconds(model, prompt):
     """Host time to build the plain prefill's graph for the whole prompt in one chunk (nothing
     evaluated), and the time of its evaluation afterwards."""
     cache = model.make_cache()
@@ -163,7 +163,7 @@ def main(argv=None):
                 evaluate(*fn())
                 if trial >= args.warmup:
                     times[name].append(time.perf_counter() - tic)
-        builds = [plain_build_seconds(model, prompt, n) for _ in range(args.warmup + args.trials)][args.warmup:]
+        builds = [plain_build_seconds(model, prompt) for _ in range(args.warmup + args.trials)][args.warmup:]
         base = statistics.median(times["plain"])
         row = {name: {"ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v),
                       "vs_plain": base / statistics.median(v)} for name, v in times.items()}

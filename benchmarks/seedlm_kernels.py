@@ -310,12 +310,13 @@ def parse_launches(text: str) -> list:
     return out
 
 
-def launch_plan(n: int, cfg: tuple) -> dict:
-    """The n x n 4-bit bits matvec's plan for a BITS_SWEEP entry (ValueError if it cannot run here)."""
+def launch_plan(n: int, cfg: tuple, backend=None) -> dict:
+    """The n x n 4-bit bits matvec's plan for a BITS_SWEEP entry (ValueError if it cannot run here;
+    ``backend``: the device's by default)."""
     C, P = CONFIGS["seedlm4-bits"]
     w, r, g, b, j, lb = cfg
-    return bk.matvec_plan(n, n, C, P, mx.float16, warps=w, rows=r, groups=g, buffers=b, jump_per_lane=j,
-                          lane_blocks=lb)
+    return bk.matvec_plan(n, n, C, P, mx.float16, backend, warps=w, rows=r, groups=g, buffers=b,
+                          jump_per_lane=j, lane_blocks=lb)
 
 
 def bench_bits_sweep(n: int, args) -> list:

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from seedlm_kernels import BITS_SWEEP, parse_launches  # noqa: E402
+from seedlm_kernels import BITS_SWEEP, launch_plan, parse_launches  # noqa: E402
 
 from mlxeff.kernels import cuda_translation_unit  # noqa: E402
 from mlxeff.quant import seedlm_bits_kernels as bk  # noqa: E402
@@ -87,10 +87,10 @@ def main_loop(ins, labels):
 
 
 def analyse(n: int, cfg: tuple, nvcc: str, nvdisasm: str, workdir: Path) -> dict:
-    w, r, g, b, j, lb = cfg
-    C, P = 8, 3
-    plan = bk.matvec_plan.__wrapped__(n, n, C, P, mx.float16, backend="cuda", warps=w, rows=r, groups=g,
-                                      buffers=b, jump_per_lane=j, lane_blocks=lb)
+    w, r, _, b, j, lb = cfg
+    plan = launch_plan(n, cfg, backend="cuda")
+    ints = dict(plan["spec"].defines)
+    C, G = int(ints["SLB_C"]), int(ints["SLB_G"])
     src = workdir / "k.cu"
     src.write_text(cuda_translation_unit(plan, INPUTS))
     cubin = workdir / "k.cubin"
@@ -103,20 +103,19 @@ def analyse(n: int, cfg: tuple, nvcc: str, nvdisasm: str, workdir: Path) -> dict
     chunk, rows = main_loop(*parse_sass(sass))
     per = r * lb  # (row, block) pairs a lane covers per iteration
     ops = collections.Counter(opcode(t) for t in chunk + rows)
-    G = int(dict(plan["spec"].defines)["SLB_G"])
     shared = b * bk.buffer_bytes(C, G, lb) + (32 if j else 1) * bk.JUMP_BYTES
-    groups = -(-n // (w * r))
+    groups = plan["grid"][0] // plan["threadgroup"][0]
     # threadgroups an SM can hold: shared memory, registers (64 K a SM), 64 warps, 32 groups
     per_sm = max(1, min(H100["shared_kib"] * 1024 // shared, 65536 // (regs * 32 * w), 64 // w, 32))
     warps_per_sm = w * min(per_sm, groups / H100["sms"])
-    nb = -(-n // C)
+    nb = plan["dims"][1]
     iterations = (n // r) * -(-nb // (32 * lb))  # warp-iterations over the whole matvec
     issue_us = iterations * (len(chunk) + len(rows)) / (H100["sms"] * H100["schedulers"] * H100["ghz"] * 1e3)
     lds_rows = sum(1 for t in rows if opcode(t) == "LDS")
     jump_reads = 2 * per  # two jump-table reads a block (SLB_STREAM, 32 bits each, 48 stream bits)
     wavefronts = (lds_rows - jump_reads) + jump_reads * (1 if j else JUMP_CONFLICT) + ops["STS"]
     shared_us = iterations * wavefronts / (H100["sms"] * H100["ghz"] * 1e3)
-    return {"launch": "W{}xR{} G{} B{} J{} L{}".format(w, r, g or bk.table_groups(C, "cuda"), b, int(j), lb),
+    return {"launch": "W{}xR{} G{} B{} J{} L{}".format(w, r, G, b, int(j), lb),
             "registers": regs, "shared_bytes": shared, "threadgroups": groups,
             "threadgroups_per_sm_limit": per_sm,
             "warps_per_sm": warps_per_sm, "loop_chunk": len(chunk), "loop_rows": len(rows),
