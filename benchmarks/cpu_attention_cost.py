@@ -63,6 +63,8 @@ def main(argv=None):
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.context < 2 or args.trials < 1:
+        raise SystemExit("error: --context must be at least 2 tokens and --trials at least 1")
 
     import mlxeff
     from mlxeff.io import resolve_model_dir
@@ -75,6 +77,8 @@ def main(argv=None):
     prompt = mx.array(rng.integers(0, model.args.vocab_size, args.context), dtype=mx.uint32)
     mx.eval(ChunkedPrefill()(model, prompt, cache))
     li = len(model.layers) // 2 if args.layer is None else args.layer
+    if not 0 <= li < len(model.layers):
+        raise SystemExit(f"error: --layer {li}: the model has layers 0..{len(model.layers) - 1}")
     layer, c = model.layers[li], cache[li]
     attn = layer.attn
     keys, values = mx.array(c.keys[:, :, : c.offset]), mx.array(c.values[:, :, : c.offset])

@@ -111,10 +111,27 @@ def plain_build_seconds(model, prompt):
 
 
 def parse_schedules(text):
+    """``--schedules``: KEEP_START:KEEP_END, comma-separated (one line and exit 2 when bad)."""
     out = {}
     for item in filter(None, text.split(",")):
-        ks, ke = (float(v) for v in item.split(":"))
-        out[f"lazy {ks:g}->{ke:g}"] = LazySchedule(ks, ke)
+        try:
+            ks, ke = (float(v) for v in item.split(":"))
+            out[f"lazy {ks:g}->{ke:g}"] = LazySchedule(ks, ke)
+        except ValueError as e:  # a wrong count of numbers, or the schedule's own check
+            raise SystemExit(f"error: --schedules: {item!r} is not KEEP_START:KEEP_END in (0, 1] ({e})")
+    if not out:
+        raise SystemExit("error: --schedules: no schedule given")
+    return out
+
+
+def parse_lengths(text):
+    """``--lengths``: prompt lengths of at least 2 tokens, comma-separated."""
+    try:
+        out = [int(v) for v in filter(None, text.split(","))]
+    except ValueError:
+        out = []
+    if not out or min(out) < 2:
+        raise SystemExit(f"error: --lengths: {text!r} is not a list of integers of at least 2")
     return out
 
 
@@ -130,6 +147,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default="auto", help="auto (the model's own on a GPU, float32 on the CPU)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    lengths = parse_lengths(args.lengths)
+    if args.trials < 1 or args.warmup < 0 or (args.step is not None and args.step < 1):
+        raise SystemExit("error: --trials and --step must be at least 1, --warmup at least 0")
 
     import mlxeff
     from mlxeff.io import resolve_model_dir
@@ -144,7 +164,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     report = {"device": str(mx.default_device()), "step": step, "layers": L, "stage_bounds": bounds,
               "lengths": {}}
-    for n in (int(v) for v in args.lengths.split(",")):
+    for n in lengths:
         prompt = mx.array(rng.integers(0, model.args.vocab_size, n), dtype=mx.uint32)
         variants = {
             "plain": lambda: run_plain(model, prompt, step),
@@ -157,6 +177,8 @@ def main(argv=None):
             variants[name] = lambda s=sched: run_lazy(model, prompt, LazyPrefill(s, step, step))
         times = {k: [] for k in variants}
         for trial in range(args.warmup + args.trials):
+            print(f"{n} tokens: {'warm-up' if trial < args.warmup else 'trial'} {trial + 1} of "
+                  f"{args.warmup + args.trials}", file=sys.stderr, flush=True)
             for name, fn in variants.items():
                 mx.synchronize()
                 tic = time.perf_counter()

@@ -135,12 +135,15 @@ def main(argv=None):
     ap.add_argument("--nvdisasm", default=shutil.which("nvdisasm"))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.size < 8:
+        raise SystemExit(f"error: --size must be at least 8, got {args.size}")
     if not args.nvcc or not args.nvdisasm:
         raise SystemExit("error: needs nvcc and nvdisasm (CUDA toolkit) on PATH or through --nvcc/--nvdisasm")
     bk.cuda_shared_memory_limit = lambda: 227 * 1024  # an H100's opt-in limit; no GPU needed here
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for cfg in args.launches or BITS_SWEEP:
+            print(f"compiling launch {cfg}", file=sys.stderr, flush=True)
             out.append(analyse(args.size, cfg, args.nvcc, args.nvdisasm, Path(tmp)))
     if args.json:
         print(json.dumps({"size": args.size, "launches": out}, indent=1))
