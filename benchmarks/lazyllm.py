@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from mlxeff.bench import blas_in_use  # noqa: E402
 from mlxeff.eval import greedy_agreement, prefix_agreement  # noqa: E402
+from mlxeff.engine import prefill_step_size  # noqa: E402
 from mlxeff.generate import ChunkedPrefill, DecodeStrategy  # noqa: E402
 from mlxeff.precision import apply_compute_dtype  # noqa: E402
 from mlxeff.techniques.lazyllm import LazyDecode, LazyPrefill, LazySchedule  # noqa: E402
@@ -297,7 +298,9 @@ def main(argv=None):
     ap.add_argument("--planted", type=int, default=12, help="planted-fact prompts per length")
     ap.add_argument("--greedy", type=int, default=32, help="greedy tokens compared")
     ap.add_argument("--continuation", type=int, default=64, help="continuation tokens scored")
-    ap.add_argument("--step", type=int, default=512, help="prefill chunk size (plain and lazy)")
+    ap.add_argument("--step", type=int, default=None,
+                    help="prefill chunk size, plain and lazy (default: the engine's for the device, "
+                    "512 on the CPU, 2048 on a GPU)")
     ap.add_argument("--pruned-step", type=int, default=None,
                     help="LazyLLM's chunk size once rows are pruned (default: --step)")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
@@ -308,8 +311,10 @@ def main(argv=None):
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
-    if args.pruned_step is not None and args.pruned_step < 1:
-        raise SystemExit(f"error: --pruned-step must be at least 1, got {args.pruned_step}")
+    for name in ("step", "pruned_step"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    args.step = prefill_step_size(args.step)
 
     model, tokenizer, desc = load_model(args)
     apply_compute_dtype(model, args.dtype)  # auto: float32 on the CPU, affine 4-bit dequantized

@@ -9,8 +9,11 @@ Positions. While tokens are appended in order (the plain engine, speculative dec
 caches) slot ``i`` holds position ``i`` and nothing else is stored: the cache behaves exactly as
 mlx-lm's. A write with explicit ``positions`` (LazyLLM's pruned and revived tokens, superposition's
 paths) switches the cache to an explicit table of slot positions (kept on the host, copied to the
-device when a kernel or a mask needs it). ``next_position`` is where a token appended without
-explicit positions goes: after everything cached.
+device when a kernel or a mask needs it). Positions given only as a device array are read back
+when something first needs the table (a mask, a kernel, ``positions``, ``next_position``, trimming
+or saving), not at the write: a prefill whose positions are computed on the device (LazyLLM's
+selection) then runs without waiting for the device at every layer. ``next_position`` is where a
+token appended without explicit positions goes: after everything cached.
 
 Technique state lives in the cache (``mlxeff.models.attention`` reads it):
 ``attend_index`` (attend only these slots), ``want_scores`` / ``scores`` (the last query row's
@@ -47,8 +50,9 @@ class PositionedKVCache(KVCache):
 
     def __init__(self):
         super().__init__()
-        self.next_position = 0
+        self._next_position = 0
         self._positions: Optional[np.ndarray] = None  # None: slot i holds position i
+        self._pending: list = []  # (first slot, device positions (B, n)) not read back yet
         self._device_positions: Optional[mx.array] = None
         self.attend_index: Optional[mx.array] = None
         self.want_scores = False
@@ -66,17 +70,43 @@ class PositionedKVCache(KVCache):
             self._device_positions = None
             return out
         if positions is None:
-            new = np.arange(self.next_position, self.next_position + n, dtype=self._positions.dtype)
+            new = np.arange(self.next_position, self.next_position + n, dtype=self._positions.dtype)[None]
         else:  # a host copy when the caller has one (``mlxeff.models.attention.Positions``)
-            host = getattr(positions, "host", None)
-            new = (np.array(positions) if host is None else host).reshape(-1, n)
-            if new.shape[0] > 1 and not (new == new[:1]).all():
-                raise ValueError("a positioned cache holds one position per slot for the whole batch")
-            new = new[0]
-        self._table(float_positions=new.dtype.kind == "f")[prev:self.offset] = new
-        self.next_position = max(self.next_position, int(math.floor(float(new.max()))) + 1)
-        self._device_positions = None
+            host = positions if isinstance(positions, np.ndarray) else getattr(positions, "known_host", None)
+            device = getattr(positions, "device", positions)
+            if host is None and device.size == n:  # on the device only: read back when needed
+                self._table(float_positions=mx.issubdtype(device.dtype, mx.floating))
+                self._pending.append((prev, device.reshape(-1, n)))
+                self._device_positions = None
+                return out
+            new = (np.array(device) if host is None else host).reshape(-1, n)
+        self._write_positions(prev, new)
         return out
+
+    def _write_positions(self, start: int, new: np.ndarray) -> None:
+        """Slots ``start, start + 1, ...`` hold positions ``new`` (B, n)."""
+        if new.shape[0] > 1 and not (new == new[:1]).all():
+            raise ValueError("a positioned cache holds one position per slot for the whole batch")
+        new = new[0]
+        self._table(float_positions=new.dtype.kind == "f")[start:start + new.size] = new
+        self._next_position = max(self._next_position, int(math.floor(float(new.max()))) + 1)
+        self._device_positions = None
+
+    def resolve_positions(self) -> None:
+        """Read back the device positions written since the last call (a synchronisation)."""
+        pending, self._pending = getattr(self, "_pending", []), []
+        for start, device in pending:
+            self._write_positions(start, np.array(device))
+
+    @property
+    def next_position(self) -> int:
+        if getattr(self, "_pending", None):
+            self.resolve_positions()
+        return self._next_position
+
+    @next_position.setter
+    def next_position(self, value: int) -> None:
+        self._next_position = value
 
     def _table(self, float_positions: bool = False) -> np.ndarray:
         """The host table of slot positions over the whole buffer, created or grown as needed."""
@@ -105,6 +135,7 @@ class PositionedKVCache(KVCache):
     @property
     def positions(self) -> np.ndarray:
         """(offset,) the positions of the cached slots, in slot order (host copy)."""
+        self.resolve_positions()
         if self._positions is None:
             return np.arange(self.offset)
         return self._positions[: self.offset].copy()
@@ -112,6 +143,7 @@ class PositionedKVCache(KVCache):
     def slot_position_array(self) -> mx.array:
         """Positions over the whole buffer (UNFILLED for unwritten slots) as a device array
         (int32, or float32 for real-valued positions); built once per change."""
+        self.resolve_positions()
         if self._device_positions is None:
             if self._positions is None:
                 size = 0 if self.keys is None else self.keys.shape[2]
@@ -126,6 +158,7 @@ class PositionedKVCache(KVCache):
     # ---- mlx-lm's protocol --------------------------------------------------------------------
 
     def trim(self, n: int) -> int:
+        self.resolve_positions()
         n = min(self.offset, n)
         self.offset -= n
         self._device_positions = None
@@ -146,6 +179,7 @@ class PositionedKVCache(KVCache):
         return self.positioned_state()
 
     def positioned_state(self) -> tuple:
+        self.resolve_positions()
         positions = None if self._positions is None else mx.array(self._positions[: self.offset])
         return self.keys, self.values, self.offset, positions, self.next_position
 
@@ -153,7 +187,7 @@ class PositionedKVCache(KVCache):
     def state(self, v):
         # from_state builds the object without __init__: give it the technique slots too
         self.attend_index, self.want_scores, self.scores, self.raw_sink = None, False, None, None
-        self._device_positions = None
+        self._device_positions, self._pending = None, []
         if len(v) == 3:  # a plain KVCache's state
             self.keys, self.values, self.offset = v
             self._positions, self.next_position = None, self.offset

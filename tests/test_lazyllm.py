@@ -226,6 +226,23 @@ def test_pruned_prefill_and_decode_equal_dense_reference(model, schedule, step):
     assert cache.revived > 0  # the decode steps did revive pruned tokens
 
 
+def test_prefill_selection_stays_on_the_device_until_decoding_reads_it(model):
+    """The prefill reads no selection back: the pruned layers' positions and the Aux Cache's
+    positions are still device arrays when it returns; reading them gives the nested sets."""
+    N = 90
+    cache = lz.LazyPrefill(AGGRESSIVE).make_cache(model)
+    mx.eval(lz.lazy_prefill(model, prompt_ids(N, seed=6), cache, step_size=32))
+    first = min(cache.stages)
+    assert all(cache[l]._pending for l in range(first, len(cache)))
+    assert not any(cache[l]._pending for l in range(first))
+    assert all(not isinstance(a._positions, np.ndarray) for a in cache.aux if a is not None)
+    sets = [set(np.array(c.positions).tolist()) for c in cache]
+    assert all(b <= a for a, b in zip(sets, sets[1:])) and len(sets[-1]) < N
+    for l, a in enumerate(cache.aux):
+        if a is not None:
+            assert set(a.positions.tolist()) == sets[l - 1] - sets[l]
+
+
 @pytest.mark.parametrize("schedule", [AGGRESSIVE, lz.LazySchedule(0.6, 0.2, stages=4, recent=16)])
 def test_invariants(model, schedule):
     N = 100

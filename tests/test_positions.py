@@ -134,6 +134,30 @@ def test_positioned_state_round_trips_through_the_prompt_cache_files(tmp_path):
     assert mx.array_equal(d.keys[:, :, :3], k)
 
 
+def test_device_positions_are_read_back_when_first_needed_and_equal_host_ones():
+    """A write with positions only on the device leaves the host table unread until something
+    needs it; every view then equals the cache written with the same positions from the host."""
+    k = mx.random.normal((1, 2, 9, 4), key=mx.random.key(0))
+    writes = [np.array([[0, 5, 2]]), np.array([[7, 3]]), None, np.array([[1, 4, 9]])]
+    host, device = PositionedKVCache(), PositionedKVCache()
+    start = 0
+    for w in writes:
+        n = 1 if w is None else w.shape[1]
+        host.update_and_fetch(k[:, :, start:start + n], k[:, :, start:start + n], positions=w)
+        device.update_and_fetch(k[:, :, start:start + n], k[:, :, start:start + n],
+                                positions=None if w is None else mx.array(w.astype(np.int32)))
+        start += n
+        if w is not None and start < 6:
+            assert device._pending  # not read back at the write
+    assert device.next_position == host.next_position == 10
+    assert not device._pending
+    assert np.array_equal(device.positions, host.positions)
+    assert mx.array_equal(device.slot_position_array(), host.slot_position_array())
+    device.update_and_fetch(k[:, :, :1], k[:, :, :1], positions=mx.array([[20]]))
+    assert device.trim(2) == 2 and device.next_position == 9
+    assert np.array_equal(device.positions, host.positions[:-1])
+
+
 def test_a_batch_with_different_positions_per_row_is_refused():
     c = PositionedKVCache()
     k = mx.zeros((2, 1, 2, 4))

@@ -4,8 +4,8 @@ Every technique reaches attention through the model (``Model(inputs, cache, posi
 and ``Transformer.forward_layers``); what varies is said with data, not code:
 
 - ``positions`` (B, T): the RoPE position of every input token, as an ``mx.array``, a numpy array
-  or a ``Positions`` (both forms: the cache records host positions, and reading a device array back
-  would synchronise the GPU in every layer, so a caller that has them on the host passes those). Integers rotate exactly as
+  or a ``Positions`` (both forms). The cache records host positions: a caller that has them on the
+  host passes those; positions only on the device are read back when the cache first needs them. Integers rotate exactly as
   ``nn.RoPE`` does at that offset (``mx.fast.rope`` with one offset per token); real-valued
   positions (superposition prompting's equilibrium positions) use the same rotation computed in
   plain MLX (``rope_real``). Without ``positions`` a token takes the next position of its cache.
@@ -57,6 +57,11 @@ class Positions:
     def host(self) -> np.ndarray:
         if self._host is None:
             self._host = np.array(self.device)
+        return self._host
+
+    @property
+    def known_host(self) -> Optional[np.ndarray]:
+        """The host copy if there is one already (None: reading it would wait for the device)."""
         return self._host
 
 

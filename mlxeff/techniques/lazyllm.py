@@ -50,13 +50,21 @@ Deviations and resolved choices:
 - During decoding a token cached in a layer stays there even when not selected again (the new token
   attends over all cached positions): pruning saves computation, never discards computed state.
 - The prompt is processed stage by stage (the layers between two pruning layers), each stage in
-  chunks of ``step_size`` active rows exactly as the plain prefill cuts the prompt (all but the last
-  token in chunks, then the last token alone), so keep ratio 1.0 is the plain computation and the
-  importance row comes from the last token's own chunk. Once rows are pruned the computation is no
-  longer the plain one, and the pruned stages may use another chunk length (``pruned_step_size``,
-  by default ``step_size``): on an H100 this model's pruned stages in one chunk of up to 4,096 rows
-  ran 1.15-1.65x faster than in chunks of 512 (benchmarks/prefill_chunks.py, RESULTS.md). Batch
-  size 1, as the generation engine.
+  chunks of ``step_size`` active rows. When nothing is pruned (keep 1.0, or a prompt inside the
+  recent window) the chunks are the plain prefill's (all but the last token in chunks, then the
+  last token alone), so keep ratio 1.0 is the plain computation. When rows are pruned the
+  computation is no longer the plain one, and the last token runs in its stage's last chunk, whose
+  last row gives the importance: the plain cut adds a one-row pass through every stage, about a
+  decode step's kernel launches in all on a GPU. Pruned stages may use another chunk length
+  (``pruned_step_size``, by default ``step_size``): on an H100 this model's pruned stages in one
+  chunk of up to 4,096 rows ran 1.15-1.65x faster than in chunks of 512
+  (benchmarks/prefill_chunks.py, RESULTS.md). Batch size 1, as the generation engine.
+- The prefill's selection runs on the device (sort, gathers, the kept rows' positions), and each
+  stage is handed to the device (``mx.async_eval``) before the next is built: the host reads no
+  score back during the prefill, and the positioned cache and the Aux Cache read the kept and
+  pruned positions back when decoding first needs them. With the selection on the host, three
+  blocking reads of the scores made host and GPU take turns: 10.1 ms of a 21 ms prefill of 2,048
+  tokens was spent waiting in them on an H100 (benchmarks/prefill_profile.py, RESULTS.md).
 - Selecting at a decode step needs the scores on the host: one synchronisation per pruning layer and
   step (skipped for stages that keep everything).
 - Several tokens at once (a drafter's proposal verified in one call): the revival rule decides per
@@ -204,15 +212,32 @@ def make_cache(num_layers: int, schedule: "LazySchedule") -> LazyCache:
 
 # ---- prefill -----------------------------------------------------------------------------------
 
-def _chunks(n: int, step: int):
-    """Row ranges as the plain prefill cuts them: all but the last row in chunks of ``step``,
-    then the last row alone (so that keep ratio 1.0 runs exactly the plain computation)."""
+def _chunks(n: int, step: int, last_alone: bool = True):
+    """Row ranges of ``step``: with ``last_alone`` as the plain prefill cuts them -- all but the
+    last row in chunks, then the last row alone (so that keep ratio 1.0 runs exactly the plain
+    computation) -- else the last row in the last chunk."""
     start = 0
-    while n - start > 1:
-        stop = min(start + step, n - 1)
+    while n - start > (1 if last_alone else 0):
+        stop = min(start + step, n - 1 if last_alone else n)
         yield start, stop
         start = stop
-    yield start, n
+    if last_alone:
+        yield start, n
+
+
+def _prune(layer_cache: LazyLayerCache, h: mx.array, positions: Optional[mx.array], importance: mx.array,
+           keep: int, recent: int):
+    """Keep the ``keep`` rows of ``h`` (1, n, d) with the highest ``importance`` (n,), the last
+    ``recent`` always among them, in position order; park the others in ``layer_cache``'s Aux
+    Cache. All on the device: the kept rows and their ``positions`` (n,) (None: 0, 1, ...)."""
+    n = h.shape[1]
+    scores = mx.where(mx.arange(n) >= n - recent, mx.inf, importance.astype(mx.float32))
+    order = mx.argsort(-scores)
+    kept, pruned = mx.sort(order[:keep]), mx.sort(order[keep:])
+    if positions is None:
+        positions = mx.arange(n, dtype=mx.int32)
+    layer_cache.aux = AuxEntry(mx.take(positions, pruned), mx.take(h, pruned, axis=1))
+    return mx.take(h, kept, axis=1), mx.take(positions, kept)
 
 
 def lazy_prefill(model: nn.Module, prompt: mx.array, cache: LazyCache, step_size: int = 512,
@@ -221,9 +246,10 @@ def lazy_prefill(model: nn.Module, prompt: mx.array, cache: LazyCache, step_size
     logits (1, V).
 
     The layers between two pruning layers form a stage with a fixed active set; a stage runs its
-    active rows through its layers in chunks of ``step_size`` (as the plain prefill does; once
-    rows have been pruned, in chunks of ``pruned_step_size``, by default ``step_size``), and its
-    last chunk (the last token alone) yields the importance that prunes the next stage's input."""
+    active rows through its layers in chunks of ``step_size`` (once rows have been pruned, of
+    ``pruned_step_size``, by default ``step_size``), and the last row of its last chunk (the last
+    token) yields the importance that prunes the next stage's input. When nothing is pruned the
+    chunks are the plain prefill's, the last token alone."""
     N = int(prompt.size)
     t = model.transformer
     L = len(t.layers)
@@ -235,34 +261,32 @@ def lazy_prefill(model: nn.Module, prompt: mx.array, cache: LazyCache, step_size
     for c in cache:
         c.prompt_tokens = N
     stages = cache.stages
-    h = t.token_embeddings(prompt[None])
-    positions = np.arange(N, dtype=np.int64)  # of the active rows, on the host
-    contiguous = True
-    importance = None
     # The recent positions are the last active rows at every stage: they are never pruned.
     recent = min(N, max(1, cache.schedule.recent if cache.schedule else cache[0].recent))
+    # The last token runs in its stage's last chunk rather than alone (a one-row pass per stage,
+    # each about a decode step's launches on a GPU) unless nothing is pruned: keep 1.0 stays the
+    # plain computation.
+    last_alone = all(max(keep_count(k, N), recent) >= N for k in stages.values())
+    h = t.token_embeddings(prompt[None])
+    positions = None  # of the active rows, on the device, once rows are pruned (None: 0, 1, ...)
+    importance = None
     bounds = [0] + sorted(stages) + [L]
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         if importance is not None:  # prune at layer lo; the recent positions are always kept
-            # the selection on the host: the cache records host positions, and one synchronisation
-            # per stage costs less than device sorts and gathers of the positions
-            keep = max(keep_count(stages[lo], N), recent)
-            scores = np.array(importance.astype(mx.float32))
-            scores[-recent:] = np.inf
-            order = np.argsort(-scores, kind="stable")
-            kept, pruned = np.sort(order[:keep]), np.sort(order[keep:])
-            cache[lo].aux = AuxEntry(positions[pruned], mx.take(h, mx.array(pruned.astype(np.int32)), axis=1))
-            h, positions = mx.take(h, mx.array(kept.astype(np.int32)), axis=1), positions[kept]
-            contiguous = False
+            # on the device: the host reads no score back, and the positioned cache reads the
+            # positions back only when decoding needs them, so the host builds stage after stage
+            # while the device runs them
+            h, positions = _prune(cache[lo], h, positions, importance,
+                                  max(keep_count(stages[lo], N), recent), recent)
             importance = None
         n = h.shape[1]
         wants = hi < L and max(keep_count(stages[hi], N), recent) < n
         outs = []
         pending = 0  # token-layers built since the last evaluation
-        for c0, c1 in _chunks(n, step_size if contiguous else pruned_step_size):
+        for c0, c1 in _chunks(n, step_size if positions is None else pruned_step_size, last_alone):
             if wants and c1 == n:
                 cache[hi - 1].want_scores = True
-            if contiguous:
+            if positions is None:
                 hc = t.forward_layers(h[:, c0:c1], lo, hi, cache)
             else:
                 hc = t.forward_layers(h[:, c0:c1], lo, hi, cache, positions=positions[c0:c1][None],
@@ -284,6 +308,9 @@ def lazy_prefill(model: nn.Module, prompt: mx.array, cache: LazyCache, step_size
         if wants:
             importance = _take_importance(cache[hi - 1])
         h = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
+        if hi < L:  # the device starts on this stage while the host builds the next
+            mx.async_eval(h, [(cache[l].keys, cache[l].values) for l in range(lo, hi)],
+                          [] if importance is None else importance)
     return model.logits(t.norm(h[:, -1:]))[:, -1, :]
 
 

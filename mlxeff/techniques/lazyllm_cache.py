@@ -17,7 +17,6 @@ caches the engine passes around, with read-only views over them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, Optional
 
 import mlx.core as mx
@@ -28,12 +27,19 @@ from ..cache import UNFILLED, PositionedKVCache, prompt_cache_class
 MAX_HISTORY = 64  # decode steps a layer can undo (speculative drafts are far shorter)
 
 
-@dataclass
 class AuxEntry:
-    """Tokens whose next layer to compute is this one: positions (m,) and hidden states (1, m, d)."""
+    """Tokens whose next layer to compute is this one: positions (m,) and hidden states (1, m, d).
+    Positions chosen on the device (the prefill's selection) are read back when first asked for."""
 
-    positions: np.ndarray
-    hidden: mx.array
+    def __init__(self, positions, hidden: mx.array):
+        self._positions = positions
+        self.hidden = hidden
+
+    @property
+    def positions(self) -> np.ndarray:
+        if not isinstance(self._positions, np.ndarray):
+            self._positions = np.array(self._positions).astype(np.int64)
+        return self._positions
 
 
 @prompt_cache_class
@@ -62,6 +68,7 @@ class LazyLayerCache(PositionedKVCache):
 
     def trim(self, n: int) -> int:
         """Undo the last ``n`` decode steps (as far as they are recorded)."""
+        self.resolve_positions()
         n = min(n, len(self._history))
         if n <= 0:
             return 0
