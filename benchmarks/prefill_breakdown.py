@@ -1,14 +1,19 @@
 """Where a LazyLLM prefill's time goes against the plain one: the pieces added one at a time.
 
 LazyLLM (``mlxeff.techniques.lazyllm``) differs from the plain chunked prefill in four ways: its
-layers run in stages (layer ranges between pruning layers, each its own evaluation), each stage
-ends with the last row's attention read back to the host (the importance), the pruned stages
-run RoPE and attention at explicit positions, and the pruning gathers rows. On a GPU this
+layers run in stages (layer ranges between pruning layers), each stage ends with the last row's
+attention (the importance), the pruned stages run RoPE and attention at explicit positions, and
+the pruning gathers rows. Its first design read the importance back to the host at every stage
+and ran the last row alone through every stage; the ``stages`` variants below measure those
+pieces (LazyLLM now selects on the device, hands each stage to it without waiting, and runs the
+last row in its stage's last chunk once rows are pruned). On a GPU this
 model's prefill is bound by launches and host work, not arithmetic, so these costs can outweigh
 the token-layers pruning saves. Side by side in one run (a warm-up, then ``--trials``
 interleaved trials, medians), for each prompt length:
 
 - ``plain``: the engine's ``ChunkedPrefill`` (the baseline every LazyLLM figure is against);
+- ``plain, last token in its chunk``: the same, the last token in the last chunk instead of
+  alone (the cut LazyLLM's pruned stages use);
 - ``positions``: the same computation at explicit positions (0, 1, ... given, the index-causal
   mask): what the positioned RoPE and attention route costs with nothing pruned;
 - ``stages``: the plain computation cut into the schedule's layer ranges, each range's rows then
@@ -51,6 +56,17 @@ def evaluate(logits, cache):
 def run_plain(model, prompt, step):
     cache = model.make_cache()
     return ChunkedPrefill(step)(model, prompt, cache), cache
+
+
+def run_last_in_chunk(model, prompt, step):
+    """The plain computation with the last token in the last chunk rather than alone (the head on
+    its row only): what the plain prefill would cost without its one-row pass."""
+    t, cache, n = model.transformer, model.make_cache(), int(prompt.size)
+    for start in range(0, n, step):
+        h = t.forward_layers(t.token_embeddings(prompt[None, start:start + step]), 0, len(t.layers), cache)
+        if start + step < n:
+            mx.eval(h, [(c.keys, c.values) for c in cache])
+    return model.logits(t.norm(h[:, -1:]))[:, -1, :], cache
 
 
 def run_positions(model, prompt, step):
@@ -168,6 +184,7 @@ def main(argv=None):
         prompt = mx.array(rng.integers(0, model.args.vocab_size, n), dtype=mx.uint32)
         variants = {
             "plain": lambda: run_plain(model, prompt, step),
+            "plain, last token in its chunk": lambda: run_last_in_chunk(model, prompt, step),
             "positions": lambda: run_positions(model, prompt, step),
             "stages": lambda: run_stages(model, prompt, bounds, False),
             "stages+scores": lambda: run_stages(model, prompt, bounds, True),
@@ -195,7 +212,7 @@ def main(argv=None):
         if not args.json:
             print(f"{n} tokens (step {step}, {L} layers, ranges {bounds}):")
             for name, v in times.items():
-                print(f"  {name:22s} {row[name]['ms']:9.2f} ms  (min {row[name]['min_ms']:.2f})  "
+                print(f"  {name:30s} {row[name]['ms']:9.2f} ms  (min {row[name]['min_ms']:.2f})  "
                       f"{row[name]['vs_plain']:.2f}x plain")
             print(f"  plain in one chunk: graph built in {row['plain_one_chunk_build_ms']:.2f} ms, "
                   f"then evaluated in {row['plain_one_chunk_eval_ms']:.2f} ms")

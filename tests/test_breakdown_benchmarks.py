@@ -41,6 +41,7 @@ def test_breakdown_pieces_compute_the_plain_prefill(small_model):
     ref, ref_cache = pb.run_plain(small_model, prompt, 16)
     bounds = [0, 2, 4, 6]
     for logits, cache in (pb.run_positions(small_model, prompt, 16),
+                          pb.run_last_in_chunk(small_model, prompt, 16),
                           pb.run_stages(small_model, prompt, bounds, False),
                           pb.run_stages(small_model, prompt, bounds, True),
                           pb.run_stages(small_model, prompt, bounds, True, host=False)):
