@@ -226,6 +226,15 @@ def test_pruned_prefill_and_decode_equal_dense_reference(model, schedule, step):
     assert cache.revived > 0  # the decode steps did revive pruned tokens
 
 
+def test_prefill_stage_boundaries_are_the_layers_that_prune():
+    # keep ratios are fractions of the whole prompt; a layer keeping every active row is no boundary
+    assert lz._prefill_keeps({6: 1.0, 10: 0.967, 15: 0.933, 19: 0.9}, 2048, 32) == \
+        {10: 1981, 15: 1911, 19: 1844}
+    assert lz._prefill_keeps({2: 0.5, 5: 0.35, 7: 0.2}, 120, 1) == {2: 60, 5: 42, 7: 24}
+    assert lz._prefill_keeps({2: 0.5, 5: 0.35, 7: 0.2}, 120, 50) == {2: 60, 5: 50}
+    assert lz._prefill_keeps({3: 1.0, 5: 1.0}, 100, 1) == {}
+
+
 def test_prefill_selection_stays_on_the_device_until_decoding_reads_it(model):
     """The prefill reads no selection back: the pruned layers' positions and the Aux Cache's
     positions are still device arrays when it returns; reading them gives the nested sets."""

@@ -49,8 +49,9 @@ Deviations and resolved choices:
   ``round(end * L)`` (at most L - 1); a schedule whose stages do not fit there is an error.
 - During decoding a token cached in a layer stays there even when not selected again (the new token
   attends over all cached positions): pruning saves computation, never discards computed state.
-- The prompt is processed stage by stage (the layers between two pruning layers), each stage in
-  chunks of ``step_size`` active rows. When nothing is pruned (keep 1.0, or a prompt inside the
+- The prompt is processed stage by stage (the layers between two pruning layers that prune: one
+  that keeps every active row, as the first of 1 -> 0.9 does, runs with the layers before it),
+  each stage in chunks of ``step_size`` active rows. When nothing is pruned (keep 1.0, or a prompt inside the
   recent window) the chunks are the plain prefill's (all but the last token in chunks, then the
   last token alone), so keep ratio 1.0 is the plain computation. When rows are pruned the
   computation is no longer the plain one, and the last token runs in its stage's last chunk, whose
@@ -240,16 +241,28 @@ def _prune(layer_cache: LazyLayerCache, h: mx.array, positions: Optional[mx.arra
     return mx.take(h, kept, axis=1), mx.take(positions, kept)
 
 
+def _prefill_keeps(stages: Dict[int, float], n: int, recent: int) -> Dict[int, int]:
+    """``{layer: rows kept}`` for the pruning layers at which a prefill of ``n`` tokens does prune;
+    a pruning layer that keeps every active row is no stage boundary (its layers run with the
+    layers before it, chunk by chunk, as the plain prefill runs them)."""
+    out, active = {}, n
+    for layer in sorted(stages):
+        keep = max(keep_count(stages[layer], n), recent)
+        if keep < active:
+            out[layer] = active = keep
+    return out
+
+
 def lazy_prefill(model: nn.Module, prompt: mx.array, cache: LazyCache, step_size: int = 512,
                  pruned_step_size: Optional[int] = None) -> mx.array:
     """Fill ``cache`` from ``prompt`` (1-D ids) with progressive pruning; the last position's
     logits (1, V).
 
-    The layers between two pruning layers form a stage with a fixed active set; a stage runs its
-    active rows through its layers in chunks of ``step_size`` (once rows have been pruned, of
-    ``pruned_step_size``, by default ``step_size``), and the last row of its last chunk (the last
-    token) yields the importance that prunes the next stage's input. When nothing is pruned the
-    chunks are the plain prefill's, the last token alone."""
+    The layers between two pruning layers that prune form a stage with a fixed active set; a stage
+    runs its active rows through its layers in chunks of ``step_size`` (once rows have been pruned,
+    of ``pruned_step_size``, by default ``step_size``), and the last row of its last chunk (the
+    last token) yields the importance that prunes the next stage's input. When nothing is pruned
+    the prefill is one stage cut as the plain prefill cuts the prompt, the last token alone."""
     N = int(prompt.size)
     t = model.transformer
     L = len(t.layers)
@@ -266,21 +279,21 @@ def lazy_prefill(model: nn.Module, prompt: mx.array, cache: LazyCache, step_size
     # The last token runs in its stage's last chunk rather than alone (a one-row pass per stage,
     # each about a decode step's launches on a GPU) unless nothing is pruned: keep 1.0 stays the
     # plain computation.
-    last_alone = all(max(keep_count(k, N), recent) >= N for k in stages.values())
+    keeps = _prefill_keeps(stages, N, recent)
+    last_alone = not keeps
     h = t.token_embeddings(prompt[None])
     positions = None  # of the active rows, on the device, once rows are pruned (None: 0, 1, ...)
     importance = None
-    bounds = [0] + sorted(stages) + [L]
+    bounds = [0] + sorted(keeps) + [L]
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         if importance is not None:  # prune at layer lo; the recent positions are always kept
             # on the device: the host reads no score back, and the positioned cache reads the
             # positions back only when decoding needs them, so the host builds stage after stage
             # while the device runs them
-            h, positions = _prune(cache[lo], h, positions, importance,
-                                  max(keep_count(stages[lo], N), recent), recent)
+            h, positions = _prune(cache[lo], h, positions, importance, keeps[lo], recent)
             importance = None
         n = h.shape[1]
-        wants = hi < L and max(keep_count(stages[hi], N), recent) < n
+        wants = hi < L
         outs = []
         pending = 0  # token-layers built since the last evaluation
         for c0, c1 in _chunks(n, step_size if positions is None else pruned_step_size, last_alone):
