@@ -304,7 +304,8 @@ def lazy_prefill(model: nn.Module, prompt: mx.array, cache: LazyCache, step_size
             else:
                 hc = t.forward_layers(h[:, c0:c1], lo, hi, cache, positions=positions[c0:c1][None],
                                       mask="causal")
-            outs.append(hc)
+            if hi < L or c1 == n:  # the last stage's output is read at its last row only:
+                outs.append(hc)  # the other chunks' last layer is never computed, as in plain prefill
             pending += (c1 - c0) * (hi - lo)
             # Bound the graph as the plain prefill does -- an evaluation per step_size tokens
             # through all L layers -- counted in token-layers, so that a stage of a few layers
@@ -312,7 +313,7 @@ def lazy_prefill(model: nn.Module, prompt: mx.array, cache: LazyCache, step_size
             # 5x the plain prefill's evaluations, each a synchronisation on a GPU). The last
             # chunk stays lazy.
             if c1 < n and pending >= step_size * L:
-                mx.eval(hc, [(cache[l].keys, cache[l].values) for l in range(lo, hi)],
+                mx.eval(hc if hi < L else [], [(cache[l].keys, cache[l].values) for l in range(lo, hi)],
                         [c.aux.hidden for c in cache if c.aux is not None])
                 mx.clear_cache()
                 pending = 0
