@@ -93,15 +93,17 @@ class PositionedKVCache(KVCache):
         self._device_positions = None
 
     def resolve_positions(self) -> None:
-        """Read back the device positions written since the last call (a synchronisation)."""
-        pending, self._pending = getattr(self, "_pending", []), []
+        """Read back the device positions written since the last call (a synchronisation; nothing
+        when none are pending)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
         for start, device in pending:
             self._write_positions(start, np.array(device))
 
     @property
     def next_position(self) -> int:
-        if getattr(self, "_pending", None):
-            self.resolve_positions()
+        self.resolve_positions()
         return self._next_position
 
     @next_position.setter

@@ -232,7 +232,7 @@ def _prune(layer_cache: LazyLayerCache, h: mx.array, positions: Optional[mx.arra
     ``recent`` always among them, in position order; park the others in ``layer_cache``'s Aux
     Cache. All on the device: the kept rows and their ``positions`` (n,) (None: 0, 1, ...)."""
     n = h.shape[1]
-    scores = mx.where(mx.arange(n) >= n - recent, mx.inf, importance.astype(mx.float32))
+    scores = mx.where(mx.arange(n) >= n - recent, mx.inf, importance)  # float32 (_take_importance)
     order = mx.argsort(-scores)
     kept, pruned = mx.sort(order[:keep]), mx.sort(order[keep:])
     if positions is None:
